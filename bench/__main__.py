@@ -1,0 +1,28 @@
+"""Run the benchmark sections: `python -m bench [section ...]` (all of them by default)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+SECTIONS = ["tokenizer", "weights", "model", "generate"]
+
+
+def main(argv: list[str]) -> None:
+    chosen = argv or SECTIONS
+    unknown = [s for s in chosen if s not in SECTIONS]
+    if unknown:
+        sys.exit(f"unknown section(s) {unknown}; choose from {SECTIONS}")
+    for name in chosen:
+        try:
+            module = importlib.import_module(f"bench.bench_{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"bench.bench_{name}":
+                raise
+            print(f"\n## {name}: no benchmark yet")
+            continue
+        module.main()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,20 @@
+"""GPT-2's hyperparameters, with the names the checkpoints and picoGPT use."""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    """The shape of a GPT-2 model; the defaults are the 124M model's."""
+
+    n_vocab: int = 50257  # 50,000 BPE merges + 256 byte tokens + <|endoftext|>
+    n_ctx: int = 1024  # positions in wpe: the hard limit on prompt + generated tokens
+    n_embd: int = 768  # width of the residual stream
+    n_head: int = 12  # attention heads; each is n_embd // n_head wide
+    n_layer: int = 12  # transformer blocks
+    layer_norm_epsilon: float = 1e-5  # added to the variance in every layer norm
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.n_embd // self.n_head

@@ -1,0 +1,96 @@
+"""Random-weight GPT-2 checkpoints written to disk the way the hub stores them.
+
+Weights are drawn so that the model behaves like a trained one numerically: logits span tens of
+units and attention is far from uniform, so comparisons against transformers are not trivially met
+by a model whose logits are all near zero.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from gpt2cli.config import GPT2Config
+
+PACKAGE_VOCAB = Path(__file__).resolve().parents[1] / "src" / "gpt2cli" / "data"
+
+TINY = GPT2Config(n_vocab=50257, n_ctx=128, n_embd=32, n_head=4, n_layer=2)
+GPT2_124M = GPT2Config()
+
+
+def random_params(config: GPT2Config, seed: int = 0) -> dict[str, np.ndarray]:
+    """Hub-layout tensors (`wte.weight`, `h.0.attn.c_attn.weight`, ...) in Conv1D `[in, out]`."""
+    rng = np.random.default_rng(seed)
+    d = config.n_embd
+
+    def normal(*shape: int, std: float) -> np.ndarray:
+        return (rng.standard_normal(shape, dtype=np.float32) * std).astype(np.float32)
+
+    def gain() -> np.ndarray:
+        return (1.0 + normal(d, std=0.1)).astype(np.float32)
+
+    params = {
+        "wte.weight": normal(config.n_vocab, d, std=0.3),
+        "wpe.weight": normal(config.n_ctx, d, std=0.1),
+        "ln_f.weight": gain(),
+        "ln_f.bias": normal(d, std=0.05),
+    }
+    for i in range(config.n_layer):
+        p = f"h.{i}."
+        params |= {
+            p + "ln_1.weight": gain(),
+            p + "ln_1.bias": normal(d, std=0.05),
+            p + "attn.c_attn.weight": normal(d, 3 * d, std=1.5 / np.sqrt(d)),
+            p + "attn.c_attn.bias": normal(3 * d, std=0.05),
+            p + "attn.c_proj.weight": normal(d, d, std=0.5 / np.sqrt(d)),
+            p + "attn.c_proj.bias": normal(d, std=0.05),
+            p + "ln_2.weight": gain(),
+            p + "ln_2.bias": normal(d, std=0.05),
+            p + "mlp.c_fc.weight": normal(d, 4 * d, std=1.0 / np.sqrt(d)),
+            p + "mlp.c_fc.bias": normal(4 * d, std=0.05),
+            p + "mlp.c_proj.weight": normal(4 * d, d, std=0.5 / np.sqrt(4 * d)),
+            p + "mlp.c_proj.bias": normal(d, std=0.05),
+        }
+    return params
+
+
+def hf_config(config: GPT2Config) -> dict[str, object]:
+    """`config.json` as transformers writes it for GPT2LMHeadModel."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "activation_function": "gelu_new",
+        "vocab_size": config.n_vocab,
+        "n_positions": config.n_ctx,
+        "n_ctx": config.n_ctx,
+        "n_embd": config.n_embd,
+        "n_head": config.n_head,
+        "n_layer": config.n_layer,
+        "layer_norm_epsilon": config.layer_norm_epsilon,
+        "bos_token_id": 50256,
+        "eos_token_id": 50256,
+        "tie_word_embeddings": True,
+    }
+
+
+def write_random_gpt2(
+    folder: Path,
+    config: GPT2Config,
+    *,
+    seed: int = 0,
+    tokenizer: bool = True,
+    dtype: type[np.floating] = np.float32,
+) -> Path:
+    """Write `config.json`, `model.safetensors` and (optionally) the GPT-2 tokenizer files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(hf_config(config), indent=2))
+    tensors = {k: v.astype(dtype) for k, v in random_params(config, seed).items()}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer:
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copy(PACKAGE_VOCAB / name, folder / name)
+    return folder
