@@ -1,22 +1,33 @@
-"""Shared fixtures: the real GPT-2 vocabulary, random-weight model folders, an isolated hub cache."""
+"""Shared fixtures: the real GPT-2 vocabulary, random-weight model folders, an isolated cache."""
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import tiktoken
 
 from tests.factory import TINY, write_random_gpt2
+from tests.hub_server import FakeHub
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_TOKENIZER = Path(
     os.environ.get("GPT2_TOKENIZER_DIR", ROOT.parent / "shared" / "gpt2-tokenizer")
 )
+# tiktoken_ext/openai_public.py's pattern for gpt2, spelled as tiktoken spells it (not imported
+# from gpt2cli, so the reference does not share our code)
+TIKTOKEN_GPT2_PATTERN = (
+    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+)
 
 
 @pytest.fixture(autouse=True)
-def _isolated_hub_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+def _isolated_hub_cache(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Keep every test away from the user's Hugging Face cache and from the real hub."""
     home = tmp_path_factory.mktemp("hf_home")
     monkeypatch.setenv("HF_HOME", str(home))
@@ -29,7 +40,7 @@ def _isolated_hub_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: p
 
 @pytest.fixture(scope="session")
 def gpt2_vocab_dir() -> Path:
-    """The real GPT-2 vocabulary in `../shared/gpt2-tokenizer/` (the tiktoken reference's source)."""
+    """The real GPT-2 vocabulary in `../shared/gpt2-tokenizer/`: the tiktoken reference's source."""
     if not (SHARED_TOKENIZER / "vocab.json").is_file():
         pytest.skip(
             f"real GPT-2 vocabulary not found at {SHARED_TOKENIZER} "
@@ -42,3 +53,42 @@ def gpt2_vocab_dir() -> Path:
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer random-weight GPT-2 folder with the real vocabulary and tokenizer files."""
     return write_random_gpt2(tmp_path_factory.mktemp("tiny-gpt2"), TINY, seed=0)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+    """A fake Hugging Face hub on a free port (tests/hub_server.py), set as HF_ENDPOINT.
+
+    Add repos with `fake_hub.add("owner/name", Repo.from_folder(folder))`. huggingface_hub reads
+    HF_ENDPOINT when it is imported, so run what talks to it in a subprocess.
+    """
+    hub = FakeHub().start()
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    yield hub
+    hub.stop()
+
+
+@pytest.fixture(scope="session")
+def tiktoken_gpt2(gpt2_vocab_dir: Path) -> tiktoken.Encoding:
+    """tiktoken's GPT-2 encoding, built from the shared vocabulary (its ranks file is offline).
+
+    The byte table is OpenAI's `bytes_to_unicode` from GPT-2's encoder.py, written out here so
+    that the reference shares no code with gpt2cli.
+    """
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    byte_of = {chr(c): b for b, c in zip(bs, cs, strict=True)}
+    vocab = json.loads((gpt2_vocab_dir / "vocab.json").read_text(encoding="utf-8"))
+    ranks = {bytes(byte_of[c] for c in t): i for t, i in vocab.items() if t != "<|endoftext|>"}
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=TIKTOKEN_GPT2_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": vocab["<|endoftext|>"]},
+    )

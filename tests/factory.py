@@ -94,3 +94,76 @@ def write_random_gpt2(
         for name in ("vocab.json", "merges.txt"):
             shutil.copy(PACKAGE_VOCAB / name, folder / name)
     return folder
+
+
+def _copy_tokenizer(folder: Path) -> None:
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(PACKAGE_VOCAB / name, folder / name)
+
+
+def write_sharded_gpt2(folder: Path, config: GPT2Config, *, shards: int = 2, seed: int = 0) -> Path:
+    """Write the weights as `model-0000k-of-0000n.safetensors` shards plus their index."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(hf_config(config), indent=2))
+    params = random_params(config, seed)
+    keys = list(params)
+    weight_map = {}
+    for k in range(shards):
+        name = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        part = {key: params[key] for key in keys[k::shards]}
+        save_file(part, str(folder / name), metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(part, name)
+    total = sum(v.nbytes for v in params.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    _copy_tokenizer(folder)
+    return folder
+
+
+def write_bf16_gpt2(folder: Path, config: GPT2Config, *, seed: int = 0) -> Path:
+    """Write `model.safetensors` in bfloat16, through torch as transformers would save it."""
+    import torch
+    from safetensors.torch import save_file as save_torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(hf_config(config), indent=2))
+    tensors = {
+        k: torch.from_numpy(v).to(torch.bfloat16) for k, v in random_params(config, seed).items()
+    }
+    save_torch(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    _copy_tokenizer(folder)
+    return folder
+
+
+def write_save_pretrained_gpt2(
+    folder: Path, config: GPT2Config, *, seed: int = 0, tied: bool = True
+) -> Path:
+    """Write a folder with transformers' own `GPT2LMHeadModel.save_pretrained`.
+
+    The weights are `random_params`; an untied head gets its own random `lm_head.weight`.
+    """
+    import torch
+    import transformers
+
+    hf = transformers.GPT2Config(
+        vocab_size=config.n_vocab,
+        n_positions=config.n_ctx,
+        n_embd=config.n_embd,
+        n_head=config.n_head,
+        n_layer=config.n_layer,
+        layer_norm_epsilon=config.layer_norm_epsilon,
+        tie_word_embeddings=tied,
+    )
+    model = transformers.GPT2LMHeadModel(hf)
+    state = {
+        "transformer." + k: torch.from_numpy(v) for k, v in random_params(config, seed).items()
+    }
+    if not tied:
+        rng = np.random.default_rng(seed + 1)
+        head = rng.standard_normal((config.n_vocab, config.n_embd), dtype=np.float32) * 0.3
+        state["lm_head.weight"] = torch.from_numpy(head)
+    loaded = model.load_state_dict(state, strict=False)
+    assert not loaded.unexpected_keys and set(loaded.missing_keys) <= {"lm_head.weight"}, loaded
+    model.save_pretrained(folder)
+    _copy_tokenizer(folder)
+    return folder

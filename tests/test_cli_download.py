@@ -1,0 +1,349 @@
+"""`gpt2 download`: against a fake hub on 127.0.0.1, run as users run it (a subprocess).
+
+huggingface_hub reads HF_ENDPOINT / HF_HUB_CACHE / HF_HUB_OFFLINE when it is imported, so every
+test that reaches the hub runs `python -m gpt2cli` in a subprocess with the test's environment.
+Local folders need no hub and go through CliRunner.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import os
+import pty
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
+from collections.abc import Callable
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from gpt2cli.cli import cli
+from gpt2cli.config import GPT2Config
+from tests.factory import TINY, write_random_gpt2, write_sharded_gpt2
+from tests.hub_server import FakeHub, Repo
+from tests.test_weights import BROKEN, broken
+
+# 13 MB of weights: more than huggingface_hub's 10 MiB download chunk, so a cut can be resumed
+WIDE = GPT2Config(n_vocab=50257, n_ctx=64, n_embd=64, n_head=4, n_layer=1)
+OTHER_FORMATS = {  # what a hub repo holds besides what we use; none of it may be fetched
+    "pytorch_model.bin": b"pickle" * 100,
+    "tf_model.h5": b"h5" * 100,
+    "flax_model.msgpack": b"msgpack" * 100,
+    "rust_model.ot": b"ot" * 100,
+    "onnx/decoder_model.onnx": b"onnx" * 100,
+    "tokenizer.json": b"{}",
+    "README.md": b"# tiny",
+}
+
+
+def gpt2(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run `gpt2 ARGS` in a fresh interpreter with the test's environment plus `env`."""
+    return subprocess.run(
+        [sys.executable, "-m", "gpt2cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=os.environ | env,
+    )
+
+
+def assert_fails(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    """Exit 2, nothing on stdout, one `gpt2: error:` line holding every fragment."""
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("gpt2: error: ")
+    assert result.stderr.count("\n") == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
+    """The tiny model as a hub repo, with the other formats a real GPT-2 repo carries."""
+    folder = write_random_gpt2(tmp_path_factory.mktemp("repo"), TINY, seed=1)
+    repo = Repo.from_folder(folder)
+    repo.files |= OTHER_FORMATS
+    repo.branches = ("main", "v1")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def wide_repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
+    return Repo.from_folder(write_random_gpt2(tmp_path_factory.mktemp("wide"), WIDE, seed=2))
+
+
+def downloaded(result: subprocess.CompletedProcess[str]) -> Path:
+    """The folder a successful download printed, checked to be the only thing on stdout."""
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1 and Path(lines[0]).is_dir()
+    return Path(lines[0])
+
+
+def test_download_fetches_only_config_weights_and_tokenizer(
+    fake_hub: FakeHub, tiny_repo: Repo
+) -> None:
+    fake_hub.add("someone/tiny", tiny_repo)
+    result = gpt2("download", "someone/tiny")
+    assert result.stderr == ""  # no progress bar: stderr is not a terminal
+    folder = downloaded(result)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json",
+        "merges.txt",
+        "model.safetensors",
+        "vocab.json",
+    ]
+    assert folder.parts[-2:] == ("snapshots", tiny_repo.sha)
+    assert Path(os.environ["HF_HUB_CACHE"]) in folder.parents
+    for name in OTHER_FORMATS:
+        assert not fake_hub.downloads(name.split("/")[-1]), name
+    for name in ("config.json", "model.safetensors", "vocab.json"):
+        assert (folder / name).read_bytes() == tiny_repo.files[name]
+
+
+def run_on_terminal(*args: str) -> tuple[int, str, str]:
+    """Run `gpt2 ARGS` with stderr on a pseudo-terminal; return (status, stdout, stderr)."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gpt2cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=follower,
+    )
+    os.close(follower)
+    stderr = b""
+    while True:
+        ready, _, _ = select.select([leader], [], [], 60)
+        try:
+            chunk = os.read(leader, 65536) if ready else b""
+        except OSError:  # the child closed the terminal
+            chunk = b""
+        if not chunk:
+            break
+        stderr += chunk
+    os.close(leader)
+    stdout = process.stdout.read().decode() if process.stdout else ""
+    return process.wait(timeout=60), stdout, stderr.decode(errors="replace")
+
+
+def test_progress_bar_on_a_terminal_unless_quiet(fake_hub: FakeHub, tiny_repo: Repo) -> None:
+    fake_hub.add("someone/tiny", tiny_repo)
+    fake_hub.add("someone/other", Repo(dict(tiny_repo.files)))
+    status, stdout, stderr = run_on_terminal("download", "someone/tiny")
+    assert status == 0 and stdout.strip().endswith(tiny_repo.sha)
+    assert "model.safetensors" in stderr and "100%" in stderr
+    status, stdout, stderr = run_on_terminal("download", "--quiet", "someone/other")
+    assert status == 0 and stdout.strip().endswith(tiny_repo.sha)
+    assert stderr == ""
+
+
+def test_cached_model_is_used_without_any_request(fake_hub: FakeHub, tiny_repo: Repo) -> None:
+    fake_hub.add("someone/tiny", tiny_repo)
+    first = downloaded(gpt2("download", "someone/tiny"))
+    fake_hub.requests.clear()
+    assert downloaded(gpt2("download", "someone/tiny")) == first
+    assert fake_hub.requests == []
+    fake_hub.stop()  # no hub at all: still there, online or offline
+    assert downloaded(gpt2("download", "someone/tiny")) == first
+    assert downloaded(gpt2("download", "someone/tiny", HF_HUB_OFFLINE="1")) == first
+
+
+def test_revision_branch_and_commit_are_cached_by_name(fake_hub: FakeHub, tiny_repo: Repo) -> None:
+    fake_hub.add("someone/tiny", tiny_repo)
+    by_branch = downloaded(gpt2("download", "someone/tiny", "--revision", "v1"))
+    by_commit = downloaded(gpt2("download", "someone/tiny", "--revision", tiny_repo.sha))
+    assert by_branch == by_commit
+    offline = gpt2("download", "someone/tiny", "--revision", "v1", HF_HUB_OFFLINE="1")
+    assert downloaded(offline) == by_branch
+    # main was never asked for, so it is not in the cache
+    assert_fails(gpt2("download", "someone/tiny", HF_HUB_OFFLINE="1"), "HF_HUB_OFFLINE")
+
+
+def test_known_name_maps_to_its_hub_repo_and_is_listed_as_cached(
+    fake_hub: FakeHub, tiny_repo: Repo
+) -> None:
+    listing = gpt2("download")
+    assert listing.returncode == 0 and listing.stderr == ""
+    lines = listing.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "ALIAS", "PARAMS", "FLOAT32", "HUB", "REPO", "CACHED"]
+    names = [line.split()[0] for line in lines[1:]]
+    assert names == ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2"]
+    assert all(line.endswith("not cached") for line in lines[1:])
+
+    fake_hub.add("openai-community/gpt2", tiny_repo)
+    folder = downloaded(gpt2("download", "124M"))
+    assert "models--openai-community--gpt2" in str(folder)
+    lines = gpt2("download").stdout.splitlines()
+    assert lines[1].split()[0] == "gpt2" and lines[1].endswith(str(folder))
+    assert all(line.endswith("not cached") for line in lines[2:])
+
+
+def test_sharded_repo_fetches_the_index_and_every_shard(fake_hub: FakeHub, tmp_path: Path) -> None:
+    source = write_sharded_gpt2(tmp_path / "sharded", TINY, shards=3)
+    fake_hub.add("someone/sharded", Repo.from_folder(source))
+    folder = downloaded(gpt2("download", "someone/sharded"))
+    assert sorted(p.name for p in folder.glob("*.safetensors*")) == sorted(
+        p.name for p in source.glob("*.safetensors*")
+    )
+
+
+def test_connection_cut_mid_file_is_resumed_with_a_range_request(
+    fake_hub: FakeHub, wide_repo: Repo
+) -> None:
+    fake_hub.add("someone/wide", wide_repo)
+    size = len(wide_repo.files["model.safetensors"])
+    fake_hub.cut_once["model.safetensors"] = size - 1_000_000
+    folder = downloaded(gpt2("download", "someone/wide"))
+    assert (folder / "model.safetensors").read_bytes() == wide_repo.files["model.safetensors"]
+    ranges = [h.get("range") for h in fake_hub.downloads("model.safetensors")]
+    assert ranges[0] is None and len(ranges) == 2
+    resumed_at = int(ranges[1].removeprefix("bytes=").removesuffix("-"))
+    assert 0 < resumed_at <= size - 1_000_000  # the bytes already received are not fetched again
+
+
+def test_ctrl_c_stops_a_download_at_once_and_the_next_run_completes_it(
+    fake_hub: FakeHub, wide_repo: Repo
+) -> None:
+    fake_hub.add("someone/wide", wide_repo)
+    fake_hub.slow = 0.05  # 64 kB every 50 ms: the weights take ~10 s
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gpt2cli", "download", "someone/wide"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not fake_hub.downloads("model.safetensors") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=5)  # no waiting for the download to finish
+    assert process.returncode == 130
+    assert stdout == "" and "Traceback" not in stderr
+    fetched = len(fake_hub.downloads("config.json"))
+    fake_hub.slow = 0
+    folder = downloaded(gpt2("download", "someone/wide"))
+    assert (folder / "model.safetensors").read_bytes() == wide_repo.files["model.safetensors"]
+    assert len(fake_hub.downloads("config.json")) == fetched  # finished files are kept
+
+
+def test_unreachable_hub_is_one_line_with_the_ways_out() -> None:
+    # HF_ENDPOINT is a port where nothing listens (conftest): refused at once, no retry loop
+    assert_fails(
+        gpt2("download", "someone/tiny", timeout=30),
+        "cannot reach the hub at http://127.0.0.1:9",
+        "HF_ENDPOINT",
+        "local model folder",
+        "HF_HUB_OFFLINE=1",
+    )
+
+
+def test_offline_without_the_model_in_the_cache_says_so() -> None:
+    assert_fails(
+        gpt2("download", "gpt2", HF_HUB_OFFLINE="1"),
+        "openai-community/gpt2 is not in the cache",
+        "HF_HUB_OFFLINE",
+    )
+
+
+def test_hub_errors_each_get_their_own_line(fake_hub: FakeHub, tiny_repo: Repo) -> None:
+    fake_hub.add("someone/tiny", tiny_repo)
+    fake_hub.add("someone/gated", Repo(dict(tiny_repo.files), gated=True))
+    assert_fails(gpt2("download", "someone/nope"), "someone/nope: no such model on", "HF_TOKEN")
+    assert_fails(
+        gpt2("download", "someone/tiny", "--revision", "v9"), "someone/tiny has no revision 'v9'"
+    )
+    assert_fails(gpt2("download", "someone/gated"), "someone/gated is gated", "HF_TOKEN")
+
+
+def test_endpoint_that_is_not_a_hub_is_named(tmp_path: Path) -> None:
+    (tmp_path / "api" / "models" / "some").mkdir(parents=True)
+    (tmp_path / "api" / "models" / "some" / "page").write_text("<html>a web site</html>")
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        assert_fails(
+            gpt2("download", "some/page", HF_ENDPOINT=endpoint),
+            f"{endpoint} did not answer like a Hugging Face hub",
+        )
+        assert_fails(
+            gpt2("download", "some/other", HF_ENDPOINT=endpoint),
+            f"{endpoint} has no some/other (HTTP 404)",
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_pickle_only_repo_is_refused_before_downloading_anything(fake_hub: FakeHub) -> None:
+    files = {"config.json": b"{}", "pytorch_model.bin": b"pickle" * 1000, "vocab.json": b"{}"}
+    fake_hub.add("someone/old", Repo(files))
+    assert_fails(gpt2("download", "someone/old"), "someone/old", "never unpickles")
+    assert [p for _, p, _ in fake_hub.requests if "/resolve/" in p or "/cdn/" in p] == []
+
+
+def test_repo_without_config_is_refused(fake_hub: FakeHub, tiny_repo: Repo) -> None:
+    files = {k: v for k, v in tiny_repo.files.items() if k != "config.json"}
+    fake_hub.add("someone/noconfig", Repo(files))
+    assert_fails(gpt2("download", "someone/noconfig"), "has no config.json")
+
+
+def test_broken_weights_from_the_hub_are_reported_at_download(
+    fake_hub: FakeHub, tiny_repo: Repo
+) -> None:
+    files = dict(tiny_repo.files)
+    files["model.safetensors"] = files["model.safetensors"][:-100]
+    fake_hub.add("someone/truncated", Repo(files))
+    assert_fails(gpt2("download", "someone/truncated"), "model.safetensors: truncated")
+
+
+def test_local_folder_is_checked_and_printed(tiny_model_dir: Path) -> None:
+    result = CliRunner().invoke(cli, ["download", str(tiny_model_dir)])
+    assert result.exit_code == 0
+    assert result.stdout == f"{tiny_model_dir}\n"
+
+
+@pytest.mark.parametrize(("damage", "message"), [b[1:] for b in BROKEN], ids=[b[0] for b in BROKEN])
+def test_broken_local_folder_exits_2_with_one_line(
+    tmp_path: Path, damage: Callable[[Path], None], message: str
+) -> None:
+    folder = broken(tmp_path, damage)
+    result = CliRunner().invoke(cli, ["download", str(folder)])
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith("gpt2: error: ") and message in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--revision", "v1"], "--revision needs a MODEL"),
+        (["nonsense"], "unknown model 'nonsense'"),
+        (["./no/such/folder"], "./no/such/folder: no such folder"),
+    ],
+)
+def test_bad_arguments_exit_2(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(cli, ["download", *args])
+    assert result.exit_code == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_revision_of_a_local_folder_is_refused(tiny_model_dir: Path) -> None:
+    result = CliRunner().invoke(cli, ["download", str(tiny_model_dir), "--revision", "v1"])
+    assert result.exit_code == 2
+    assert "--revision applies to hub models" in result.stderr
