@@ -1,0 +1,365 @@
+"""GPT-2's byte-level BPE tokenizer: text -> ids -> text, byte-exact with OpenAI's and tiktoken's.
+
+Text is split into pre-tokens by GPT-2's pattern (words with their leading space, digit runs,
+punctuation runs, whitespace runs); each pre-token's UTF-8 bytes are merged pairwise by the ranks
+in the merges file until no ranked pair is left. Real text repeats words heavily, so each
+pre-token's ids are cached (in a bounded dict) and most of the work is one regex scan.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import operator
+from collections.abc import Iterable, Sequence
+from itertools import chain, pairwise
+from pathlib import Path
+from typing import Any
+
+from gpt2cli.errors import GPT2Error
+
+# GPT-2's pre-tokenizer, as tiktoken writes it (`\s++$` and `\s` are equivalent to OpenAI's
+# `\s+`, and the possessive quantifiers only save backtracking). `\Z` is Rust's `$`.
+PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++\Z|\s+(?!\S)|\s"""
+
+# Code points that `regex` (Unicode 17 tables) calls letters or numbers but that tiktoken (Unicode
+# 16 tables) leaves unassigned, so treats as punctuation. Text holding one is split by
+# EXACT_PATTERN, which moves them back; that pattern is twice as slow, so it is used only then.
+# tests/test_tokenizer.py checks both classes against tiktoken for every code point.
+NEWER_LETTERS_AND_NUMBERS = (
+    "0558 058B-058C 088F 0C5C 0CDC 208F 209D-209F A7CE-A7CF A7D2 A7D4 A7DD A7E2 A7F1 AB6C-AB6D "
+    "107BB-107BF 10940-10959 10EC5-10EC7 10ED9-10EEE 11B0A 11DB0-11DDB 11DE0-11DE9 11DF1 1246F "
+    "12475-1247F 12550-12686 16EA0-16EB8 16EBB-16ED3 16FF2-16FF6 187F8-187FF 18CD6-18CDA "
+    "18D09-18D20 18D80-18DF2 18E00-19191 191A0-191D2 1B123-1B128 1B168 1D6A6 1DF1F-1DF24 "
+    "1DF2B-1DF81 1DF90-1DF96 1DFCD-1DFFF 1E6C0-1E6DE 1E6E0-1E6E2 1E6E4-1E6E5 1E6E7-1E6ED "
+    "1E6F0-1E6F4 1E6FE-1E6FF 2B73A-2B73F 2B81E 2CEA2-2CEAD 323B0-33479 3D000-3FC3F"
+)
+NEWER = (
+    "["
+    + "".join(
+        "-".join(chr(int(end, 16)) for end in span.split("-"))
+        for span in NEWER_LETTERS_AND_NUMBERS.split()
+    )
+    + "]"
+)
+LETTERS = rf"[\p{{L}}--{NEWER}]"  # tiktoken's \p{L}
+NUMBERS = rf"[\p{{N}}--{NEWER}]"  # tiktoken's \p{N}
+OTHERS = rf"[^\s[[\p{{L}}\p{{N}}]--{NEWER}]]"  # tiktoken's [^\s\p{L}\p{N}]
+EXACT_PATTERN = (
+    rf"(?V1)'(?:[sdmt]|ll|ve|re)| ?{LETTERS}++| ?{NUMBERS}++| ?{OTHERS}++|\s++\Z|\s+(?!\S)|\s"
+)
+ENDOFTEXT = "<|endoftext|>"
+CACHE_SIZE = 100_000  # pre-tokens whose ids are remembered; real text needs ~10k-50k
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+HF_FILES = ("vocab.json", "merges.txt")  # the Hugging Face repo layout
+OPENAI_FILES = ("encoder.json", "vocab.bpe")  # OpenAI's released checkpoint layout
+
+
+def _bytes_to_unicode() -> str:
+    """GPT-2's byte -> printable-character table: index b is the character that stands for byte b.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 bytes (controls, space, ...) are
+    shifted to U+0100 upwards, so every vocabulary entry is printable (OpenAI's encoder.py).
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    shifted = iter(range(256, 256 + 256))
+    return "".join(chr(b) if b in printable else chr(next(shifted)) for b in range(256))
+
+
+BYTE_CHARS = _bytes_to_unicode()
+_TO_BYTE_CHARS = {b: c for b, c in enumerate(BYTE_CHARS)}  # str.translate: latin-1 -> GPT-2
+_FROM_BYTE_CHARS = {ord(c): b for b, c in enumerate(BYTE_CHARS)}  # str.translate: GPT-2 -> latin-1
+
+
+class _NewerUnicode(Exception):
+    """A pre-token holds a code point that PATTERN, with newer Unicode tables, misclassifies."""
+
+
+class _PieceCache(dict[str, list[int]]):
+    """Pre-token -> ids; a miss computes the ids, and the whole cache is dropped when full.
+
+    A dict subclass with `__missing__` keeps the hit path entirely in C (`map(cache.__getitem__,
+    pieces)`), which is what makes pure-Python BPE fast on real text.
+    """
+
+    def __init__(self, encode_piece: Any, size: int) -> None:
+        super().__init__()
+        self._encode_piece = encode_piece
+        self._size = size
+
+    def __missing__(self, piece: str) -> list[int]:
+        if len(self) >= self._size:
+            self.clear()
+        ids: list[int] = self._encode_piece(piece)
+        self[piece] = ids
+        return ids
+
+
+class Tokenizer:
+    """GPT-2's byte-level BPE: `encode(text) -> ids`, `decode(ids) -> text`."""
+
+    def __init__(self, encoder: dict[str, int], merges: Sequence[tuple[str, str]]) -> None:
+        """Build from a vocabulary (GPT-2's printable-byte strings -> id) and merges in rank order.
+
+        Both must already be checked (`from_dir` does it); use `from_dir` or `default`.
+        """
+        import regex
+
+        self._encoder = encoder
+        self._ranks = {(encoder[a], encoder[b]): rank for rank, (a, b) in enumerate(merges)}
+        self._merged = [encoder[a + b] for a, b in merges]  # rank -> id of the merged token
+        self._byte_ids = [encoder[c] for c in BYTE_CHARS]
+        self._split = regex.compile(PATTERN).findall
+        self._newer = regex.compile(NEWER).search
+        self._specials = {ENDOFTEXT: encoder[ENDOFTEXT]}
+        self._special_pattern = regex.compile("|".join(map(regex.escape, self._specials)))
+        self._cache = _PieceCache(self._encode_piece, CACHE_SIZE)
+        self._decoder: list[bytes] | None = None  # id -> bytes, built on first decode
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        """Load `vocab.json` + `merges.txt` (Hugging Face) or `encoder.json` + `vocab.bpe`."""
+        folder = Path(path)
+        if not folder.is_dir():
+            raise GPT2Error(f"tokenizer folder {folder} does not exist or is not a folder")
+        vocab_name, merges_name = _layout(folder)
+        encoder = _read_vocab(folder / vocab_name)
+        merges = _read_merges(folder / merges_name, encoder)
+        return cls(encoder, merges)
+
+    @classmethod
+    def default(cls) -> Tokenizer:
+        """GPT-2's own vocabulary, shipped with the package; built once per process."""
+        return _default_tokenizer()
+
+    @property
+    def n_vocab(self) -> int:
+        """Number of token ids: valid ids are 0 .. n_vocab - 1."""
+        return len(self._encoder)
+
+    @property
+    def eot_token(self) -> int:
+        """The id of `<|endoftext|>` (50256 in GPT-2), which separates documents."""
+        return self._specials[ENDOFTEXT]
+
+    def encode(self, text: str, *, allowed_special: bool = True) -> list[int]:
+        """Token ids of `text`.
+
+        With `allowed_special` (the default, as in transformers) `<|endoftext|>` in the text is
+        the single token `eot_token`; without it, that string is encoded like any other text,
+        exactly as tiktoken's `encode_ordinary`.
+        """
+        try:
+            return self._encode(text, allowed_special)
+        except UnicodeEncodeError:
+            position, char = next((p, c) for p, c in enumerate(text) if "\ud800" <= c <= "\udfff")
+            raise GPT2Error(
+                f"text has a lone surrogate U+{ord(char):04X} at position {position} (counting "
+                "from 0), which is not Unicode; a byte that is not UTF-8 in a command-line "
+                "argument shows up as U+DC80..U+DCFF"
+            ) from None
+
+    def _encode(self, text: str, allowed_special: bool) -> list[int]:
+        if not allowed_special or not any(s in text for s in self._specials):
+            return self._encode_ordinary(text)
+        ids: list[int] = []
+        start = 0
+        for match in self._special_pattern.finditer(text):
+            ids += self._encode_ordinary(text[start : match.start()])
+            ids.append(self._specials[match.group()])
+            start = match.end()
+        ids += self._encode_ordinary(text[start:])
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of `ids`; bytes that are not UTF-8 (a split character) become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The exact bytes of `ids`; GPT2Error names the first id that is not in the vocabulary."""
+        ids = list(ids)
+        decoder = self._decoder or self._build_decoder()
+        try:
+            if not ids or (min(ids) >= 0 and max(ids) < len(decoder)):
+                return b"".join([decoder[i] for i in ids])
+        except TypeError:  # something that is not an integer: found and named below
+            pass
+        position, bad = next((p, i) for p, i in enumerate(ids) if self._as_id(i) is None)
+        raise self._bad_id(bad, position)
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes of one token (for some ids, part of a UTF-8 character): for streaming."""
+        i = self._as_id(token)
+        if i is None:
+            raise self._bad_id(token)
+        return (self._decoder or self._build_decoder())[i]
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        """Ids of `text` with no special tokens: pre-tokenize, then BPE each (cached) pre-token."""
+        try:
+            return list(chain.from_iterable(map(self._cache.__getitem__, self._split(text))))
+        except _NewerUnicode:  # rare text: split again exactly, and leave such pieces uncached
+            newer, cache = self._newer, self._cache
+            pieces = self._exact_split(text)
+            return [i for p in pieces for i in (self._bpe_piece(p) if newer(p) else cache[p])]
+
+    def _encode_piece(self, piece: str) -> list[int]:
+        """A cache miss: the pre-token's ids, unless it holds a character `_split` misclassifies."""
+        if self._newer(piece):
+            raise _NewerUnicode
+        return self._bpe_piece(piece)
+
+    def _exact_split(self, text: str) -> list[str]:
+        import regex
+
+        return regex.findall(EXACT_PATTERN, text)  # type: ignore[no-any-return]
+
+    def _bpe_piece(self, piece: str) -> list[int]:
+        """Ids of one pre-token: its own id if it is a vocabulary entry, else its BPE merges."""
+        word = piece.encode("utf-8").decode("latin-1").translate(_TO_BYTE_CHARS)
+        token = self._encoder.get(word)
+        if token is not None and word not in self._specials:
+            return [token]
+        return self._bpe([self._byte_ids[b] for b in piece.encode("utf-8")])
+
+    def _bpe(self, ids: list[int]) -> list[int]:
+        """Merge the lowest-ranked adjacent pair (leftmost on ties) until no pair has a rank."""
+        ranks, merged, unranked = self._ranks, self._merged, len(self._merged)
+        pair_ranks = [ranks.get(pair, unranked) for pair in pairwise(ids)]  # pair i: ids[i:i+2]
+        while pair_ranks:
+            rank = min(pair_ranks)
+            if rank == unranked:
+                break
+            i = pair_ranks.index(rank)
+            ids[i : i + 2] = [merged[rank]]
+            del pair_ranks[i]
+            if i > 0:
+                pair_ranks[i - 1] = ranks.get((ids[i - 1], ids[i]), unranked)
+            if i < len(pair_ranks):
+                pair_ranks[i] = ranks.get((ids[i], ids[i + 1]), unranked)
+        return ids
+
+    def _build_decoder(self) -> list[bytes]:
+        """id -> bytes for every id; special tokens (outside GPT-2's byte alphabet) as UTF-8."""
+        decoder = [b""] * len(self._encoder)
+        for token, i in self._encoder.items():
+            text = token.translate(_FROM_BYTE_CHARS)
+            try:
+                decoder[i] = text.encode("latin-1")
+            except UnicodeEncodeError:
+                decoder[i] = token.encode("utf-8")
+        for token, i in self._specials.items():
+            decoder[i] = token.encode("utf-8")
+        self._decoder = decoder
+        return decoder
+
+    def _as_id(self, value: object) -> int | None:
+        """`value` as a token id (any integer type, numpy's included), or None if it is not one."""
+        if isinstance(value, bool):
+            return None
+        try:
+            i = operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+        return i if 0 <= i < self.n_vocab else None
+
+    def _bad_id(self, value: object, position: int | None = None) -> GPT2Error:
+        where = "" if position is None else f" at position {position} (counting from 0)"
+        try:
+            operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            return GPT2Error(f"{value!r}{where} is not an integer token id")
+        return GPT2Error(
+            f"{value!r}{where} is not a token id: ids run from 0 to {self.n_vocab - 1}"
+        )
+
+
+@functools.lru_cache(maxsize=1)
+def _default_tokenizer() -> Tokenizer:
+    return Tokenizer.from_dir(DATA_DIR)
+
+
+def load_tokenizer(folder: Path | None) -> Tokenizer:
+    """The tokenizer for a model folder: its own files when it has them, else GPT-2's default.
+
+    Every GPT-2 checkpoint shares one vocabulary, so a folder without tokenizer files (weights
+    only) uses the built-in one; a folder whose tokenizer files are broken is an error.
+    """
+    if folder is None:
+        return Tokenizer.default()
+    if not any((folder / name).exists() for name in (*HF_FILES, *OPENAI_FILES)):
+        if not folder.is_dir():
+            raise GPT2Error(f"model folder {folder} does not exist or is not a folder")
+        return Tokenizer.default()
+    return Tokenizer.from_dir(folder)
+
+
+def _layout(folder: Path) -> tuple[str, str]:
+    """The (vocabulary, merges) file names present in `folder`: HF layout first, then OpenAI's."""
+    for names in (HF_FILES, OPENAI_FILES):
+        present = [n for n in names if (folder / n).is_file()]
+        if len(present) == 2:
+            return names
+        if present:
+            (missing,) = set(names) - set(present)
+            raise GPT2Error(
+                f"{folder / present[0]} has no {missing} beside it: "
+                f"a GPT-2 tokenizer needs both {names[0]} and {names[1]}"
+            )
+    raise GPT2Error(
+        f"no tokenizer files in {folder}: expected vocab.json + merges.txt (Hugging Face layout) "
+        "or encoder.json + vocab.bpe (OpenAI layout)"
+    )
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise GPT2Error(f"{path} is not UTF-8 text (byte offset {e.start})") from None
+    except OSError as e:
+        raise GPT2Error(f"cannot read {path}: {e.strerror}") from None
+
+
+def _read_vocab(path: Path) -> dict[str, int]:
+    """The vocabulary: a JSON object of distinct ids 0..n-1 with all 256 byte tokens and EOT."""
+    try:
+        encoder = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise GPT2Error(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from None
+    if not isinstance(encoder, dict) or not encoder:
+        raise GPT2Error(f"{path} must be a JSON object mapping tokens to ids")
+    ids = encoder.values()
+    if not all(type(i) is int for i in ids) or set(ids) != set(range(len(encoder))):
+        raise GPT2Error(
+            f"{path} must map its {len(encoder)} tokens to the ids 0..{len(encoder) - 1}"
+        )
+    missing = [c for c in (*BYTE_CHARS, ENDOFTEXT) if c not in encoder]
+    if missing:
+        raise GPT2Error(
+            f"{path} is not a GPT-2 byte-level vocabulary: it lacks {len(missing)} of the 256 "
+            f"byte tokens and {ENDOFTEXT}, e.g. {missing[0]!r}"
+        )
+    return encoder
+
+
+def _read_merges(path: Path, encoder: dict[str, int]) -> list[tuple[str, str]]:
+    """The merges in rank order: lines `a b` (after an optional `#version` line) of known tokens."""
+    lines = _read_text(path).split("\n")
+    first = 1 if lines and lines[0].startswith("#version") else 0
+    merges: list[tuple[str, str]] = []
+    for number, line in enumerate(lines[first:], start=first + 1):
+        pair = line.split(" ")
+        if (
+            len(pair) == 2
+            and pair[0] in encoder
+            and pair[1] in encoder
+            and "".join(pair) in encoder
+        ):
+            merges.append((pair[0], pair[1]))
+        elif line.strip():
+            raise GPT2Error(
+                f"{path} line {number} is not a merge of two tokens in the vocabulary: {line!r:.60}"
+            )
+    return merges

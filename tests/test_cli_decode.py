@@ -1,0 +1,161 @@
+"""`gpt2 decode`: exact bytes from ids in every input form, round trips with encode, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tiktoken
+from click.testing import CliRunner, Result
+
+from bench.bench_tokenizer import corpus_files
+from gpt2cli.cli import cli
+from gpt2cli.tokenizer import DATA_DIR
+
+GPT2 = [sys.executable, "-m", "gpt2cli"]
+TEXTS = [
+    "Hello world",
+    "trailing newlines\n\n",
+    "crlf\r\nline\r\n",
+    "  leading and trailing spaces  ",
+    "naïve café 漢字 👩‍💻 e\u0301",
+    "a<|endoftext|>b",
+    "",
+]
+
+
+def decode(*args: str | Path, input: str | bytes | None = None) -> Result:
+    return CliRunner().invoke(cli, ["decode", *map(str, args)], input=input)
+
+
+def assert_bad_input(result: Result, message: str) -> None:
+    """Exit status 2, nothing on stdout, and `message` as the one line on stderr."""
+    assert result.exit_code == 2, result.output
+    assert result.stdout_bytes == b""
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith("gpt2: error: ")
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_ids_as_arguments_give_the_exact_bytes(tiktoken_gpt2: tiktoken.Encoding, text: str):
+    ids = tiktoken_gpt2.encode(text, allowed_special="all")
+    result = decode(*map(str, ids))
+    assert (result.exit_code, result.stderr) == (0, "")
+    assert result.stdout_bytes == text.encode("utf-8")
+
+
+def test_a_split_character_is_written_as_its_raw_bytes(tiktoken_gpt2: tiktoken.Encoding):
+    ids = tiktoken_gpt2.encode_ordinary("🤗")
+    assert len(ids) > 1
+    result = decode(str(ids[0]))
+    assert result.stdout_bytes == tiktoken_gpt2.decode_single_token_bytes(ids[0])
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        lambda ids: " ".join(ids),
+        lambda ids: ",".join(ids),
+        lambda ids: "\n".join(ids) + "\n",
+        lambda ids: " , ".join(ids) + ",\n",
+        lambda ids: "\t".join(ids),
+        lambda ids: json.dumps([int(i) for i in ids]),
+        lambda ids: json.dumps([int(i) for i in ids], indent=2) + "\n",
+    ],
+    ids=["spaces", "commas", "lines", "mixed", "tabs", "json", "json-indented"],
+)
+def test_stdin_takes_whitespace_or_comma_separated_ids_or_a_json_array(
+    tiktoken_gpt2: tiktoken.Encoding, form
+):
+    text = "Every form, one text.\n"
+    ids = [str(i) for i in tiktoken_gpt2.encode_ordinary(text)]
+    result = decode(input=form(ids))
+    assert (result.exit_code, result.stdout_bytes) == (0, text.encode("utf-8"))
+
+
+def test_comma_separated_arguments(tiktoken_gpt2: tiktoken.Encoding):
+    ids = [str(i) for i in tiktoken_gpt2.encode_ordinary("Hello world, again")]
+    result = decode(",".join(ids[:2]), *ids[2:])
+    assert result.stdout_bytes == b"Hello world, again"
+
+
+@pytest.mark.parametrize("empty", ["", "   \n", "[]", "[ ]\n"])
+def test_no_ids_print_nothing(empty: str):
+    result = decode(input=empty)
+    assert (result.exit_code, result.stdout_bytes, result.stderr) == (0, b"", "")
+
+
+@pytest.mark.parametrize("text", TEXTS)
+@pytest.mark.parametrize("fmt", [[], ["--json"]])
+def test_encode_then_decode_reproduces_the_text(text: str, fmt: list[str]):
+    encoded = CliRunner().invoke(cli, ["encode", *fmt], input=text.encode("utf-8"))
+    assert decode(input=encoded.stdout).stdout_bytes == text.encode("utf-8")
+
+
+def test_a_real_file_survives_a_pipe_byte_for_byte(tmp_path: Path):
+    """`gpt2 encode < f | gpt2 decode` through real processes, on real text."""
+    path = tmp_path / "f.txt"
+    path.write_bytes("".join(t for _, t in corpus_files(200_000, seed=2)).encode("utf-8"))
+    with path.open("rb") as f:
+        encode = subprocess.Popen([*GPT2, "encode"], stdin=f, stdout=subprocess.PIPE)
+        decoded = subprocess.run(
+            [*GPT2, "decode"], stdin=encode.stdout, capture_output=True, timeout=120
+        )
+    assert encode.wait(timeout=120) == 0
+    assert (decoded.returncode, decoded.stderr) == (0, b"")
+    assert decoded.stdout == path.read_bytes()
+
+
+def test_model_folder_tokenizer_is_used(tmp_path: Path, tiktoken_gpt2: tiktoken.Encoding):
+    vocab = json.loads((DATA_DIR / "vocab.json").read_text(encoding="utf-8"))
+    swapped = vocab | {"Hello": vocab["Ġworld"], "Ġworld": vocab["Hello"]}
+    (tmp_path / "vocab.json").write_text(json.dumps(swapped))
+    shutil.copy(DATA_DIR / "merges.txt", tmp_path / "merges.txt")
+    ids = tiktoken_gpt2.encode_ordinary("Hello world")
+    assert decode("--model", tmp_path, *map(str, ids)).stdout_bytes == b" worldHello"
+
+
+@pytest.mark.parametrize(
+    ("args", "input", "message"),
+    [
+        (
+            ["15496", "abc"],
+            None,
+            "'abc' at position 1 (counting from 0) is not an integer token id",
+        ),
+        ([], "1 2 3.5", "'3.5' at position 2 (counting from 0) is not an integer token id"),
+        (["-1"], None, "-1 at position 0 (counting from 0) is not a token id: ids run from 0 to"),
+        ([], "0,50257", "50257 at position 1 (counting from 0) is not a token id"),
+        ([], "[1, -7]", "-7 at position 1 (counting from 0) is not a token id"),
+        ([], '[1, "2"]', "'2' at position 1 (counting from 0) is not an integer token id"),
+        ([], "[1, true]", "True at position 1 (counting from 0) is not an integer token id"),
+        ([], "[[1]]", "[1] at position 0 (counting from 0) is not an integer token id"),
+        ([], "[1, 2", "ids on stdin are not a valid JSON array: Expecting ',' delimiter"),
+        ([], "[", "ids on stdin are not a valid JSON array: Expecting value at line 1 column 2"),
+        ([], "[1] [2]", "ids on stdin are not a valid JSON array: Extra data"),
+        (["[1,"], None, "ids on arguments are not a valid JSON array"),
+        ([], b"1 \xff 2", "ids on stdin is not valid UTF-8: byte 0xff at offset 2"),
+    ],
+)
+def test_bad_ids_are_named_with_their_position(
+    args: list[str], input: str | bytes | None, message: str
+):
+    assert_bad_input(decode(*args, input=input), message)
+
+
+def test_missing_model_folder_is_one_line(tmp_path: Path):
+    assert_bad_input(decode("-m", f"{tmp_path}/nope", "1"), f"{tmp_path}/nope: no such folder")
+
+
+def test_broken_tokenizer_folder_is_named(tmp_path: Path):
+    shutil.copy(DATA_DIR / "vocab.json", tmp_path / "vocab.json")
+    (tmp_path / "merges.txt").write_text("#version: 0.2\nnot a merge\n")
+    assert_bad_input(
+        decode("-m", tmp_path, "1"), f"{tmp_path / 'merges.txt'} line 2 is not a merge"
+    )

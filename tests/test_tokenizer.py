@@ -1,0 +1,308 @@
+"""gpt2cli.tokenizer: tiktoken's GPT-2 ids on any text, exact round trips, clear errors."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import regex
+import tiktoken
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bench.bench_tokenizer import corpus_files
+from gpt2cli import tokenizer as tokenizer_module
+from gpt2cli.errors import GPT2Error
+from gpt2cli.tokenizer import DATA_DIR, LETTERS, NEWER, NUMBERS, OTHERS, Tokenizer, load_tokenizer
+
+# Every code point but the surrogates, which are not text.
+ALL_CHARS = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF)
+
+# Text that exercises every branch of GPT-2's pattern: any Unicode character, and fragments that
+# are common or tricky (whitespace runs before a word or at the end, digits, contractions,
+# emoji with modifiers and joiners, CJK, combining marks, the special token's text).
+FRAGMENTS = st.sampled_from(
+    [
+        *[" ", "  ", "   ", "\n", "\n\n", "\r\n", "\t", " \t ", "\u3000", "\xa0", "\u2028"],
+        *["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "''", "n't", "'", "\u2019s"],
+        *["0", "42", "3.14", "1,000", "\u0663", "\xbd", "\u216b", "\xb2", "\x0b"],
+        *["👋", "👩\u200d💻", "👍🏽", "🇫🇷", "❤️", "漢字", "日本語", "한국어", "ไทย", "中文 文本"],
+        *["é", "e\u0301", "a\u0308\u0323", "\u0301", "Ω", "ß", "ǅ", "İ"],
+        *["<|endoftext|>", "<|", "|>", "def f(x):", "x = [1, 2]", "Hello", " world", "GPT"],
+    ]
+)
+TEXT = st.lists(
+    st.one_of(FRAGMENTS, st.text(st.characters(exclude_categories=("Cs",)), max_size=8)),
+    max_size=24,
+).map("".join)
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.default()
+
+
+@pytest.fixture(scope="module")
+def letters_numbers_spaces() -> dict[str, str]:
+    """tiktoken's own \\p{L}, \\p{N} and \\s, read off its regex engine for every code point.
+
+    tiktoken drops text its pattern does not match, so a pattern of one class over all code
+    points keeps exactly the members of that class.
+    """
+    byte_ranks = {bytes([b]): b for b in range(256)}
+    classes = {}
+    for name in (r"\p{L}", r"\p{N}", r"\s"):
+        probe = tiktoken.Encoding(
+            name="probe", pat_str=name, mergeable_ranks=byte_ranks, special_tokens={}
+        )
+        classes[name] = probe.decode_bytes(probe.encode_ordinary(ALL_CHARS)).decode("utf-8")
+    return classes
+
+
+def test_hello_world_is_the_known_gpt2_encoding(tok: Tokenizer, tiktoken_gpt2: tiktoken.Encoding):
+    assert tok.encode("Hello world") == tiktoken_gpt2.encode_ordinary("Hello world")
+    assert tok.n_vocab == tiktoken_gpt2.n_vocab
+    assert tok.eot_token == tiktoken_gpt2.eot_token
+
+
+def test_package_vocabulary_is_the_shared_gpt2_vocabulary(gpt2_vocab_dir: Path):
+    for name in ("vocab.json", "merges.txt"):
+        assert (DATA_DIR / name).read_bytes() == (gpt2_vocab_dir / name).read_bytes()
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=TEXT)
+def test_encode_matches_tiktoken_on_any_text(
+    tok: Tokenizer, tiktoken_gpt2: tiktoken.Encoding, text: str
+):
+    assert tok.encode(text, allowed_special=False) == tiktoken_gpt2.encode_ordinary(text)
+    assert tok.encode(text) == tiktoken_gpt2.encode(text, allowed_special="all")
+
+
+@settings(max_examples=600, deadline=None)
+@given(text=TEXT)
+def test_decode_of_encode_is_the_text(tok: Tokenizer, text: str):
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.decode_bytes(tok.encode(text, allowed_special=False)) == text.encode("utf-8")
+
+
+def test_whitespace_runs_match_tiktoken_wherever_they_end(
+    tok: Tokenizer, tiktoken_gpt2: tiktoken.Encoding
+):
+    """Every run of up to 3 whitespace characters, then the end or each kind of next character."""
+    spaces = [" ", "\n", "\t", "\r\n", "\xa0", "\u3000", "\x0c"]
+    after = ["", "a", "1", "!", " a", "\n", "'s", "漢", "\u0301"]
+    for n in range(1, 4):
+        for run in itertools.product(spaces, repeat=n):
+            for before, end in itertools.product(["", "x", "x "], after):
+                text = before + "".join(run) + end
+                assert tok.encode(text, allowed_special=False) == tiktoken_gpt2.encode_ordinary(
+                    text
+                ), repr(text)
+
+
+def test_pattern_classes_match_tiktoken_for_every_code_point(
+    letters_numbers_spaces: dict[str, str],
+):
+    """EXACT_PATTERN's classes are tiktoken's, whatever Unicode version `regex` has."""
+    letters, numbers, others = (
+        "".join(regex.findall(f"(?V1){c}", ALL_CHARS)) for c in (LETTERS, NUMBERS, OTHERS)
+    )
+    assert letters == letters_numbers_spaces[r"\p{L}"]
+    assert numbers == letters_numbers_spaces[r"\p{N}"]
+    assert "".join(regex.findall(r"\s", ALL_CHARS)) == letters_numbers_spaces[r"\s"]
+    assert len(others) == len(ALL_CHARS) - sum(map(len, letters_numbers_spaces.values()))
+
+
+def test_code_points_in_context_encode_like_tiktoken(
+    tok: Tokenizer, tiktoken_gpt2: tiktoken.Encoding
+):
+    """Code points between letters, after a space, doubled, after a digit and newline, and
+    before a contraction, where a character's class decides the pieces and so the merges: every
+    one that our `regex` and tiktoken classify differently, and every 29th of the others."""
+    newer = regex.findall(NEWER, ALL_CHARS)
+    chars = newer + [c for c in ALL_CHARS[::29] if c not in newer]
+    for start in range(0, len(chars), 4096):
+        text = "".join(f"a{c}b {c}{c} 1{c}\n{c}  {c}'s" for c in chars[start : start + 4096])
+        assert tok.encode(text, allowed_special=False) == tiktoken_gpt2.encode_ordinary(text), (
+            f"code points from U+{ord(chars[start]):04X}"
+        )
+
+
+def test_real_text_files_encode_like_tiktoken_and_round_trip(
+    tok: Tokenizer, tiktoken_gpt2: tiktoken.Encoding
+):
+    files = corpus_files(1_500_000, seed=1)
+    assert sum(len(t) for _, t in files) > 1_000_000, "too little text found on this machine"
+    for path, text in files:
+        ids = tok.encode(text, allowed_special=False)
+        assert ids == tiktoken_gpt2.encode_ordinary(text), path
+        assert tok.decode(ids) == text, path
+
+
+def test_special_token_is_one_id_by_default_and_plain_text_when_not_allowed(
+    tok: Tokenizer, tiktoken_gpt2: tiktoken.Encoding
+):
+    text = "a<|endoftext|>b <|endoftext|><|endoftext|>\n <|endoftext|>"
+    assert tok.encode(text) == tiktoken_gpt2.encode(text, allowed_special="all")
+    assert tok.encode(text).count(tok.eot_token) == 4
+    assert tok.encode(text, allowed_special=False) == tiktoken_gpt2.encode_ordinary(text)
+    assert tok.eot_token not in tok.encode(text, allowed_special=False)
+
+
+def test_special_token_handling_matches_transformers(tok: Tokenizer):
+    from transformers import GPT2TokenizerFast
+
+    fast = GPT2TokenizerFast.from_pretrained(str(DATA_DIR))  # `vocab_file=` is ignored in v5
+    for text in ["a<|endoftext|>b", " <|endoftext|> x", "<|endoftext|>", "x\n\n<|endoftext|>\n"]:
+        assert tok.encode(text) == fast.encode(text), repr(text)
+
+
+def test_decode_replaces_a_split_character_like_tiktoken(
+    tok: Tokenizer, tiktoken_gpt2: tiktoken.Encoding
+):
+    ids = tok.encode("🤗 ok")
+    assert len(tok.token_bytes(ids[0])) < len("🤗".encode())  # the emoji is split over tokens
+    for cut in range(len(ids) + 1):
+        assert tok.decode(ids[:cut]) == tiktoken_gpt2.decode(ids[:cut])
+        assert tok.decode_bytes(ids[:cut]) == tiktoken_gpt2.decode_bytes(ids[:cut])
+
+
+def test_token_bytes_of_every_id_match_tiktoken(tok: Tokenizer, tiktoken_gpt2: tiktoken.Encoding):
+    for i in range(tok.n_vocab):
+        assert tok.token_bytes(i) == tiktoken_gpt2.decode_single_token_bytes(i), i
+
+
+def test_decode_accepts_numpy_integers(tok: Tokenizer):
+    ids = tok.encode("Hello world")
+    assert tok.decode(np.array(ids, dtype=np.int64)) == "Hello world"
+    assert tok.token_bytes(np.int32(ids[0])) == tok.token_bytes(ids[0])
+
+
+@pytest.mark.parametrize(
+    ("ids", "message"),
+    [
+        ([15496, -1], "-1 at position 1 (counting from 0) is not a token id: ids run from 0 to"),
+        ([1, 2, 50257], "50257 at position 2 (counting from 0) is not a token id"),
+        ([1, 1.5], "1.5 at position 1 (counting from 0) is not an integer token id"),
+        (["7"], "'7' at position 0 (counting from 0) is not an integer token id"),
+    ],
+)
+def test_decode_names_a_bad_id_and_its_position(tok: Tokenizer, ids: list[int], message: str):
+    with pytest.raises(GPT2Error, match=regex.escape(message)):
+        tok.decode(ids)
+
+
+@pytest.mark.parametrize("bad", [-1, 50257, 10**30])
+def test_token_bytes_rejects_an_id_outside_the_vocabulary(tok: Tokenizer, bad: int):
+    with pytest.raises(GPT2Error, match=f"{bad} is not a token id: ids run from 0 to 50256"):
+        tok.token_bytes(bad)
+
+
+def test_encode_names_a_lone_surrogate(tok: Tokenizer):
+    with pytest.raises(GPT2Error, match="lone surrogate U\\+DCFF at position 3"):
+        tok.encode("abc\udcffdef")
+
+
+def test_openai_layout_loads_the_same_tokenizer(tmp_path: Path, tok: Tokenizer):
+    shutil.copy(DATA_DIR / "vocab.json", tmp_path / "encoder.json")
+    shutil.copy(DATA_DIR / "merges.txt", tmp_path / "vocab.bpe")
+    openai = Tokenizer.from_dir(tmp_path)
+    text = "OpenAI's layout: encoder.json + vocab.bpe 🤗"
+    assert openai.encode(text) == tok.encode(text)
+    assert openai.n_vocab == tok.n_vocab
+
+
+def test_default_is_built_once(tok: Tokenizer):
+    assert Tokenizer.default() is tok
+
+
+def test_word_cache_stays_bounded(
+    monkeypatch: pytest.MonkeyPatch, tiktoken_gpt2: tiktoken.Encoding
+):
+    monkeypatch.setattr(tokenizer_module, "CACHE_SIZE", 100)
+    small = Tokenizer.from_dir(DATA_DIR)
+    text = " ".join(f"w{n}x" for n in range(1000))
+    assert small.encode(text) == tiktoken_gpt2.encode_ordinary(text)
+    assert 0 < len(small._cache) <= 100
+
+
+def hf_folder(folder: Path, vocab: str | None = None, merges: str | None = None) -> Path:
+    """A Hugging Face layout tokenizer folder, with either file replaced by `vocab`/`merges`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in (("vocab.json", vocab), ("merges.txt", merges)):
+        if text is None:
+            shutil.copy(DATA_DIR / name, folder / name)
+        else:
+            (folder / name).write_text(text, encoding="utf-8")
+    return folder
+
+
+def real_vocab() -> dict[str, int]:
+    vocab: dict[str, int] = json.loads((DATA_DIR / "vocab.json").read_text(encoding="utf-8"))
+    return vocab
+
+
+@pytest.mark.parametrize(
+    ("vocab", "merges", "message"),
+    [
+        ("{not json", None, r"vocab.json is not valid JSON: Expecting property name"),
+        ("[1, 2]", None, r"vocab.json must be a JSON object mapping tokens to ids"),
+        ('{"a": 0, "b": 5}', None, r"vocab.json must map its 2 tokens to the ids 0..1"),
+        ('{"a": 0, "b": "1"}', None, r"vocab.json must map its 2 tokens to the ids 0..1"),
+        ('{"a": 0, "b": 1}', None, r"vocab.json is not a GPT-2 byte-level vocabulary: it lacks"),
+        (None, "#version: 0.2\nĠ t\nĠt hisisnotatoken\n", r"merges.txt line 3 is not a merge"),
+        (None, "#version: 0.2\nĠ t x\n", r"merges.txt line 2 is not a merge of two tokens"),
+    ],
+)
+def test_malformed_tokenizer_files_are_named(
+    tmp_path: Path, vocab: str | None, merges: str | None, message: str
+):
+    with pytest.raises(GPT2Error, match=message):
+        Tokenizer.from_dir(hf_folder(tmp_path / "tok", vocab, merges))
+
+
+def test_vocabulary_without_endoftext_is_refused(tmp_path: Path):
+    vocab = real_vocab()
+    del vocab["<|endoftext|>"]
+    with pytest.raises(GPT2Error, match=r"lacks 1 of the 256 byte tokens and <\|endoftext\|>"):
+        Tokenizer.from_dir(hf_folder(tmp_path / "tok", vocab=json.dumps(vocab)))
+
+
+def test_file_that_is_not_utf8_is_named(tmp_path: Path):
+    folder = hf_folder(tmp_path / "tok")
+    (folder / "merges.txt").write_bytes(b"#version: 0.2\n\xff\xfe\n")
+    with pytest.raises(GPT2Error, match=r"merges.txt is not UTF-8 text \(byte offset 14\)"):
+        Tokenizer.from_dir(folder)
+
+
+def test_half_a_layout_names_the_missing_file(tmp_path: Path):
+    shutil.copy(DATA_DIR / "vocab.json", tmp_path / "encoder.json")
+    with pytest.raises(GPT2Error, match=r"encoder.json has no vocab.bpe beside it"):
+        Tokenizer.from_dir(tmp_path)
+
+
+def test_folder_without_tokenizer_files_is_an_error_for_from_dir(tmp_path: Path):
+    with pytest.raises(GPT2Error, match=r"no tokenizer files in .*: expected vocab.json"):
+        Tokenizer.from_dir(tmp_path)
+
+
+def test_missing_folder_is_an_error(tmp_path: Path):
+    with pytest.raises(GPT2Error, match=r"tokenizer folder .*nope does not exist"):
+        Tokenizer.from_dir(tmp_path / "nope")
+    with pytest.raises(GPT2Error, match=r"model folder .*nope does not exist"):
+        load_tokenizer(tmp_path / "nope")
+
+
+def test_load_tokenizer_uses_the_folder_files_else_the_default(tmp_path: Path, tok: Tokenizer):
+    assert load_tokenizer(None) is tok
+    assert load_tokenizer(tmp_path) is tok  # weights only: GPT-2 models share one vocabulary
+    own = load_tokenizer(hf_folder(tmp_path / "with-files"))
+    assert own is not tok
+    assert own.encode("same vocabulary") == tok.encode("same vocabulary")
+    with pytest.raises(GPT2Error, match=r"broken.vocab.json is not valid JSON"):
+        load_tokenizer(hf_folder(tmp_path / "broken", vocab="{"))
