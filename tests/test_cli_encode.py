@@ -155,10 +155,11 @@ def test_model_folder_with_tokenizer_files_is_used(
     assert result.stdout.split() == [str(i) for i in tiktoken_gpt2.encode("Hello world")[::-1]]
 
 
-def test_hub_model_tokenizer_is_used(
+def test_hub_model_tokenizer_is_used_without_fetching_weights(
     fake_hub: FakeHub, tmp_path: Path, tiktoken_gpt2: tiktoken.Encoding
 ):
-    """`--model owner/name` goes through the hub (a local fake) and uses that repo's files."""
+    """`--model owner/name` goes through the hub (a local fake), uses that repo's tokenizer
+    files and downloads no weights: encode and decode never need them."""
     folder = write_random_gpt2(tmp_path / "model", TINY, tokenizer=False)
     vocab = json.loads((DATA_DIR / "vocab.json").read_text(encoding="utf-8"))
     swapped = vocab | {"Hello": vocab["Ġworld"], "Ġworld": vocab["Hello"]}
@@ -173,6 +174,8 @@ def test_hub_model_tokenizer_is_used(
     )
     assert (process.returncode, process.stderr) == (0, "")
     assert process.stdout.split() == [str(i) for i in tiktoken_gpt2.encode("Hello world")[::-1]]
+    assert fake_hub.downloads("vocab.json") and fake_hub.downloads("merges.txt")
+    assert not fake_hub.downloads("model.safetensors")
 
 
 def test_model_folder_without_tokenizer_files_uses_gpt2s(

@@ -78,13 +78,15 @@ def resolve(
     *,
     progress: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
+    tokenizer_only: bool = False,
 ) -> Path:
     """The local folder holding model `name`, downloading it into the hub cache if needed.
 
     `name` is a folder (used as is, never sent to the hub), a known name or alias (`gpt2`,
     `124M`, ... see KNOWN_MODELS) or a hub repo id `owner/name`. `revision` is a branch, tag or
     commit of the hub repo. `progress` shows huggingface_hub's progress bars on stderr;
-    `cache_dir` overrides the hub cache (`HF_HUB_CACHE`).
+    `cache_dir` overrides the hub cache (`HF_HUB_CACHE`). `tokenizer_only` is for commands that
+    only tokenize: a cached config is enough, and a download fetches no weights.
     """
     folder = Path(name).expanduser()
     if folder.is_dir():
@@ -93,7 +95,9 @@ def resolve(
         return folder
     repo_id = repo_id_for(name)
     cache = Path(cache_dir) if cache_dir is not None else None
-    return cached(repo_id, revision, cache) or _download(repo_id, revision, progress, cache)
+    return cached(repo_id, revision, cache, tokenizer_only=tokenizer_only) or _download(
+        repo_id, revision, progress, cache, tokenizer_only=tokenizer_only
+    )
 
 
 def repo_id_for(name: str) -> str:
@@ -120,10 +124,17 @@ def repo_id_for(name: str) -> str:
     return name
 
 
-def cached(repo_id: str, revision: str | None = None, cache_dir: Path | None = None) -> Path | None:
+def cached(
+    repo_id: str,
+    revision: str | None = None,
+    cache_dir: Path | None = None,
+    *,
+    tokenizer_only: bool = False,
+) -> Path | None:
     """The cached snapshot of `repo_id` at `revision` if it holds a config and all weights.
 
-    Reads only the local cache: no network request, whatever HF_HUB_OFFLINE says.
+    With `tokenizer_only`, a config is enough (the tokenizer files, when the repo has them, come
+    with it). Reads only the local cache: no network request, whatever HF_HUB_OFFLINE says.
     """
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -140,19 +151,28 @@ def cached(repo_id: str, revision: str | None = None, cache_dir: Path | None = N
                 local_files_only=True,
             )
         )
-        weights.weight_files(folder)
+        if not tokenizer_only:
+            weights.weight_files(folder)
     except (LocalEntryNotFoundError, GPT2Error):
         return None
     return folder if (folder / CONFIG_FILE).is_file() else None
 
 
-def files_to_fetch(repo_id: str, files: Sequence[str]) -> list[str]:
-    """The files of a repo listing that we use; a repo without safetensors weights is refused."""
+def files_to_fetch(
+    repo_id: str, files: Sequence[str], *, tokenizer_only: bool = False
+) -> list[str]:
+    """The files of a repo listing that we use; a repo without safetensors weights is refused.
+
+    With `tokenizer_only`, the weights are left out (and not required).
+    """
     from gpt2cli import weights
 
     listed = set(files)
     if CONFIG_FILE not in listed:
         raise GPT2Error(f"{repo_id}: has no config.json, so it is not a transformers GPT-2 model")
+    tokenizer = [f for f in TOKENIZER_FILES if f in listed]
+    if tokenizer_only:
+        return [CONFIG_FILE, *tokenizer]
     if weights.SINGLE_FILE in listed:
         model = [weights.SINGLE_FILE]
     elif weights.INDEX_FILE in listed:
@@ -163,10 +183,17 @@ def files_to_fetch(repo_id: str, files: Sequence[str]) -> list[str]:
         )
     else:
         raise GPT2Error(f"{repo_id}: has no {weights.SINGLE_FILE}, so there are no weights to load")
-    return [CONFIG_FILE, *model, *(f for f in TOKENIZER_FILES if f in listed)]
+    return [CONFIG_FILE, *model, *tokenizer]
 
 
-def _download(repo_id: str, revision: str | None, progress: bool, cache_dir: Path | None) -> Path:
+def _download(
+    repo_id: str,
+    revision: str | None,
+    progress: bool,
+    cache_dir: Path | None,
+    *,
+    tokenizer_only: bool = False,
+) -> Path:
     """Fetch the files we use from `repo_id` at `revision` into the cache; return the snapshot."""
     from huggingface_hub import HfApi, constants, hf_hub_download
     from huggingface_hub.file_download import REGEX_COMMIT_HASH, repo_folder_name
@@ -184,7 +211,9 @@ def _download(repo_id: str, revision: str | None, progress: bool, cache_dir: Pat
                 cache_dir=cache_dir,
                 tqdm_class=_progress_bar(filename, progress),
             )
-            for filename in files_to_fetch(repo_id, [s.rfilename for s in info.siblings])
+            for filename in files_to_fetch(
+                repo_id, [s.rfilename for s in info.siblings], tokenizer_only=tokenizer_only
+            )
         ]
     except GPT2Error:
         raise
