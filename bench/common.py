@@ -25,7 +25,8 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[objec
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     print(f"\n## {title}")
     for n, row in enumerate(cells):
-        line = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        rest = zip(row[1:], widths[1:], strict=True)
+        line = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in rest]
         print("  ".join(line))
         if n == 0:
             print("  ".join("-" * w for w in widths))

@@ -13,14 +13,18 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "GPT2Error": "gpt2cli.errors",
     "GPT2Config": "gpt2cli.config",
+    "GPT2": "gpt2cli.model",
     "Tokenizer": "gpt2cli.tokenizer",
+    "generate_text": "gpt2cli.generate",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = ["GPT2", "GPT2Config", "GPT2Error", "Tokenizer", "__version__", "generate_text"]
 
 if TYPE_CHECKING:
     from gpt2cli.config import GPT2Config
     from gpt2cli.errors import GPT2Error
+    from gpt2cli.generate import generate_text
+    from gpt2cli.model import GPT2
     from gpt2cli.tokenizer import Tokenizer
 
 

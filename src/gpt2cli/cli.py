@@ -7,14 +7,22 @@ Heavy modules (numpy, rich, huggingface_hub) are imported inside the commands th
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import signal
 import sys
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from gpt2cli import __version__
 from gpt2cli.errors import GPT2Error
+
+if TYPE_CHECKING:
+    from gpt2cli.generate import Generation
+    from gpt2cli.tokenizer import Tokenizer
 
 EXIT_USAGE = 2  # bad input of any kind, as Click uses for usage errors
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
@@ -24,9 +32,11 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what `cat big | head -1` reports for ca
 class _Gpt2Group(click.Group):
     """A Click group whose failures are one line on stderr, never a traceback."""
 
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+    def main(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, standalone_mode: bool = True, **extra: Any
+    ) -> Any:
         try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
+            code = super().main(args, standalone_mode=False, **extra)
         except click.ClickException as e:
             click.echo(f"gpt2: error: {e.format_message()}", err=True)
             code = e.exit_code
@@ -35,14 +45,22 @@ class _Gpt2Group(click.Group):
             code = EXIT_USAGE
         except (click.Abort, KeyboardInterrupt):
             code = EXIT_INTERRUPTED
-        except BrokenPipeError:
-            _silence_stdout()
-            code = EXIT_BROKEN_PIPE
         if not isinstance(code, int):
             code = 0
         if standalone_mode:
             sys.exit(code)
         return code
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the command; a reader closing stdout early ends it quietly with status 141.
+
+        This has to happen here: Click's own `main` turns a BrokenPipeError into exit status 1.
+        """
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            _silence_stdout()
+            ctx.exit(EXIT_BROKEN_PIPE)
 
 
 def _silence_stdout() -> None:
@@ -60,16 +78,18 @@ def read_text(text: str | None, what: str = "input") -> str:
     """Return TEXT, or all of stdin when TEXT is absent or '-', decoded as strict UTF-8.
 
     stdin is read as bytes and kept exactly (a trailing newline is part of the text); a byte
-    that is not UTF-8 is an error naming its offset.
+    that is not UTF-8, on stdin or in the argument (which Python decodes with surrogateescape),
+    is an error naming its offset.
     """
     if text is not None and text != "-":
-        return text
-    data = sys.stdin.buffer.read()
+        data, where = text.encode("utf-8", "surrogateescape"), "in the argument"
+    else:
+        data, where = sys.stdin.buffer.read(), "on stdin"
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise GPT2Error(
-            f"{what} on stdin is not valid UTF-8: byte 0x{data[e.start]:02x} at offset {e.start}"
+            f"{what} {where} is not valid UTF-8: byte 0x{data[e.start]:02x} at offset {e.start}"
         ) from None
 
 
@@ -77,6 +97,408 @@ def read_text(text: str | None, what: str = "input") -> str:
 @click.version_option(__version__, "-V", "--version", prog_name="gpt2")
 def cli() -> None:
     """GPT-2 text generation in pure NumPy: tokenize, download models, generate text."""
+
+
+@cli.command()
+@click.argument("prompt", required=False)
+@click.option(
+    "-m",
+    "--model",
+    "model_name",
+    default="gpt2",
+    show_default=True,
+    help="A model name (gpt2, gpt2-medium, 355M, ...), a hub repo id owner/name, or a folder.",
+)
+@click.option("--revision", help="Branch, tag or commit of a hub model.")
+@click.option(
+    "-t",
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    default=40,
+    show_default=True,
+    help="New tokens per sample (fewer when the context fills up).",
+)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Divides the logits; 0 is greedy (always the most likely token).",
+)
+@click.option(
+    "--top-k",
+    type=click.IntRange(min=0),
+    default=5,
+    show_default=True,
+    help="Sample only among the k most likely tokens; 0 turns it off.",
+)
+@click.option(
+    "--top-p",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Sample only among the most likely tokens whose probabilities reach p; 1 is off.",
+)
+@click.option(
+    "--seed", type=click.IntRange(min=0), help="Random seed: the same seed gives the same text."
+)
+@click.option(
+    "-n",
+    "--num-samples",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Samples to generate, as one batch.",
+)
+@click.option(
+    "--stop", multiple=True, help="End a sample at this text, which is not printed. Repeatable."
+)
+@click.option("--ignore-eos", is_flag=True, help="Keep generating past <|endoftext|>.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="One JSON object per sample per line: text, ids, prompt_ids, finish_reason, "
+    "logprobs, timings.",
+)
+@click.option("--no-stream", is_flag=True, help="Print each sample only once it is complete.")
+def generate(
+    prompt: str | None,
+    model_name: str,
+    revision: str | None,
+    max_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int | None,
+    num_samples: int,
+    stop: tuple[str, ...],
+    ignore_eos: bool,
+    as_json: bool,
+    no_stream: bool,
+) -> None:
+    """Continue PROMPT (or stdin, when absent or '-') with GPT-2, printing tokens as they come.
+
+    Defaults: 40 new tokens, top-k 5 sampling at temperature 1. An empty prompt starts from
+    <|endoftext|>. On a terminal the prompt is shown dimmed and a summary goes to stderr; when
+    stdout is not a terminal it gets the generated text only. Several samples (-n) are printed
+    in order, the first one streaming; piped, they are separated by a line holding `---`.
+    """
+    import time
+
+    from gpt2cli import hub
+    from gpt2cli.generate import Generation
+    from gpt2cli.model import GPT2
+    from gpt2cli.sampling import SamplingOptions
+
+    text = read_text(prompt, "prompt")
+    sampling = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p)
+    start = time.perf_counter()
+    model = GPT2.from_pretrained(hub.resolve(model_name, revision, progress=sys.stderr.isatty()))
+    generation = Generation(
+        model,
+        model.tokenizer.encode(text),
+        max_tokens=max_tokens,
+        sampling=sampling,
+        seed=seed,
+        num_samples=num_samples,
+        stop=stop,
+        ignore_eos=ignore_eos,
+        load_s=time.perf_counter() - start,
+    )
+    printer = _SamplePrinter(generation, text, as_json=as_json, live=not no_stream)
+    try:
+        for token in generation:
+            with _ctrl_c_deferred():
+                printer.update(token.sample)
+    except KeyboardInterrupt:
+        generation.flush()
+        printer.flush_partial()
+        raise
+    printer.summary()
+
+
+@contextlib.contextmanager
+def _ctrl_c_deferred() -> Iterator[None]:
+    """Hold Ctrl-C's KeyboardInterrupt until the block ends, so text is never both printed and
+    still counted unprinted (which would print it twice after the interruption)."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield  # SIGINT is ignored or handled elsewhere: leave it alone
+        return
+    caught: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
+
+
+class _SamplePrinter:
+    """Prints a batch's samples in order, the first unfinished one live, for `gpt2 generate`.
+
+    On a terminal: rich, the prompt dimmed, a rule between samples, a summary on stderr. Piped:
+    the continuation only, samples separated by a `---` line. JSON: one line per sample.
+    """
+
+    SEPARATOR = "\n---\n"
+
+    def __init__(self, generation: Generation, prompt: str, *, as_json: bool, live: bool) -> None:
+        self.completions = generation.completions
+        self.prompt = prompt
+        self.as_json = as_json
+        self.live = live and not as_json
+        self.head = 0  # the sample being printed; those before it are done
+        self.shown = 0  # characters of the head's text already printed
+        self.console: Any = None
+        if sys.stdout.isatty() and not as_json:
+            from rich.console import Console
+
+            no_color = bool(os.environ.get("NO_COLOR"))
+            self.console = Console(color_system=None if no_color else "auto", highlight=False)
+        self._begin_sample()
+
+    def update(self, sample: int) -> None:
+        """Print what became printable after a token of `sample` was generated."""
+        if sample == self.head and self.live:
+            self._show_text()
+        while self.head < len(self.completions) and self.completions[self.head].finish_reason:
+            self._end_sample()
+            self.head += 1
+            if self.head < len(self.completions):
+                self._begin_sample()
+
+    def flush_partial(self) -> None:
+        """After Ctrl-C: print what every unfinished sample generated so far (not in JSON)."""
+        if self.as_json:
+            return
+        for row in range(self.head, len(self.completions)):
+            if row > self.head:
+                self.head, self.shown = row, 0
+                self._begin_sample()
+            self._show_text()
+            self._write("\n" if self.console else "")
+
+    def summary(self) -> None:
+        """On a terminal: tokens, tokens/s and time to first token, on stderr."""
+        if self.console is None:
+            return
+        from rich.console import Console
+
+        tokens = sum(len(c.ids) for c in self.completions)
+        timings = [c.timings for c in self.completions]
+        decode_s = max(t.decode_s for t in timings)
+        speed = sum(t.decoded for t in timings) / decode_s if decode_s else 0.0
+        Console(stderr=True, color_system=self.console.color_system).print(
+            f"{tokens} tokens, {speed:.1f} tokens/s, first token after "
+            f"{timings[0].prefill_s:.2f} s (model loaded in {timings[0].load_s:.2f} s)",
+            style="dim",
+            highlight=False,
+        )
+
+    def _begin_sample(self) -> None:
+        if self.console is None:
+            self._write(self.SEPARATOR if self.head and not self.as_json else "")
+            return
+        if len(self.completions) > 1:
+            self.console.rule(f"sample {self.head + 1} of {len(self.completions)}", style="dim")
+        self.console.out(self.prompt, end="", style="dim")
+
+    def _end_sample(self) -> None:
+        if self.as_json:
+            import json
+
+            self._write(json.dumps(self.completions[self.head].to_json(), ensure_ascii=False))
+            self._write("\n")
+            return
+        self._show_text()
+        self._write("\n" if self.console else "")
+        self.shown = 0
+
+    def _show_text(self) -> None:
+        text = self.completions[self.head].text
+        self._write(text[self.shown :])
+        self.shown = len(text)
+
+    def _write(self, text: str) -> None:
+        if not text:
+            return
+        if self.console is not None:
+            self.console.out(text, end="")
+        else:
+            sys.stdout.buffer.write(text.encode("utf-8"))
+            sys.stdout.buffer.flush()
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--revision", help="Branch, tag or commit of a hub model.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def download(model: str | None, revision: str | None, quiet: bool) -> None:
+    """Download MODEL into the Hugging Face cache and print its local folder.
+
+    MODEL is a name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, or 124M, 355M, ...),
+    a hub repo id owner/name, or a local folder (checked, not copied). Only the config,
+    safetensors weights and tokenizer files are fetched; a model already in the cache is not
+    fetched again. A progress bar goes to stderr when it is a terminal. Without MODEL, list the
+    known models and where each is cached.
+    """
+    from gpt2cli import hub, weights
+
+    if model is None:
+        if revision is not None:
+            raise click.UsageError("--revision needs a MODEL")
+        rows = [
+            (
+                m.name,
+                m.alias or "",
+                f"{m.n_params / 1e6:.0f}M",
+                _size(4 * m.n_params),
+                m.repo_id,
+                str(folder) if folder else "not cached",
+            )
+            for m, folder in hub.known_models()
+        ]
+        header = ("NAME", "ALIAS", "PARAMS", "FLOAT32", "HUB REPO", "CACHED")
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+        for row in [header, *rows]:
+            click.echo(
+                "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+            )
+        return
+    folder = hub.resolve(model, revision, progress=sys.stderr.isatty() and not quiet)
+    weights.load(folder)  # complete and well-formed, or a clear error now rather than later
+    click.echo(str(folder))
+
+
+def _size(n_bytes: float) -> str:
+    """Bytes as a short human size: 498 MB, 1.4 GB."""
+    gb = n_bytes / 1e9
+    return f"{gb:.1f} GB" if gb >= 1 else f"{n_bytes / 1e6:.0f} MB"
+
+
+def _tokenizer(model: str | None) -> Tokenizer:
+    """The tokenizer of `--model` (a hub name or a local folder), or GPT-2's built-in one."""
+    from gpt2cli.tokenizer import load_tokenizer
+
+    if model is None:
+        return load_tokenizer(None)
+    from gpt2cli.hub import resolve
+
+    return load_tokenizer(resolve(model, tokenizer_only=True))
+
+
+_MODEL_OPTION = click.option(
+    "-m",
+    "--model",
+    metavar="NAME",
+    help="Use this model's tokenizer: a model folder, or a hub name such as gpt2 or owner/name "
+    "[default: GPT-2's vocabulary, built in].",
+)
+
+
+@cli.command()
+@click.argument("text", required=False)
+@_MODEL_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print the ids as a JSON array.")
+@click.option("--count", is_flag=True, help="Print only the number of tokens.")
+@click.option("--tokens", is_flag=True, help="Show each token's id and text, one per line.")
+@click.option(
+    "--no-special", is_flag=True, help="Encode <|endoftext|> as plain text, not token 50256."
+)
+def encode(
+    text: str | None, model: str | None, as_json: bool, count: bool, tokens: bool, no_special: bool
+) -> None:
+    """Print the token ids of TEXT (or of stdin, when TEXT is absent or -), space-separated."""
+    if as_json + count + tokens > 1:
+        raise click.UsageError("choose one of --json, --count and --tokens")
+    tokenizer = _tokenizer(model)
+    ids = tokenizer.encode(read_text(text, "text"), allowed_special=not no_special)
+    if tokens:
+        _show_tokens(tokenizer, ids)
+    elif count:
+        click.echo(len(ids))
+    elif as_json:
+        import json
+
+        click.echo(json.dumps(ids))
+    else:
+        click.echo(" ".join(map(str, ids)))
+
+
+# How --tokens shows a piece: C0 controls escaped, so one token is one line and a piece's bytes are
+# visible (a backslash is doubled first, so the pieces read in order spell the text unambiguously).
+_SHOW = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]} | {
+    ord("\n"): "\\n",
+    ord("\r"): "\\r",
+    ord("\t"): "\\t",
+}
+_TOKEN_STYLES = ("black on #a8d8ea", "black on #f9d27a")  # alternate, so token edges show
+
+
+def _show_tokens(tokenizer: Tokenizer, ids: list[int]) -> None:
+    """Each token as `id<TAB>piece`, or, on a terminal, the pieces inline in alternating colours.
+
+    A piece that is part of a UTF-8 character shows its bytes as \\xNN.
+    """
+    raw = [tokenizer.token_bytes(i) for i in ids]
+    pieces = [
+        b.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace").translate(_SHOW) for b in raw
+    ]
+    if not sys.stdout.isatty():
+        for i, piece in zip(ids, pieces, strict=True):
+            click.echo(f"{i}\t{piece}")
+        return
+    from rich.console import Console
+    from rich.text import Text
+
+    line = Text()
+    for n, (b, piece) in enumerate(zip(raw, pieces, strict=True)):
+        line.append(piece, style=_TOKEN_STYLES[n % 2])
+        if b.endswith(b"\n"):  # the escape shows the newline; the line break keeps the layout
+            line.append("\n")
+    Console(highlight=False).print(line, soft_wrap=True)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("ids", nargs=-1)
+@_MODEL_OPTION
+def decode(ids: tuple[str, ...], model: str | None) -> None:
+    """Write the text of token IDS (or of stdin) exactly, with nothing added.
+
+    IDS are integers separated by spaces or commas, or one JSON array such as `[15496, 995]`;
+    an empty array is no tokens. `gpt2 encode < f | gpt2 decode` reproduces f byte for byte.
+    """
+    source = " ".join(ids) if ids else read_text(None, "ids")
+    tokens = _parse_ids(source, "arguments" if ids else "stdin")
+    click.echo(_tokenizer(model).decode_bytes(tokens), nl=False)  # bytes: written as they are
+
+
+def _parse_ids(source: str, where: str) -> list[int]:
+    """Token ids from whitespace- or comma-separated integers, or from one JSON array."""
+    items: list[object]
+    if source.lstrip().startswith("["):  # valid JSON that starts with `[` is an array
+        import json
+
+        try:
+            items = json.loads(source)
+        except json.JSONDecodeError as e:
+            raise GPT2Error(
+                f"ids on {where} are not a valid JSON array: {e.msg} at line {e.lineno} "
+                f"column {e.colno}"
+            ) from None
+    else:
+        items = [int(s) if re.fullmatch(r"-?[0-9]+", s) else s for s in re.split(r"[\s,]+", source)]
+        items = [item for item in items if item != ""]
+    ids: list[int] = []
+    for position, item in enumerate(items):
+        if not isinstance(item, int) or isinstance(item, bool):
+            raise GPT2Error(
+                f"{item!r} at position {position} (counting from 0) is not an integer token id"
+            )
+        ids.append(item)
+    return ids
 
 
 def main() -> None:

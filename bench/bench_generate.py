@@ -1,0 +1,140 @@
+"""`gpt2 generate` end to end against the same generation with transformers, as whole processes.
+
+Both sides start a fresh Python process on a 124M-shaped random-weight folder (with the real
+vocabulary) and continue the same prompt greedily for 256 tokens, printing each token as soon as
+it exists. Time to first token is measured from launching the process to the first byte on its
+stdout, so it includes start-up, imports and loading the weights; tokens/s is the other 255
+tokens over the time from the first byte to the end of the output. Medians over RUNS runs; the
+machine is shared, so the figures are noisy.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import print_table
+from tests.factory import GPT2_124M, write_random_gpt2
+
+NEW_TOKENS = 256
+RUNS = 3
+PROMPT = "The history of the printing press begins in"
+
+# The transformers side: load, then generate with a streamer that writes each new token's text
+# to stdout (unbuffered) the moment generate() produces it.
+TRANSFORMERS_SCRIPT = """
+import sys
+import torch
+from transformers import AutoTokenizer, GPT2LMHeadModel
+from transformers.generation.streamers import BaseStreamer
+
+folder, prompt, new_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
+tokenizer = AutoTokenizer.from_pretrained(folder)
+model = GPT2LMHeadModel.from_pretrained(folder).eval()
+
+
+class Print(BaseStreamer):
+    def __init__(self):
+        self.prompt_seen = False
+
+    def put(self, value):
+        if not self.prompt_seen:  # generate() hands the streamer the prompt first
+            self.prompt_seen = True
+            return
+        sys.stdout.buffer.write(tokenizer.decode(value.reshape(-1)).encode())
+        sys.stdout.buffer.flush()
+
+    def end(self):
+        pass
+
+
+ids = torch.tensor([tokenizer.encode(prompt)])
+with torch.no_grad():
+    model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        pad_token_id=tokenizer.eos_token_id,
+        streamer=Print(),
+    )
+"""
+
+
+def first_byte_and_total(cmd: list[str]) -> tuple[float, float]:
+    """Seconds from launch to the first stdout byte, and to the end of the output."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    first = os.read(proc.stdout.fileno(), 1)
+    first_at = time.perf_counter()
+    rest = proc.stdout.read()
+    end = time.perf_counter()
+    if proc.wait() != 0 or not first:
+        raise RuntimeError(f"{cmd[:4]} failed with status {proc.returncode}")
+    del rest
+    return first_at - start, end - start
+
+
+def measure(cmd: list[str]) -> tuple[float, float]:
+    """Median time to first token, and median tokens/s after it, over RUNS runs (one warm-up)."""
+    first_byte_and_total(cmd)  # warm the page cache and the interpreter's .pyc files
+    runs = [first_byte_and_total(cmd) for _ in range(RUNS)]
+    ttft = statistics.median(first for first, _ in runs)
+    speed = statistics.median((NEW_TOKENS - 1) / (total - first) for first, total in runs)
+    return ttft, speed
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="gpt2-bench-generate-") as tmp:
+        folder = write_random_gpt2(Path(tmp) / "gpt2-124M", GPT2_124M, seed=0)
+        ours = measure(
+            [
+                sys.executable,
+                "-m",
+                "gpt2cli",
+                "generate",
+                "-m",
+                str(folder),
+                "--temperature",
+                "0",
+                "--max-tokens",
+                str(NEW_TOKENS),
+                "--ignore-eos",
+                PROMPT,
+            ]
+        )
+        reference = measure(
+            [sys.executable, "-c", TRANSFORMERS_SCRIPT, str(folder), PROMPT, str(NEW_TOKENS)]
+        )
+    print_table(
+        f"generate: whole process, 124M-shaped random weights, greedy, {NEW_TOKENS} new tokens "
+        f"(median of {RUNS}, shared machine: noisy)",
+        ["measure", "transformers", "gpt2cli", "ratio", "target"],
+        [
+            [
+                "time to first token, s (start-up + load + prefill)",
+                reference[0],
+                ours[0],
+                f"{reference[0] / ours[0]:.2f}x faster",
+                ">= 2x faster",
+            ],
+            [
+                "tokens/s after the first",
+                reference[1],
+                ours[1],
+                f"{ours[1] / reference[1]:.2f}x",
+                ">= 2x",
+            ],
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()

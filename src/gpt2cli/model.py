@@ -1,0 +1,384 @@
+"""GPT-2 in NumPy: the transformer as small pure functions, and `GPT2`, which loads and runs them.
+
+The functions read like the paper (and picoGPT): `gelu`, `softmax`, `layer_norm`, `linear`,
+`attention`, `mha`, `mlp`, `block`, `forward`. Shapes in the comments: B sequences in a batch, T
+positions computed in this pass, S positions attended to, D n_embd, H n_head, hd head width,
+V n_vocab, C cache capacity, L n_layer.
+
+Everything is float32: constants are Python floats, which NumPy 2 (NEP 50) never lets widen a
+float32 array, and no function creates an array with a default (float64) dtype.
+
+Decoding is incremental. `GPT2.prefill` runs the prompts once, caching every position's keys and
+values in arrays allocated once for the whole batch, and returns the logits of the next token
+only; `GPT2.step` then feeds one token per sequence, costing one position of work.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from gpt2cli.config import GPT2Config
+from gpt2cli.errors import GPT2Error
+
+if TYPE_CHECKING:
+    from gpt2cli.tokenizer import Tokenizer
+    from gpt2cli.weights import Params
+
+Array = NDArray[np.floating[Any]]  # float32 throughout (tested); numpy stubs cannot track it
+Ids = Sequence[int] | NDArray[np.integer[Any]]  # one sequence of token ids
+
+# prompt positions per forward pass: bounds the [B, H, T, S] attention scores and the [B, T, 4D]
+# MLP activations of a long prompt, while keeping every matrix product large enough for BLAS
+PREFILL_CHUNK = 256
+
+_GELU_C = math.sqrt(2.0 / math.pi)  # a Python float: it keeps float32 arrays float32
+
+
+def gelu(x: Array) -> Array:
+    """GPT-2's GELU, the tanh approximation (transformers' `gelu_new`)."""
+    return 0.5 * x * (1.0 + np.tanh(_GELU_C * (x + 0.044715 * x * x * x)))  # [...] -> [...]
+
+
+def softmax(x: Array) -> Array:
+    """Probabilities along the last axis; the max is subtracted first, so exp never overflows."""
+    e: Array = np.exp(x - x.max(axis=-1, keepdims=True))  # [..., n]
+    e /= e.sum(axis=-1, keepdims=True)  # in place: scores can be tens of MB
+    return e
+
+
+def layer_norm(x: Array, g: Array, b: Array, eps: float = 1e-5) -> Array:
+    """Normalize each vector to mean 0 and variance 1, then scale by g and shift by b."""
+    mean = x.mean(axis=-1, keepdims=True)  # [..., 1]
+    variance = x.var(axis=-1, keepdims=True)  # [..., 1]
+    out: Array = g * (x - mean) / np.sqrt(variance + eps) + b  # [..., D], [D], [D] -> [..., D]
+    return out
+
+
+def linear(x: Array, w: Array, b: Array) -> Array:
+    """x @ w + b over the last axis, as one matrix product however many leading axes x has."""
+    rows = x.reshape(-1, w.shape[0])  # [..., n_in] -> [m, n_in]: the weights are read once
+    out = rows @ w  # [m, n_in] @ [n_in, n_out] -> [m, n_out]
+    out += b  # [m, n_out] + [n_out]
+    return out.reshape(*x.shape[:-1], w.shape[1])  # [..., n_out]
+
+
+def attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """Scaled dot-product attention: each query's softmax-weighted mix of the values it may see.
+
+    `mask` is added to the scores: 0 where a query may attend, -inf where it may not.
+    """
+    scores = (q / math.sqrt(q.shape[-1])) @ k.swapaxes(-1, -2)  # [B, H, T, hd] @ [B, H, hd, S]
+    scores += mask  # [B, H, T, S] + [B, 1, T, S]
+    return softmax(scores) @ v  # [B, H, T, S] @ [B, H, S, hd] -> [B, H, T, hd]
+
+
+def mha(
+    x: Array,
+    c_attn: dict[str, Array],
+    c_proj: dict[str, Array],
+    *,
+    n_head: int,
+    keys: Array,
+    values: Array,
+    at: tuple[NDArray[np.intp], ...],
+    mask: Array,
+) -> Array:
+    """Causal multi-head self-attention of T new positions over everything cached before them.
+
+    The new keys and values are first written into this layer's cache `keys`/`values`
+    [B, H, C, hd] at index `at` (shaped [B, H, T]); the queries then attend to the first S cached
+    positions, as far as `mask` [B, 1, T, S] allows.
+    """
+    n_batch, n_pos, d = x.shape  # [B, T, D]
+    qkv = linear(x, **c_attn).reshape(n_batch, n_pos, 3, n_head, d // n_head)  # [B, T, 3, H, hd]
+    q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # 3 x [B, H, T, hd]
+    keys[at], values[at] = k, v  # [B, H, C, hd] <- [B, H, T, hd]
+    span = mask.shape[-1]
+    heads = attention(q, keys[:, :, :span], values[:, :, :span], mask)  # [B, H, T, hd]
+    merged = heads.transpose(0, 2, 1, 3).reshape(n_batch, n_pos, d)  # [B, T, H, hd] -> [B, T, D]
+    return linear(merged, **c_proj)  # [B, T, D]
+
+
+def mlp(x: Array, c_fc: dict[str, Array], c_proj: dict[str, Array]) -> Array:
+    """The position-wise feed-forward network: widen 4x, GELU, project back."""
+    return linear(gelu(linear(x, **c_fc)), **c_proj)  # [B, T, D] -> [B, T, 4D] -> [B, T, D]
+
+
+def block(
+    x: Array,
+    layer: dict[str, Any],
+    *,
+    n_head: int,
+    eps: float,
+    keys: Array,
+    values: Array,
+    at: tuple[NDArray[np.intp], ...],
+    mask: Array,
+) -> Array:
+    """One pre-norm transformer block: x + attention(norm(x)), then x + mlp(norm(x))."""
+    attn_in = layer_norm(x, **layer["ln_1"], eps=eps)  # [B, T, D]
+    x = x + mha(attn_in, **layer["attn"], n_head=n_head, keys=keys, values=values, at=at, mask=mask)
+    return x + mlp(layer_norm(x, **layer["ln_2"], eps=eps), **layer["mlp"])  # [B, T, D]
+
+
+def forward(
+    ids: NDArray[np.intp],
+    positions: NDArray[np.intp],
+    params: Params,
+    config: GPT2Config,
+    keys: Array,
+    values: Array,
+) -> Array:
+    """Final hidden states [B, T, D] of tokens `ids` [B, T] at `positions` [B, T].
+
+    Their keys and values are cached in `keys`/`values` [L, B, H, C, hd] at those positions, and
+    each attends to every cached position up to its own (earlier positions must already be there).
+    """
+    n_batch = ids.shape[0]
+    span = int(positions.max()) + 1
+    future = np.arange(span) > positions[:, None, :, None]  # [B, 1, T, S]: not itself or earlier
+    mask = np.where(future, np.float32(-np.inf), np.float32(0.0))  # [B, 1, T, S]
+    at = (  # where the new positions go in a [B, H, C, hd] cache: broadcasts to [B, H, T]
+        np.arange(n_batch)[:, None, None],
+        np.arange(config.n_head)[None, :, None],
+        positions[:, None, :],
+    )
+    x = params["wte"][ids] + params["wpe"][positions]  # [B, T, D]
+    for i, layer in enumerate(params["blocks"]):
+        x = block(
+            x,
+            layer,
+            n_head=config.n_head,
+            eps=config.layer_norm_epsilon,
+            keys=keys[i],
+            values=values[i],
+            at=at,
+            mask=mask,
+        )
+    return layer_norm(x, **params["ln_f"], eps=config.layer_norm_epsilon)  # [B, T, D]
+
+
+def output_head(x: Array, params: Params) -> Array:
+    """Logits over the vocabulary: the hidden state against every token's embedding (tied head)."""
+    head: Array = params["lm_head"] if "lm_head" in params else params["wte"]  # [V, D]
+    logits: Array = x @ head.T  # [..., D] @ [D, V] -> [..., V]
+    return logits
+
+
+@dataclass
+class DecodeState:
+    """The KV cache of a batch being decoded, allocated once with room for `capacity` positions.
+
+    Row b holds `lengths[b]` positions. `room[b]` is how many more tokens its sequence may grow
+    by: the logits `prefill`/`step` just returned may be sampled while it is at least 1, and a
+    row whose room is 0 has reached its capacity, which is finish reason "length" (a capacity is
+    never more than the model's n_ctx).
+    """
+
+    keys: Array  # [L, B, H, C, hd]
+    values: Array  # [L, B, H, C, hd]
+    lengths: NDArray[np.intp]  # [B]
+
+    @property
+    def capacity(self) -> int:
+        """Positions each row can hold (prompt plus generated tokens)."""
+        return int(self.keys.shape[3])
+
+    @property
+    def room(self) -> NDArray[np.intp]:
+        """Tokens each row may still be extended by: capacity - lengths, [B]."""
+        return self.capacity - self.lengths
+
+
+class GPT2:
+    """A GPT-2 model: its config, its float32 parameters and (lazily) its tokenizer.
+
+    `model(ids)` gives logits for every position; `prefill` and `step` decode incrementally
+    with a KV cache; `generate` yields a continuation (greedy by default) one id at a time.
+    """
+
+    def __init__(self, config: GPT2Config, params: Params, folder: Path | None = None) -> None:
+        self.config = config
+        self.params = params
+        self.folder = folder  # where the tokenizer files are looked for
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None) -> GPT2:
+        """Load a model by hub name ("gpt2", "124M", "owner/name") or from a local folder."""
+        from gpt2cli import hub, weights
+
+        folder = hub.resolve(str(name_or_path), revision)
+        config, params = weights.load(folder)
+        return cls(config, params, folder)
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        """The folder's tokenizer files, or the built-in GPT-2 vocabulary; built on first use."""
+        from gpt2cli.tokenizer import load_tokenizer
+
+        return load_tokenizer(self.folder)
+
+    def __call__(self, ids: ArrayLike, *, truncate: bool = False) -> Array:
+        """Logits for every position: [T, V] for ids [T], [B, T, V] for ids [B, T].
+
+        A sequence longer than n_ctx is an error, or with `truncate=True` keeps its last n_ctx
+        tokens (and so gets logits for those).
+        """
+        array = np.asarray(ids)
+        if array.ndim not in (1, 2):
+            raise GPT2Error(f"ids must be 1-D [T] or 2-D [B, T], got shape {list(array.shape)}")
+        rows = [self._checked(row, truncate) for row in np.atleast_2d(array)]
+        batch = np.array(rows)  # [B, T]
+        n_batch, n_pos = batch.shape
+        state = self._empty_state(n_batch, n_pos)
+        out = np.empty((n_batch, n_pos, self.config.n_vocab), np.float32)  # [B, T, V]
+        for start in range(0, n_pos, PREFILL_CHUNK):
+            x = self._extend(state, batch[:, start : start + PREFILL_CHUNK])  # [B, chunk, D]
+            out[:, start : start + x.shape[1]] = output_head(x, self.params)
+        return out if array.ndim == 2 else out[0]
+
+    def prefill(
+        self, prompts: Sequence[Ids], capacity: int | None = None, *, truncate: bool = False
+    ) -> tuple[DecodeState, Array]:
+        """Run a batch of prompts once: their KV cache, and the logits [B, V] of each next token.
+
+        Prompts may differ in length (they are right-padded and masked; each row's logits are
+        those it gets alone). The cache holds `capacity` positions per row (n_ctx by default);
+        it must fit the longest prompt, and sets how far `step` can go. A prompt longer than
+        n_ctx is an error, or with `truncate=True` keeps its last n_ctx tokens.
+        """
+        n_ctx = self.config.n_ctx
+        rows = [self._checked(p, truncate) for p in prompts]
+        if not rows:
+            raise GPT2Error("prefill needs at least one prompt")
+        lengths = np.array([len(r) for r in rows], np.intp)  # [B]
+        capacity = n_ctx if capacity is None else capacity
+        if not int(lengths.max()) <= capacity <= n_ctx:
+            raise GPT2Error(
+                f"cache capacity {capacity} must be between the longest prompt "
+                f"({int(lengths.max())} tokens) and the model's n_ctx ({n_ctx})"
+            )
+        batch = np.zeros((len(rows), int(lengths.max())), np.intp)  # [B, T], right-padded
+        for b, row in enumerate(rows):
+            batch[b, : len(row)] = row
+        state = self._empty_state(len(rows), capacity)
+        last = np.empty((len(rows), self.config.n_embd), np.float32)  # [B, D]
+        for start in range(0, batch.shape[1], PREFILL_CHUNK):
+            x = self._extend(state, batch[:, start : start + PREFILL_CHUNK])  # [B, chunk, D]
+            ends = (start <= lengths - 1) & (lengths - 1 < start + x.shape[1])  # rows ending here
+            last[ends] = x[ends, lengths[ends] - 1 - start]
+        state.lengths = lengths
+        return state, output_head(last, self.params)  # [B, V]
+
+    def step(self, state: DecodeState, next_ids: ArrayLike) -> Array:
+        """Feed one token per row (`next_ids` [B]) and return the logits [B, V] of the next ones.
+
+        Every row needs room (`state.room >= 1`); rows the caller has finished with may be fed
+        any valid id, their logits ignored.
+        """
+        ids = np.asarray(next_ids)
+        if ids.shape != state.lengths.shape:
+            raise GPT2Error(
+                f"step needs one id per row: {state.lengths.shape[0]} ids, got {ids.shape}"
+            )
+        full = np.flatnonzero(state.room < 1)
+        if full.size:
+            raise GPT2Error(
+                f"row {full[0]} already holds {state.capacity} positions, the cache's capacity; "
+                "it has finished (finish reason 'length')"
+            )
+        self._check_ids(ids)
+        x = self._extend(state, ids[:, None])  # [B, 1, D]
+        return output_head(x[:, 0], self.params)  # [B, V]
+
+    def generate(
+        self,
+        ids: Ids,
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        ignore_eos: bool = True,
+        truncate: bool = False,
+    ) -> Iterator[int]:
+        """Yield the continuation of `ids`, one id at a time: greedy unless a temperature is set.
+
+        The options are `gpt2 generate`'s (see `gpt2cli.sampling.SamplingOptions`), with
+        ids-level defaults: greedy, and `<|endoftext|>` yielded like any other id (with
+        `ignore_eos=False` it is the last id). It ends after `max_new_tokens` ids, or earlier
+        when prompt plus continuation reach n_ctx (finish reason "length" either way).
+        """
+        from gpt2cli.generate import Generation
+        from gpt2cli.sampling import SamplingOptions
+
+        prompt = self._checked(ids, truncate)
+        if min(max_new_tokens, self.config.n_ctx - len(prompt)) < 1:
+            return
+        sampling = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p)
+        generation = Generation(
+            self,
+            prompt.tolist(),
+            max_tokens=max_new_tokens,
+            sampling=sampling,
+            seed=seed,
+            ignore_eos=ignore_eos,
+        )
+        for token in generation:
+            yield token.id
+
+    def _extend(self, state: DecodeState, ids: NDArray[np.intp]) -> Array:
+        """Run ids [B, T] at each row's next T positions; return their final hidden states."""
+        positions = state.lengths[:, None] + np.arange(ids.shape[1])  # [B, T]
+        x = forward(ids, positions, self.params, self.config, state.keys, state.values)
+        state.lengths = state.lengths + ids.shape[1]
+        return x
+
+    def _empty_state(self, n_batch: int, capacity: int) -> DecodeState:
+        """An uninitialised cache for n_batch rows of `capacity` positions, all rows empty."""
+        c = self.config
+        shape = (c.n_layer, n_batch, c.n_head, capacity, c.head_dim)  # [L, B, H, C, hd]
+        return DecodeState(
+            keys=np.empty(shape, np.float32),
+            values=np.empty(shape, np.float32),
+            lengths=np.zeros(n_batch, np.intp),
+        )
+
+    def _checked(self, ids: ArrayLike, truncate: bool) -> NDArray[np.intp]:
+        """One prompt as valid ids, at most n_ctx long (its last n_ctx tokens with `truncate`)."""
+        array = np.asarray(ids)
+        n_ctx = self.config.n_ctx
+        if array.ndim != 1 or array.size == 0:
+            raise GPT2Error(
+                f"a prompt must be a non-empty sequence of token ids, got shape {list(array.shape)}"
+            )
+        if len(array) > n_ctx:
+            if not truncate:
+                raise GPT2Error(
+                    f"prompt is {len(array)} tokens but the model's context is {n_ctx} tokens; "
+                    f"shorten it, or truncate it to its last {n_ctx} tokens"
+                )
+            array = array[-n_ctx:]
+        self._check_ids(array)
+        return array.astype(np.intp)
+
+    def _check_ids(self, ids: NDArray[Any]) -> None:
+        """Reject ids that are not integers in [0, n_vocab), naming the first bad one."""
+        n_vocab = self.config.n_vocab
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise GPT2Error(f"token ids must be integers, got dtype {ids.dtype}")
+        bad = np.flatnonzero((ids < 0) | (ids >= n_vocab))
+        if bad.size:
+            raise GPT2Error(
+                f"token id {int(ids.flat[bad[0]])} at position {int(bad[0])} is outside "
+                f"the vocabulary [0, {n_vocab})"
+            )

@@ -1,0 +1,128 @@
+"""Next-token choice: logits -> id, by greedy argmax or by sampling a filtered distribution.
+
+The filters run in transformers' order: temperature, then top-k, then top-p (nucleus), so a seed
+and a set of options mean the same distribution here as in `GPT2LMHeadModel.generate`. Everything
+is float32, and no step sorts the whole 50,257-entry vocabulary: top-k is one partition, and top-p
+without top-k sorts only as many of the most likely tokens as it needs to reach `top_p`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from gpt2cli.errors import GPT2Error
+
+Array = NDArray[np.float32]
+Ids = NDArray[np.int64]
+
+_NUCLEUS_FIRST_GUESS = 64  # tokens partitioned off first when top-p runs over the whole vocabulary
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How the next token is chosen; the defaults are the `gpt2 generate` command's.
+
+    `temperature` 0 means greedy (argmax; top-k and top-p are then irrelevant), `top_k` 0 turns
+    top-k off, `top_p` 1.0 turns nucleus sampling off.
+    """
+
+    temperature: float = 1.0  # logits are divided by it: < 1 sharpens, > 1 flattens
+    top_k: int = 5  # keep the k most likely tokens (and any tied with the k-th), as GPT-2's demo
+    top_p: float = 1.0  # keep the fewest most likely tokens whose probabilities reach top_p
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:  # also rejects NaN
+            raise GPT2Error(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise GPT2Error(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise GPT2Error(f"top_p must be in (0, 1] (1 turns it off), got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        """True when the choice is the argmax and needs no random numbers."""
+        return self.temperature == 0
+
+
+def softmax(x: Array) -> Array:
+    """Probabilities along the last axis, stable for any float32 logits."""
+    e: Array = np.exp(x - x.max(axis=-1, keepdims=True))  # [..., V]
+    probs: Array = e / e.sum(axis=-1, keepdims=True)  # [..., V]
+    return probs
+
+
+def log_softmax(x: Array) -> Array:
+    """Log-probabilities along the last axis: x - logsumexp(x)."""
+    shifted: Array = x - x.max(axis=-1, keepdims=True)  # [..., V]
+    logprobs: Array = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))  # [..., V]
+    return logprobs
+
+
+def top_k_candidates(x: Array, k: int) -> Ids:
+    """Ids of the k largest entries of x [V] and any tied with the k-th, as transformers keeps."""
+    if k == 0 or k >= x.shape[-1]:
+        return np.arange(x.shape[-1])
+    kth = np.partition(x, x.shape[-1] - k)[x.shape[-1] - k]  # the k-th largest value, O(V)
+    return np.flatnonzero(x >= kth)  # [>= k], in id order
+
+
+def nucleus(probs: Array, top_p: float) -> Ids:
+    """Positions into probs [m] of the fewest most likely tokens whose mass reaches top_p.
+
+    A token is kept while the mass of the tokens likelier than it is below top_p (transformers'
+    rule), and the likeliest is always kept. Only a prefix of the ordering is sorted, grown until
+    its mass reaches top_p, so a peaked distribution costs one partition of the vocabulary.
+    """
+    m = probs.shape[0]
+    size = min(m, _NUCLEUS_FIRST_GUESS)
+    while True:
+        head = np.arange(m) if size >= m else np.argpartition(probs, m - size)[m - size :]
+        head = head[np.argsort(-probs[head], kind="stable")]  # [size], most likely first
+        if size >= m or probs[head].sum(dtype=np.float32) >= top_p:
+            break
+        size *= 4
+    mass_above = np.cumsum(probs[head], dtype=np.float32) - probs[head]  # [size]
+    return head[: max(1, int(np.count_nonzero(mass_above < top_p)))]
+
+
+def distribution(x: Array, options: SamplingOptions) -> tuple[Ids, Array]:
+    """The filtered next-token distribution for logits x [V]: (ids [m], probs [m]).
+
+    ids are the tokens sampling may pick (in no particular order); probs are float32, sum to 1.
+    """
+    if options.greedy:
+        return np.array([int(x.argmax())]), np.ones(1, np.float32)
+    scaled = x.astype(np.float32, copy=False) / np.float32(options.temperature)  # [V]
+    ids = top_k_candidates(scaled, options.top_k)  # [k'] (all V when top-k is off)
+    probs = softmax(scaled[ids])  # [k']
+    if options.top_p < 1:
+        kept = nucleus(probs, options.top_p)  # [m]
+        ids, probs = ids[kept], probs[kept] / probs[kept].sum(dtype=np.float32)
+    return ids, probs
+
+
+def sample(logits: Array, rng: np.random.Generator, options: SamplingOptions) -> Ids:
+    """One next id per row of logits [B, V] -> [B] int64, drawing from rng unless greedy."""
+    if options.greedy:
+        argmax: Ids = logits.argmax(axis=-1).astype(np.int64)  # [B]
+        return argmax
+    chosen = np.empty(logits.shape[0], np.int64)  # [B]
+    for row, x in enumerate(logits):
+        ids, probs = distribution(x, options)  # [m], [m]
+        cdf = np.cumsum(probs, dtype=np.float32)  # [m]
+        u = rng.random(dtype=np.float32) * cdf[-1]
+        chosen[row] = ids[min(int(np.searchsorted(cdf, u, side="right")), len(ids) - 1)]
+    return chosen
+
+
+def token_logprobs(logits: Array, ids: Ids) -> Array:
+    """Log-probability of ids [B] under the model's own distribution of logits [B, V] -> [B].
+
+    This is the unfiltered distribution (temperature 1, no top-k/top-p): how likely the model
+    finds each chosen token, comparable across sampling options.
+    """
+    chosen: Array = log_softmax(logits)[np.arange(logits.shape[0]), ids]  # [B]
+    return chosen

@@ -1,0 +1,149 @@
+"""Sampling against transformers' own logits warpers: same allowed set, same probabilities."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from gpt2cli.errors import GPT2Error
+from gpt2cli.sampling import SamplingOptions, distribution, sample, token_logprobs
+
+OPTIONS = [
+    SamplingOptions(temperature=1.0, top_k=5, top_p=1.0),
+    SamplingOptions(temperature=0.7, top_k=40, top_p=1.0),
+    SamplingOptions(temperature=1.3, top_k=0, top_p=0.9),
+    SamplingOptions(temperature=1.0, top_k=0, top_p=0.5),
+    SamplingOptions(temperature=0.8, top_k=50, top_p=0.95),
+    SamplingOptions(temperature=1.0, top_k=0, top_p=1.0),
+    SamplingOptions(temperature=2.0, top_k=1, top_p=1.0),
+    SamplingOptions(temperature=1.0, top_k=0, top_p=0.001),
+]
+
+
+def gpt2_like_logits(seed: int, vocab: int = 50257, batch: int = 1) -> np.ndarray:
+    """Logits spanning tens of units with a heavy head, like a trained GPT-2's."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, vocab)).astype(np.float32) * 3
+    x[:, rng.integers(0, vocab, 30)] += rng.uniform(5, 15, 30).astype(np.float32)
+    return x
+
+
+def reference_probs(x: np.ndarray, options: SamplingOptions) -> np.ndarray:
+    """The distribution transformers samples from: its warpers in its order, then softmax."""
+    scores = torch.from_numpy(x[None].copy())
+    warpers = [TemperatureLogitsWarper(options.temperature)]
+    if options.top_k:
+        warpers.append(TopKLogitsWarper(options.top_k))
+    if options.top_p < 1:
+        warpers.append(TopPLogitsWarper(options.top_p))
+    for warp in warpers:
+        scores = warp(None, scores)
+    return torch.softmax(scores, dim=-1)[0].numpy()
+
+
+def as_dense(ids: np.ndarray, probs: np.ndarray, vocab: int) -> np.ndarray:
+    dense = np.zeros(vocab, np.float32)
+    dense[ids] = probs
+    return dense
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=str)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_filtered_distribution_equals_transformers_warpers(options: SamplingOptions, seed: int):
+    x = gpt2_like_logits(seed)[0]
+    ids, probs = distribution(x, options)
+    expected = reference_probs(x, options)
+    assert probs.dtype == np.float32
+    assert set(ids.tolist()) == set(np.flatnonzero(expected).tolist())
+    np.testing.assert_allclose(as_dense(ids, probs, x.size), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_top_k_keeps_tokens_tied_with_the_kth_as_transformers_does():
+    x = np.zeros(100, np.float32)
+    x[[3, 10, 20, 30]] = [5.0, 4.0, 4.0, 4.0]
+    options = SamplingOptions(top_k=2)
+    ids, probs = distribution(x, options)
+    expected = reference_probs(x, options)
+    assert sorted(ids.tolist()) == np.flatnonzero(expected).tolist()
+    np.testing.assert_allclose(as_dense(ids, probs, x.size), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("options", OPTIONS[:5], ids=str)
+def test_draws_never_leave_the_allowed_set(options: SamplingOptions):
+    x = gpt2_like_logits(7)[0]
+    allowed = set(np.flatnonzero(reference_probs(x, options)).tolist())
+    draws = sample(np.repeat(x[None], 2000, axis=0), np.random.default_rng(0), options)
+    assert set(draws.tolist()) <= allowed
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        SamplingOptions(temperature=1.0, top_k=0, top_p=1.0),
+        SamplingOptions(temperature=0.5, top_k=6, top_p=1.0),
+        SamplingOptions(temperature=1.5, top_k=0, top_p=0.8),
+        SamplingOptions(temperature=1.0, top_k=8, top_p=0.7),
+    ],
+    ids=str,
+)
+def test_empirical_frequencies_match_the_filtered_distribution(options: SamplingOptions):
+    """40,000 seeded draws over a 12-token vocabulary: total variation distance below 0.015.
+
+    With at most 12 outcomes the expected distance is about 0.4 * sqrt(12 / 40000) = 0.007, so
+    0.015 is a > 2x margin; a sampler ignoring the filters lands above 0.1 on these logits.
+    """
+    x = np.linspace(-2.0, 3.0, 12, dtype=np.float32)[np.random.default_rng(3).permutation(12)]
+    n = 40_000
+    draws = sample(np.repeat(x[None], n, axis=0), np.random.default_rng(1234), options)
+    freq = np.bincount(draws, minlength=x.size) / n
+    expected = reference_probs(x, options)
+    unfiltered = reference_probs(x, SamplingOptions(temperature=1.0, top_k=0, top_p=1.0))
+    assert 0.5 * np.abs(freq - expected).sum() < 0.015
+    if not np.allclose(expected, unfiltered):
+        assert 0.5 * np.abs(expected - unfiltered).sum() > 0.1  # the test can tell them apart
+
+
+def test_same_seed_same_draws_and_different_seed_different_draws():
+    x = gpt2_like_logits(0, batch=64)
+    options = SamplingOptions(top_k=0, top_p=0.9)
+    first = sample(x, np.random.default_rng(42), options)
+    assert np.array_equal(first, sample(x, np.random.default_rng(42), options))
+    assert not np.array_equal(first, sample(x, np.random.default_rng(43), options))
+
+
+def test_temperature_zero_and_top_k_one_are_the_argmax():
+    x = gpt2_like_logits(5, batch=8)
+    argmax = torch.from_numpy(x).argmax(dim=-1).numpy()
+    rng = np.random.default_rng(0)
+    assert np.array_equal(sample(x, rng, SamplingOptions(temperature=0.0)), argmax)
+    assert np.array_equal(sample(x, rng, SamplingOptions(temperature=1.7, top_k=1)), argmax)
+
+
+def test_token_logprobs_equal_torch_log_softmax_of_the_raw_logits():
+    x = gpt2_like_logits(9, batch=4)
+    ids = np.array([0, 17, 50256, 12345])
+    expected = torch.log_softmax(torch.from_numpy(x), dim=-1)[torch.arange(4), ids].numpy()
+    got = token_logprobs(x, ids)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"temperature": -1.0}, "temperature must be >= 0"),
+        ({"temperature": float("nan")}, "temperature must be >= 0"),
+        ({"top_k": -3}, "top_k must be >= 0"),
+        ({"top_p": 1.5}, "top_p must be in (0, 1]"),
+        ({"top_p": 0.0}, "top_p must be in (0, 1]"),
+    ],
+)
+def test_bad_options_are_one_line_errors(kwargs: dict[str, float], message: str):
+    with pytest.raises(GPT2Error, match=message.replace("(", r"\(").replace("]", r"\]")):
+        SamplingOptions(**kwargs)  # type: ignore[arg-type]
