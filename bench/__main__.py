@@ -14,14 +14,7 @@ def main(argv: list[str]) -> None:
     if unknown:
         sys.exit(f"unknown section(s) {unknown}; choose from {SECTIONS}")
     for name in chosen:
-        try:
-            module = importlib.import_module(f"bench.bench_{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"bench.bench_{name}":
-                raise
-            print(f"\n## {name}: no benchmark yet")
-            continue
-        module.main()
+        importlib.import_module(f"bench.bench_{name}").main()
 
 
 if __name__ == "__main__":

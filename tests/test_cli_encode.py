@@ -232,7 +232,9 @@ def test_reader_closing_the_pipe_early_is_quiet(args: list[str], unbuffered: str
     process.stdin.close()
     assert len(process.stdout.read(100)) == 100
     process.stdout.close()  # the reader goes away with most of the output unread
-    assert process.wait(timeout=120) in (0, 1, 141)
+    # 141 (128 + SIGPIPE) once a write fails; 0 when the reader left during the last write, which
+    # the kernel then ends short instead of failing (unbuffered stdout does not retry the rest)
+    assert process.wait(timeout=120) in (0, 141)
     assert process.stderr.read() == b""
 
 

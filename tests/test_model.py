@@ -136,7 +136,7 @@ def test_a_prompt_run_in_chunks_gives_the_same_cache_and_logits(
     prompts = [_ids(n, seed=n) for n in (23, 9, 17)]
     whole_state, whole = tiny.prefill(prompts, 40)
     whole_logits = tiny(np.array(prompts[0]))
-    monkeypatch.setattr(model_module, "PREFILL_CHUNK", 4)
+    monkeypatch.setattr(model_module, "PREFILL_TOKENS", 12)  # 3 prompts: 4 positions a pass
     chunked_state, chunked = tiny.prefill(prompts, 40)
     np.testing.assert_allclose(chunked, whole, rtol=0, atol=SELF_TOL)
     np.testing.assert_allclose(tiny(np.array(prompts[0])), whole_logits, rtol=0, atol=SELF_TOL)

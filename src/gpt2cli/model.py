@@ -35,9 +35,10 @@ if TYPE_CHECKING:
 Array = NDArray[np.floating[Any]]  # float32 throughout (tested); numpy stubs cannot track it
 Ids = Sequence[int] | NDArray[np.integer[Any]]  # one sequence of token ids
 
-# prompt positions per forward pass: bounds the [B, H, T, S] attention scores and the [B, T, 4D]
-# MLP activations of a long prompt, while keeping every matrix product large enough for BLAS
-PREFILL_CHUNK = 256
+# prompt tokens per forward pass, over the whole batch: bounds the [B, H, T, S] attention scores
+# and [B, T, 4D] MLP activations of long prompts (peak memory), while keeping every matrix
+# product large enough for BLAS to run at full speed
+PREFILL_TOKENS = 128
 
 _GELU_C = math.sqrt(2.0 / math.pi)  # a Python float: it keeps float32 arrays float32
 
@@ -49,8 +50,9 @@ def gelu(x: Array) -> Array:
 
 def softmax(x: Array) -> Array:
     """Probabilities along the last axis; the max is subtracted first, so exp never overflows."""
-    e: Array = np.exp(x - x.max(axis=-1, keepdims=True))  # [..., n]
-    e /= e.sum(axis=-1, keepdims=True)  # in place: scores can be tens of MB
+    e: Array = x - x.max(axis=-1, keepdims=True)  # [..., n]
+    np.exp(e, out=e)  # in place, like the division: attention scores can be tens of MB
+    e /= e.sum(axis=-1, keepdims=True)
     return e
 
 
@@ -240,8 +242,7 @@ class GPT2:
         n_batch, n_pos = batch.shape
         state = self._empty_state(n_batch, n_pos)
         out = np.empty((n_batch, n_pos, self.config.n_vocab), np.float32)  # [B, T, V]
-        for start in range(0, n_pos, PREFILL_CHUNK):
-            x = self._extend(state, batch[:, start : start + PREFILL_CHUNK])  # [B, chunk, D]
+        for start, x in self._run_prompts(state, batch):  # x [B, chunk, D]
             out[:, start : start + x.shape[1]] = output_head(x, self.params)
         return out if array.ndim == 2 else out[0]
 
@@ -271,8 +272,7 @@ class GPT2:
             batch[b, : len(row)] = row
         state = self._empty_state(len(rows), capacity)
         last = np.empty((len(rows), self.config.n_embd), np.float32)  # [B, D]
-        for start in range(0, batch.shape[1], PREFILL_CHUNK):
-            x = self._extend(state, batch[:, start : start + PREFILL_CHUNK])  # [B, chunk, D]
+        for start, x in self._run_prompts(state, batch):  # x [B, chunk, D]
             ends = (start <= lengths - 1) & (lengths - 1 < start + x.shape[1])  # rows ending here
             last[ends] = x[ends, lengths[ends] - 1 - start]
         state.lengths = lengths
@@ -335,6 +335,16 @@ class GPT2:
         )
         for token in generation:
             yield token.id
+
+    def _run_prompts(
+        self, state: DecodeState, batch: NDArray[np.intp]
+    ) -> Iterator[tuple[int, Array]]:
+        """Run prompts [B, T] into an empty cache a chunk of positions at a time (PREFILL_TOKENS
+        tokens in all per pass): yield each chunk's first position and hidden states [B, chunk, D].
+        """
+        chunk = max(1, PREFILL_TOKENS // batch.shape[0])
+        for start in range(0, batch.shape[1], chunk):
+            yield start, self._extend(state, batch[:, start : start + chunk])
 
     def _extend(self, state: DecodeState, ids: NDArray[np.intp]) -> Array:
         """Run ids [B, T] at each row's next T positions; return their final hidden states."""
