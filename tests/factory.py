@@ -145,15 +145,7 @@ def write_save_pretrained_gpt2(
     import torch
     import transformers
 
-    hf = transformers.GPT2Config(
-        vocab_size=config.n_vocab,
-        n_positions=config.n_ctx,
-        n_embd=config.n_embd,
-        n_head=config.n_head,
-        n_layer=config.n_layer,
-        layer_norm_epsilon=config.layer_norm_epsilon,
-        tie_word_embeddings=tied,
-    )
+    hf = transformers.GPT2Config(**hf_config(config) | {"tie_word_embeddings": tied})
     model = transformers.GPT2LMHeadModel(hf)
     state = {
         "transformer." + k: torch.from_numpy(v) for k, v in random_params(config, seed).items()

@@ -7,16 +7,11 @@ Local folders need no hub and go through CliRunner.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import os
-import pty
-import select
 import signal
-import struct
 import subprocess
 import sys
-import termios
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +25,7 @@ from gpt2cli.cli import cli
 from gpt2cli.config import GPT2Config
 from tests.factory import TINY, write_random_gpt2, write_sharded_gpt2
 from tests.hub_server import FakeHub, Repo
+from tests.terminal import run_on_terminal
 from tests.test_weights import BROKEN, broken
 
 # 13 MB of weights: more than huggingface_hub's 10 MiB download chunk, so a cut can be resumed
@@ -112,38 +108,15 @@ def test_download_fetches_only_config_weights_and_tokenizer(
         assert (folder / name).read_bytes() == tiny_repo.files[name]
 
 
-def run_on_terminal(*args: str) -> tuple[int, str, str]:
-    """Run `gpt2 ARGS` with stderr on a pseudo-terminal; return (status, stdout, stderr)."""
-    leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gpt2cli", *args],
-        stdout=subprocess.PIPE,
-        stderr=follower,
-    )
-    os.close(follower)
-    stderr = b""
-    while True:
-        ready, _, _ = select.select([leader], [], [], 60)
-        try:
-            chunk = os.read(leader, 65536) if ready else b""
-        except OSError:  # the child closed the terminal
-            chunk = b""
-        if not chunk:
-            break
-        stderr += chunk
-    os.close(leader)
-    stdout = process.stdout.read().decode() if process.stdout else ""
-    return process.wait(timeout=60), stdout, stderr.decode(errors="replace")
-
-
 def test_progress_bar_on_a_terminal_unless_quiet(fake_hub: FakeHub, tiny_repo: Repo) -> None:
     fake_hub.add("someone/tiny", tiny_repo)
     fake_hub.add("someone/other", Repo(dict(tiny_repo.files)))
-    status, stdout, stderr = run_on_terminal("download", "someone/tiny")
+    status, stderr, stdout = run_on_terminal(["download", "someone/tiny"], stream="stderr")
     assert status == 0 and stdout.strip().endswith(tiny_repo.sha)
     assert "model.safetensors" in stderr and "100%" in stderr
-    status, stdout, stderr = run_on_terminal("download", "--quiet", "someone/other")
+    status, stderr, stdout = run_on_terminal(
+        ["download", "--quiet", "someone/other"], stream="stderr"
+    )
     assert status == 0 and stdout.strip().endswith(tiny_repo.sha)
     assert stderr == ""
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pty
-import select
 import signal
 import subprocess
 import sys
@@ -21,6 +19,7 @@ from gpt2cli.config import GPT2Config
 from gpt2cli.tokenizer import Tokenizer
 from tests.factory import write_random_gpt2
 from tests.hub_server import FakeHub, Repo
+from tests.terminal import run_on_terminal
 
 GPT2 = [sys.executable, "-m", "gpt2cli"]
 
@@ -281,36 +280,16 @@ def test_a_closed_pipe_ends_quietly(varied_model_dir: Path):
     assert out.stdout.endswith(b" 141\n")
 
 
-def run_in_terminal(args: list[str], env: dict[str, str]) -> tuple[str, str, int]:
-    """Run with stdout on a pseudo-terminal: (terminal output, stderr, exit status)."""
-    main, child = pty.openpty()
-    proc = subprocess.Popen(args, stdout=child, stderr=subprocess.PIPE, env=env)
-    os.close(child)
-    output = b""
-    while True:
-        ready, _, _ = select.select([main], [], [], 60)
-        try:
-            chunk = os.read(main, 4096) if ready else b""
-        except OSError:  # EIO: the child closed the terminal
-            chunk = b""
-        if not chunk:
-            break
-        output += chunk
-    os.close(main)
-    assert proc.stderr is not None
-    return output.decode(), proc.stderr.read().decode(), proc.wait(timeout=60)
-
-
 def test_on_a_terminal_the_prompt_is_dimmed_and_a_summary_goes_to_stderr(tiny_model_dir: Path):
-    args = [*GPT2, "generate", "-m", str(tiny_model_dir), "-t", "10", "--seed", "2", "-n", "2"]
+    args = ["generate", "-m", str(tiny_model_dir), "-t", "10", "--seed", "2", "-n", "2"]
     env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"} | {"TERM": "xterm"}
-    shown, stderr, status = run_in_terminal([*args, "Hello there"], env)
+    status, shown, stderr = run_on_terminal([*args, "Hello there"], env=env)
     assert status == 0
     assert "\x1b[2mHello there\x1b[0m" in shown
     assert "sample 1 of 2" in shown and "sample 2 of 2" in shown
     assert "20 tokens" in stderr and "tokens/s" in stderr and "first token" in stderr
 
-    plain, _, status = run_in_terminal([*args, "Hello there"], env | {"NO_COLOR": "1"})
+    status, plain, _ = run_on_terminal([*args, "Hello there"], env=env | {"NO_COLOR": "1"})
     assert status == 0
     assert "\x1b[" not in plain
     assert "Hello there" in plain

@@ -18,7 +18,7 @@ import pytest
 from gpt2cli import hub, weights
 from gpt2cli.errors import GPT2Error
 from gpt2cli.tokenizer import load_tokenizer
-from tests.factory import TINY, random_params, write_random_gpt2
+from tests.factory import TINY, hf_config, random_params, write_random_gpt2
 from tests.hub_server import FakeHub, Repo
 
 
@@ -158,14 +158,7 @@ def test_parameter_counts_of_known_models_match_transformers() -> None:
     import transformers
 
     for model in hub.KNOWN_MODELS:
-        c = model.config
-        config = transformers.GPT2Config(
-            vocab_size=c.n_vocab,
-            n_positions=c.n_ctx,
-            n_embd=c.n_embd,
-            n_head=c.n_head,
-            n_layer=c.n_layer,
-        )
+        config = transformers.GPT2Config(**hf_config(model.config))
         with torch.device("meta"):
             reference = transformers.GPT2LMHeadModel(config).num_parameters()
         assert model.n_params == reference, model.name
