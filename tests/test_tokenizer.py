@@ -251,7 +251,9 @@ def real_vocab() -> dict[str, int]:
     ("vocab", "merges", "message"),
     [
         ("{not json", None, r"vocab.json is not valid JSON: Expecting property name"),
-        ("[1, 2]", None, r"vocab.json must be a JSON object mapping tokens to ids"),
+        ("", None, r"vocab.json is not valid JSON: Expecting value at line 1"),
+        ("[1, 2]", None, r"vocab.json must be a non-empty JSON object mapping tokens to ids"),
+        ("{}", None, r"vocab.json must be a non-empty JSON object mapping tokens to ids"),
         ('{"a": 0, "b": 5}', None, r"vocab.json must map its 2 tokens to the ids 0..1"),
         ('{"a": 0, "b": "1"}', None, r"vocab.json must map its 2 tokens to the ids 0..1"),
         ('{"a": 0, "b": 1}', None, r"vocab.json is not a GPT-2 byte-level vocabulary: it lacks"),

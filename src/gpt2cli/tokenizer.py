@@ -329,7 +329,7 @@ def _read_vocab(path: Path) -> dict[str, int]:
     except json.JSONDecodeError as e:
         raise GPT2Error(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from None
     if not isinstance(encoder, dict) or not encoder:
-        raise GPT2Error(f"{path} must be a JSON object mapping tokens to ids")
+        raise GPT2Error(f"{path} must be a non-empty JSON object mapping tokens to ids")
     ids = encoder.values()
     if not all(type(i) is int for i in ids) or set(ids) != set(range(len(encoder))):
         raise GPT2Error(
