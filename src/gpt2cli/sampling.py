@@ -14,6 +14,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gpt2cli.errors import GPT2Error
+from gpt2cli.model import softmax
 
 Array = NDArray[np.float32]
 Ids = NDArray[np.int64]
@@ -45,13 +46,6 @@ class SamplingOptions:
     def greedy(self) -> bool:
         """True when the choice is the argmax and needs no random numbers."""
         return self.temperature == 0
-
-
-def softmax(x: Array) -> Array:
-    """Probabilities along the last axis, stable for any float32 logits."""
-    e: Array = np.exp(x - x.max(axis=-1, keepdims=True))  # [..., V]
-    probs: Array = e / e.sum(axis=-1, keepdims=True)  # [..., V]
-    return probs
 
 
 def log_softmax(x: Array) -> Array:
