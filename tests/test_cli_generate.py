@@ -196,6 +196,17 @@ def test_prompt_over_the_context_names_both_lengths(tiny_model_dir: Path):
     )
 
 
+def test_truncate_keeps_the_prompts_last_tokens(tiny_model_dir: Path):
+    prompt = " word" * 200
+    ids = Tokenizer.default().encode(prompt)
+    args = ("-m", tiny_model_dir, "-t", 20, "--seed", 3, "--json")
+    [truncated] = samples(run(*args, "--truncate", prompt))
+    kept = ids[-(128 - 20) :]
+    assert truncated["prompt_ids"] == kept
+    [same] = samples(run(*args, Tokenizer.default().decode(kept)))
+    assert truncated["ids"] == same["ids"] and len(same["ids"]) == 20  # type: ignore[arg-type]
+
+
 def test_non_utf8_stdin_is_a_usage_error(tiny_model_dir: Path):
     result = run("-m", tiny_model_dir, input=b"caf\xe9")
     assert_usage_error(result, "prompt on stdin is not valid UTF-8: byte 0xe9 at offset 3")

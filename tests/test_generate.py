@@ -189,6 +189,23 @@ def test_prompt_that_fills_the_context_is_an_error_naming_both_lengths(tiny: GPT
         Generation(tiny, [464] * 128)
 
 
+@pytest.mark.parametrize(
+    ("n_prompt", "max_tokens", "kept"), [(300, 10, 118), (50, 10, 50), (300, 500, 1)]
+)
+def test_truncate_keeps_the_prompts_last_tokens_leaving_room_for_max_tokens(
+    tiny: GPT2, n_prompt: int, max_tokens: int, kept: int
+):
+    prompt = np.random.default_rng(n_prompt).integers(0, 50257, n_prompt).tolist()
+    options = {"max_tokens": max_tokens, "ignore_eos": True, "seed": 0}
+    generation = Generation(tiny, prompt, truncate=True, **options)
+    ids = [token.id for token in generation]
+    [completion] = generation.completions
+    assert completion.prompt_ids == prompt[-kept:]
+    assert len(ids) == min(max_tokens, 128 - kept)
+    expected = Generation(tiny, prompt[-kept:], **options)
+    assert ids == [token.id for token in expected]
+
+
 def test_empty_prompt_starts_from_end_of_text(tiny: GPT2):
     generation = Generation(tiny, [], max_tokens=3)
     assert generation.completions[0].prompt_ids == [tiny.tokenizer.eot_token]

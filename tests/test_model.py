@@ -255,6 +255,13 @@ def test_generation_stops_when_the_sequence_reaches_n_ctx(tiny: GPT2) -> None:
     assert list(tiny.generate(_ids(TINY.n_ctx, seed=9), max_new_tokens=5)) == []
 
 
+def test_generate_with_truncate_keeps_room_for_the_new_tokens(tiny: GPT2) -> None:
+    ids = _ids(TINY.n_ctx + 40, seed=6)
+    continuation = list(tiny.generate(ids, max_new_tokens=8, truncate=True))
+    assert continuation == list(tiny.generate(ids[-(TINY.n_ctx - 8) :], max_new_tokens=8))
+    assert len(continuation) == 8
+
+
 def test_step_on_a_full_row_is_an_error_not_a_numpy_failure(tiny: GPT2) -> None:
     state, _ = tiny.prefill([_ids(4, seed=0), _ids(6, seed=1)], 6)
     assert state.capacity == 6 and state.room.tolist() == [2, 0]

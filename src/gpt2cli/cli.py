@@ -155,6 +155,12 @@ def cli() -> None:
 )
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past <|endoftext|>.")
 @click.option(
+    "--truncate",
+    is_flag=True,
+    help="Keep only the prompt's last tokens when it leaves no room for --max-tokens in the "
+    "context (otherwise a prompt that fills the context is an error).",
+)
+@click.option(
     "--json",
     "as_json",
     is_flag=True,
@@ -174,6 +180,7 @@ def generate(
     num_samples: int,
     stop: tuple[str, ...],
     ignore_eos: bool,
+    truncate: bool,
     as_json: bool,
     no_stream: bool,
 ) -> None:
@@ -204,6 +211,7 @@ def generate(
         num_samples=num_samples,
         stop=stop,
         ignore_eos=ignore_eos,
+        truncate=truncate,
         load_s=time.perf_counter() - start,
     )
     printer = _SamplePrinter(generation, text, as_json=as_json, live=not no_stream)

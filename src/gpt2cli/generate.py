@@ -144,7 +144,9 @@ class Generation:
 
     Iterating yields a `Token` for each id as it is sampled; `completions` fill in as it runs, so
     after an interruption they still hold everything generated so far. The random generator is
-    seeded once for the batch: the same seed and options give the same samples.
+    seeded once for the batch: the same seed and options give the same samples. A prompt that
+    leaves no room in the context is an error, or with `truncate` keeps its last tokens, leaving
+    room for `max_tokens` (`completions[i].prompt_ids` are the ids kept).
     """
 
     def __init__(
@@ -158,6 +160,7 @@ class Generation:
         num_samples: int = 1,
         stop: Sequence[str] = (),
         ignore_eos: bool = False,
+        truncate: bool = False,
         load_s: float = 0.0,
     ) -> None:
         n_ctx = model.config.n_ctx
@@ -168,10 +171,13 @@ class Generation:
         if any(s == "" for s in stop):
             raise GPT2Error("a stop string must not be empty")
         prompt = list(prompt_ids) or [model.tokenizer.eot_token]
+        if truncate:  # keep the last tokens, leaving room for max_tokens (and at least one token)
+            prompt = prompt[-max(1, n_ctx - max_tokens) :]
         if len(prompt) >= n_ctx:
             raise GPT2Error(
                 f"prompt is {len(prompt)} tokens but the model's context is {n_ctx} tokens; "
-                f"shorten it to at most {n_ctx - 1} tokens to leave room to generate"
+                f"shorten it to at most {n_ctx - 1} tokens to leave room to generate, "
+                "or truncate it to its last tokens"
             )
         self.model = model
         self.sampling = sampling or SamplingOptions()
@@ -239,6 +245,7 @@ def generate_text(
     seed: int | None = None,
     stop: Sequence[str] = (),
     ignore_eos: bool = False,
+    truncate: bool = False,
 ) -> Iterator[str]:
     """Continue `prompt` with one sample, yielding text pieces as soon as they are safe to print.
 
@@ -252,6 +259,7 @@ def generate_text(
         seed=seed,
         stop=stop,
         ignore_eos=ignore_eos,
+        truncate=truncate,
     )
     for token in generation:
         if token.text:

@@ -316,13 +316,15 @@ class GPT2:
         The options are `gpt2 generate`'s (see `gpt2cli.sampling.SamplingOptions`), with
         ids-level defaults: greedy, and `<|endoftext|>` yielded like any other id (with
         `ignore_eos=False` it is the last id). It ends after `max_new_tokens` ids, or earlier
-        when prompt plus continuation reach n_ctx (finish reason "length" either way).
+        when prompt plus continuation reach n_ctx (finish reason "length" either way). A prompt
+        too long for that is an error, or with `truncate=True` keeps its last tokens, leaving
+        room for `max_new_tokens`.
         """
         from gpt2cli.generate import Generation
         from gpt2cli.sampling import SamplingOptions
 
         prompt = self._checked(ids, truncate)
-        if min(max_new_tokens, self.config.n_ctx - len(prompt)) < 1:
+        if max_new_tokens < 1 or (len(prompt) == self.config.n_ctx and not truncate):
             return
         sampling = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p)
         generation = Generation(
@@ -332,6 +334,7 @@ class GPT2:
             sampling=sampling,
             seed=seed,
             ignore_eos=ignore_eos,
+            truncate=truncate,
         )
         for token in generation:
             yield token.id
