@@ -51,7 +51,7 @@ def main() -> None:
             for side in ("transformers", "gpt2cli")
         }
     c = GPT2_124M
-    weight_bytes = 4 * _n_params()
+    weight_bytes = 4 * c.n_params
     per_token = weight_bytes - 4 * c.n_ctx * c.n_embd  # each step reads one wpe row, not all
     limit = bandwidth / per_token
     rows: list[list[object]] = []
@@ -101,13 +101,6 @@ def copy_bandwidth(n_bytes: int = 1 << 30) -> float:
         np.copyto(dst, src)
         times.append(time.perf_counter() - start)
     return 2 * n_bytes / min(times[1:])
-
-
-def _n_params() -> int:
-    c = GPT2_124M
-    d = c.n_embd
-    per_block = 4 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
-    return c.n_vocab * d + c.n_ctx * d + c.n_layer * per_block + 2 * d
 
 
 def _verdict(ok: bool) -> str:

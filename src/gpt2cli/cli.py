@@ -361,8 +361,8 @@ def download(model: str | None, revision: str | None, quiet: bool) -> None:
             (
                 m.name,
                 m.alias or "",
-                f"{m.n_params / 1e6:.0f}M",
-                _size(4 * m.n_params),
+                f"{m.config.n_params / 1e6:.0f}M",
+                _size(4 * m.config.n_params),
                 m.repo_id,
                 str(folder) if folder else "not cached",
             )

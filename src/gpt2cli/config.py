@@ -18,3 +18,10 @@ class GPT2Config:
     def head_dim(self) -> int:
         """Width of one attention head."""
         return self.n_embd // self.n_head
+
+    @property
+    def n_params(self) -> int:
+        """Parameters in the weights (tied head counted once), e.g. 124,439,808 for GPT-2 124M."""
+        d = self.n_embd
+        block = 4 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
+        return self.n_vocab * d + self.n_ctx * d + self.n_layer * block + 2 * d

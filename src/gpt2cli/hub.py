@@ -34,14 +34,6 @@ class KnownModel:
     repo_id: str
     config: GPT2Config
 
-    @property
-    def n_params(self) -> int:
-        """Parameters in the weights (tied head counted once), e.g. 124,439,808 for gpt2."""
-        c = self.config
-        d = c.n_embd
-        block = 4 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
-        return c.n_vocab * d + c.n_ctx * d + c.n_layer * block + 2 * d
-
 
 KNOWN_MODELS = (
     KnownModel("gpt2", "124M", "openai-community/gpt2", GPT2Config()),
