@@ -170,6 +170,18 @@ def test_a_batch_of_prompts_of_different_lengths_decodes_as_each_alone(tiny: GPT
     assert state.lengths.tolist() == [len(p) + new_tokens for p in prompts]
 
 
+def test_cache_positions_a_row_never_wrote_hold_finite_values(tiny: GPT2) -> None:
+    """A short row attends (at weight 0) over positions only the longest row wrote; a NaN left
+    there by uninitialised memory would turn its logits into NaN."""
+    state, _ = tiny.prefill([_ids(3, seed=0), _ids(30, seed=1)], 60)
+    for _ in range(10):
+        tiny.step(state, [1, 2])
+    assert state.lengths.tolist() == [13, 40]
+    assert np.isfinite(state.keys[:, 0, :, 30:40]).all()  # row 0 never wrote 30..39
+    assert np.isfinite(state.values[:, 0, :, 30:40]).all()
+    assert (state.keys[:, 0, :, 30:40] == 0).all()
+
+
 def test_greedy_continuation_matches_transformers_generate(
     ours_124m: GPT2, reference_124m: Any
 ) -> None:

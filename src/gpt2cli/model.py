@@ -357,12 +357,17 @@ class GPT2:
         return x
 
     def _empty_state(self, n_batch: int, capacity: int) -> DecodeState:
-        """An uninitialised cache for n_batch rows of `capacity` positions, all rows empty."""
+        """A zeroed cache for n_batch rows of `capacity` positions, all rows empty.
+
+        Zeros, not np.empty: in a batch, a short row's attention spans positions it never wrote
+        (the longest row's), masked to weight 0, and 0 * a stray NaN would still be NaN. The
+        zeros cost nothing up front: large arrays come from calloc, paged in as they are written.
+        """
         c = self.config
         shape = (c.n_layer, n_batch, c.n_head, capacity, c.head_dim)  # [L, B, H, C, hd]
         return DecodeState(
-            keys=np.empty(shape, np.float32),
-            values=np.empty(shape, np.float32),
+            keys=np.zeros(shape, np.float32),
+            values=np.zeros(shape, np.float32),
             lengths=np.zeros(n_batch, np.intp),
         )
 
