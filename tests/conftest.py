@@ -39,6 +39,18 @@ def _isolated_hub_cache(
 
 
 @pytest.fixture(scope="session")
+def _session_cache_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("xdg_cache")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_user_cache(_session_cache_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep every test's cached tokenizer tables out of the user's ~/.cache; one folder for the
+    whole session, as one user's runs share theirs."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(_session_cache_home))
+
+
+@pytest.fixture(scope="session")
 def gpt2_vocab_dir() -> Path:
     """The real GPT-2 vocabulary in `../shared/gpt2-tokenizer/`: the tiktoken reference's source."""
     if not (SHARED_TOKENIZER / "vocab.json").is_file():

@@ -221,6 +221,69 @@ def test_default_is_built_once(tok: Tokenizer):
     assert Tokenizer.default() is tok
 
 
+def tables(tok: Tokenizer) -> tuple[object, ...]:
+    return tok._encoder, tok._ranks, tok._merged
+
+
+def cache_files(cache_home: Path) -> list[Path]:
+    return sorted((cache_home / "gpt2cli").iterdir())
+
+
+def test_tables_are_cached_by_content_and_a_hit_reads_no_file_as_text(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tok: Tokenizer
+):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    built = Tokenizer.from_dir(hf_folder(tmp_path / "a"))
+    (cached,) = cache_files(tmp_path / "cache")
+
+    def parse(*args: object) -> None:
+        raise AssertionError("a cache hit parsed the tokenizer files")
+
+    monkeypatch.setattr(tokenizer_module, "_read_text", parse)
+    loaded = Tokenizer.from_dir(hf_folder(tmp_path / "b"))  # other folder, same contents
+    assert tables(loaded) == tables(built) == tables(tok)
+    assert cache_files(tmp_path / "cache") == [cached]
+
+
+@pytest.mark.parametrize("damage", ["flip a byte", "truncate", "empty"])
+def test_a_damaged_cache_file_is_rebuilt_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tok: Tokenizer, damage: str
+):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = hf_folder(tmp_path / "tok")
+    Tokenizer.from_dir(folder)
+    (cached,) = cache_files(tmp_path / "cache")
+    good = cached.read_bytes()
+    damaged = {
+        "flip a byte": good[:1000] + bytes([good[1000] ^ 0xFF]) + good[1001:],
+        "truncate": good[: len(good) // 2],
+        "empty": b"",
+    }[damage]
+    cached.write_bytes(damaged)
+    assert tables(Tokenizer.from_dir(folder)) == tables(tok)
+    assert cached.read_bytes() == good  # rewritten
+
+
+def test_an_unwritable_cache_only_costs_speed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tok: Tokenizer
+):
+    (tmp_path / "cache").write_text("a file where the cache folder would go")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert tables(Tokenizer.from_dir(hf_folder(tmp_path / "tok"))) == tables(tok)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "tok"]
+
+
+def test_changed_files_are_checked_again_not_served_from_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = hf_folder(tmp_path / "tok")
+    Tokenizer.from_dir(folder)
+    (folder / "merges.txt").write_text("#version: 0.2\nĠ t x\n", encoding="utf-8")
+    with pytest.raises(GPT2Error, match=r"merges.txt line 2 is not a merge of two tokens"):
+        Tokenizer.from_dir(folder)
+
+
 def test_word_cache_stays_bounded(
     monkeypatch: pytest.MonkeyPatch, tiktoken_gpt2: tiktoken.Encoding
 ):

@@ -8,10 +8,15 @@ pre-token's ids are cached (in a bounded dict) and most of the work is one regex
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import json
+import marshal
 import operator
-from collections.abc import Iterable, Sequence
+import os
+import sys
+from collections.abc import Iterable
 from itertools import chain, pairwise
 from pathlib import Path
 from typing import Any
@@ -99,16 +104,18 @@ class _PieceCache(dict[str, list[int]]):
 class Tokenizer:
     """GPT-2's byte-level BPE: `encode(text) -> ids`, `decode(ids) -> text`."""
 
-    def __init__(self, encoder: dict[str, int], merges: Sequence[tuple[str, str]]) -> None:
-        """Build from a vocabulary (GPT-2's printable-byte strings -> id) and merges in rank order.
-
-        Both must already be checked (`from_dir` does it); use `from_dir` or `default`.
+    def __init__(
+        self, encoder: dict[str, int], ranks: dict[tuple[int, int], int], merged: list[int]
+    ) -> None:
+        """Build from checked tables (`from_dir` makes them; use it or `default`): the vocabulary
+        (GPT-2's printable-byte strings -> id), each merge's pair of ids -> its rank, and
+        rank -> the merged token's id.
         """
         import regex
 
         self._encoder = encoder
-        self._ranks = {(encoder[a], encoder[b]): rank for rank, (a, b) in enumerate(merges)}
-        self._merged = [encoder[a + b] for a, b in merges]  # rank -> id of the merged token
+        self._ranks = ranks
+        self._merged = merged
         self._byte_ids = [encoder[c] for c in BYTE_CHARS]
         self._split = regex.compile(PATTERN).findall
         self._newer = regex.compile(NEWER).search
@@ -119,14 +126,16 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
-        """Load `vocab.json` + `merges.txt` (Hugging Face) or `encoder.json` + `vocab.bpe`."""
+        """Load `vocab.json` + `merges.txt` (Hugging Face) or `encoder.json` + `vocab.bpe`.
+
+        Building the tables from the files takes 0.1-0.3 s, most of `gpt2 encode`'s run time,
+        so they are kept in the user's cache (see `_tables`) and loaded from there next time.
+        """
         folder = Path(path)
         if not folder.is_dir():
             raise GPT2Error(f"tokenizer folder {folder} does not exist or is not a folder")
         vocab_name, merges_name = _layout(folder)
-        encoder = _read_vocab(folder / vocab_name)
-        merges = _read_merges(folder / merges_name, encoder)
-        return cls(encoder, merges)
+        return cls(*_tables(folder / vocab_name, folder / merges_name))
 
     @classmethod
     def default(cls) -> Tokenizer:
@@ -313,13 +322,84 @@ def _layout(folder: Path) -> tuple[str, str]:
     )
 
 
-def _read_text(path: Path) -> str:
+Tables = tuple[dict[str, int], dict[tuple[int, int], int], list[int]]  # Tokenizer's arguments
+TABLES_FORMAT = 1  # change it when the tables change, so older cached ones are not used
+
+
+def _tables(vocab_path: Path, merges_path: Path) -> Tables:
+    """The tokenizer tables of these two files: built and checked, or loaded from the cache.
+
+    The cache holds them marshalled (a fast, data-only format) in `$XDG_CACHE_HOME/gpt2cli`
+    (`~/.cache/gpt2cli`), named by a hash of both files' contents and of the Python version, and
+    checked against a hash of its payload, so a stale or damaged file is rebuilt, never used.
+    """
+    key = hashlib.sha256(f"{TABLES_FORMAT} {sys.implementation.cache_tag}".encode())
+    for path in (vocab_path, merges_path):
+        key.update(hashlib.sha256(_read_bytes(path)).digest())
+    cached = _cache_dir() / f"tokenizer-{key.hexdigest()[:32]}.marshal"
+    tables = _load_cached(cached)
+    if tables is None:
+        encoder = _read_vocab(vocab_path)
+        merges = _read_merges(merges_path, encoder)
+        ranks = {(encoder[a], encoder[b]): rank for rank, (a, b) in enumerate(merges)}
+        tables = (encoder, ranks, [encoder[a + b] for a, b in merges])
+        _store_cached(cached, tables)
+    return tables
+
+
+def _cache_dir() -> Path:
+    """`$XDG_CACHE_HOME/gpt2cli`, else `~/.cache/gpt2cli`; relative (so never used) if there
+    is no home."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base, "gpt2cli")
+
+
+def _load_cached(path: Path) -> Tables | None:
+    """Tables stored by `_store_cached`, or None if the file is missing or damaged."""
+    if not path.is_absolute():
+        return None
     try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise GPT2Error(f"{path} is not UTF-8 text (byte offset {e.start})") from None
+        data = path.read_bytes()
+    except OSError:
+        return None
+    digest, payload = data[:32], data[32:]
+    if hashlib.sha256(payload).digest() != digest:
+        return None
+    try:
+        tables: Tables = marshal.loads(payload)
+    except (EOFError, ValueError, TypeError):
+        return None
+    return tables
+
+
+def _store_cached(path: Path, tables: Tables) -> None:
+    """Write the tables atomically (a reader sees the old file or the whole new one); a cache
+    that cannot be written only costs the next run its speed."""
+    if not path.is_absolute():
+        return
+    payload = marshal.dumps(tables)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_bytes(hashlib.sha256(payload).digest() + payload)
+        os.replace(partial, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
     except OSError as e:
         raise GPT2Error(f"cannot read {path}: {e.strerror}") from None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return _read_bytes(path).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise GPT2Error(f"{path} is not UTF-8 text (byte offset {e.start})") from None
 
 
 def _read_vocab(path: Path) -> dict[str, int]:
