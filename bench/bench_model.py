@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import print_table
+from bench.common import print_table, verdict
 from tests.factory import GPT2_124M, write_random_gpt2
 
 THREADS = 2
@@ -62,13 +62,13 @@ def main() -> None:
         label = f"{name} tokens/s" + (f" (x{batch} rows)" if batch > 1 else "")
         rows.append(
             [label, ref["tokens_per_s"], ours["tokens_per_s"], f"{ratio:.2f}x",
-             f">= {targets[name]:g}x", _verdict(ratio >= targets[name])]
+             f">= {targets[name]:g}x", verdict(ratio >= targets[name])]
         )  # fmt: skip
         if name == "decode-b1":
             share = ours["tokens_per_s"] / limit
             rows.append(
                 ["  physical limit tokens/s", "", limit, f"{share:.0%} of it", ">= 80%",
-                 _verdict(share >= 0.8)]
+                 verdict(share >= 0.8)]
             )  # fmt: skip
     for name, (batch, prompt, new) in WORKLOADS.items():
         kv = 2 * c.n_layer * batch * (prompt + new) * c.n_embd * 4
@@ -76,7 +76,7 @@ def main() -> None:
         ref, ours = results["transformers", name], results["gpt2cli", name]
         rows.append(
             [f"peak RSS MiB, {name}", ref["peak_rss"] / MIB, ours["peak_rss"] / MIB,
-             f"budget {budget / MIB:.0f}", "weights+KV+15%", _verdict(ours["peak_rss"] <= budget)]
+             f"budget {budget / MIB:.0f}", "weights+KV+15%", verdict(ours["peak_rss"] <= budget)]
         )  # fmt: skip
     print_table(
         f"model: gpt2cli (NumPy, {_blas()}) vs transformers (torch eager), "
@@ -101,10 +101,6 @@ def copy_bandwidth(n_bytes: int = 1 << 30) -> float:
         np.copyto(dst, src)
         times.append(time.perf_counter() - start)
     return 2 * n_bytes / min(times[1:])
-
-
-def _verdict(ok: bool) -> str:
-    return "met" if ok else "NOT met"
 
 
 def _blas() -> str:

@@ -18,7 +18,7 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-from bench.common import print_table
+from bench.common import print_table, verdict
 
 REPEAT = 3
 
@@ -113,7 +113,7 @@ def main() -> None:
     speedup = median["transformers from_pretrained"]["s"] / ours["s"]
     print(
         f"\ntargets: load >= 10x faster than transformers: {speedup:.0f}x "
-        f"({'met' if speedup >= 10 else 'NOT met'}); RSS <= file + 10%: "
+        f"({verdict(speedup >= 10)}); RSS <= file + 10%: "
         f"{ours['touched'] / file_mb:.2f} x file "
-        f"({'met' if ours['touched'] <= 1.1 * file_mb else 'NOT met'})"
+        f"({verdict(ours['touched'] <= 1.1 * file_mb)})"
     )

@@ -32,6 +32,11 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[objec
             print("  ".join("-" * w for w in widths))
 
 
+def verdict(ok: bool) -> str:
+    """How a table says whether a target was met."""
+    return "met" if ok else "NOT met"
+
+
 def _fmt(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
