@@ -229,7 +229,7 @@ def cache_files(cache_home: Path) -> list[Path]:
     return sorted((cache_home / "gpt2cli").iterdir())
 
 
-def test_tables_are_cached_by_content_and_a_hit_reads_no_file_as_text(
+def test_tables_are_cached_by_content_and_a_hit_parses_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tok: Tokenizer
 ):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -239,7 +239,7 @@ def test_tables_are_cached_by_content_and_a_hit_reads_no_file_as_text(
     def parse(*args: object) -> None:
         raise AssertionError("a cache hit parsed the tokenizer files")
 
-    monkeypatch.setattr(tokenizer_module, "_read_text", parse)
+    monkeypatch.setattr(tokenizer_module, "_parse_vocab", parse)
     loaded = Tokenizer.from_dir(hf_folder(tmp_path / "b"))  # other folder, same contents
     assert tables(loaded) == tables(built) == tables(tok)
     assert cache_files(tmp_path / "cache") == [cached]
@@ -271,6 +271,16 @@ def test_an_unwritable_cache_only_costs_speed(
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     assert tables(Tokenizer.from_dir(hf_folder(tmp_path / "tok"))) == tables(tok)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "tok"]
+
+
+def test_a_relative_cache_folder_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tok: Tokenizer
+):
+    """A relative XDG_CACHE_HOME (or no home) would scatter caches over working directories."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative")
+    assert tables(Tokenizer.from_dir(hf_folder(tmp_path / "tok"))) == tables(tok)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]
 
 
 def test_changed_files_are_checked_again_not_served_from_the_cache(

@@ -333,31 +333,25 @@ def _tables(vocab_path: Path, merges_path: Path) -> Tables:
     (`~/.cache/gpt2cli`), named by a hash of both files' contents and of the Python version, and
     checked against a hash of its payload, so a stale or damaged file is rebuilt, never used.
     """
+    vocab, merges = _read_bytes(vocab_path), _read_bytes(merges_path)
     key = hashlib.sha256(f"{TABLES_FORMAT} {sys.implementation.cache_tag}".encode())
-    for path in (vocab_path, merges_path):
-        key.update(hashlib.sha256(_read_bytes(path)).digest())
-    cached = _cache_dir() / f"tokenizer-{key.hexdigest()[:32]}.marshal"
-    tables = _load_cached(cached)
+    key.update(hashlib.sha256(vocab).digest() + hashlib.sha256(merges).digest())
+    # with no home the folder is relative, and not used: it would land in the working directory
+    folder = Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gpt2cli")
+    cached = folder / f"tokenizer-{key.hexdigest()[:32]}.marshal"
+    tables = _load_cached(cached) if folder.is_absolute() else None
     if tables is None:
-        encoder = _read_vocab(vocab_path)
-        merges = _read_merges(merges_path, encoder)
-        ranks = {(encoder[a], encoder[b]): rank for rank, (a, b) in enumerate(merges)}
-        tables = (encoder, ranks, [encoder[a + b] for a, b in merges])
-        _store_cached(cached, tables)
+        encoder = _parse_vocab(vocab_path, _utf8(vocab_path, vocab))
+        pairs = _parse_merges(merges_path, _utf8(merges_path, merges), encoder)
+        ranks = {(encoder[a], encoder[b]): rank for rank, (a, b) in enumerate(pairs)}
+        tables = (encoder, ranks, [encoder[a + b] for a, b in pairs])
+        if folder.is_absolute():
+            _store_cached(cached, tables)
     return tables
-
-
-def _cache_dir() -> Path:
-    """`$XDG_CACHE_HOME/gpt2cli`, else `~/.cache/gpt2cli`; relative (so never used) if there
-    is no home."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return Path(base, "gpt2cli")
 
 
 def _load_cached(path: Path) -> Tables | None:
     """Tables stored by `_store_cached`, or None if the file is missing or damaged."""
-    if not path.is_absolute():
-        return None
     try:
         data = path.read_bytes()
     except OSError:
@@ -375,8 +369,6 @@ def _load_cached(path: Path) -> Tables | None:
 def _store_cached(path: Path, tables: Tables) -> None:
     """Write the tables atomically (a reader sees the old file or the whole new one); a cache
     that cannot be written only costs the next run its speed."""
-    if not path.is_absolute():
-        return
     payload = marshal.dumps(tables)
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     try:
@@ -395,17 +387,17 @@ def _read_bytes(path: Path) -> bytes:
         raise GPT2Error(f"cannot read {path}: {e.strerror}") from None
 
 
-def _read_text(path: Path) -> str:
+def _utf8(path: Path, data: bytes) -> str:
     try:
-        return _read_bytes(path).decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise GPT2Error(f"{path} is not UTF-8 text (byte offset {e.start})") from None
 
 
-def _read_vocab(path: Path) -> dict[str, int]:
+def _parse_vocab(path: Path, text: str) -> dict[str, int]:
     """The vocabulary: a JSON object of distinct ids 0..n-1 with all 256 byte tokens and EOT."""
     try:
-        encoder = json.loads(_read_text(path))
+        encoder = json.loads(text)
     except json.JSONDecodeError as e:
         raise GPT2Error(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from None
     if not isinstance(encoder, dict) or not encoder:
@@ -424,9 +416,9 @@ def _read_vocab(path: Path) -> dict[str, int]:
     return encoder
 
 
-def _read_merges(path: Path, encoder: dict[str, int]) -> list[tuple[str, str]]:
+def _parse_merges(path: Path, text: str, encoder: dict[str, int]) -> list[tuple[str, str]]:
     """The merges in rank order: lines `a b` (after an optional `#version` line) of known tokens."""
-    lines = _read_text(path).split("\n")
+    lines = text.split("\n")
     first = 1 if lines and lines[0].startswith("#version") else 0
     merges: list[tuple[str, str]] = []
     for number, line in enumerate(lines[first:], start=first + 1):
