@@ -27,11 +27,8 @@ GPT2 = str(Path(sys.executable).parent / "gpt2")
 
 TIKTOKEN_SCRIPT = f"""
 import json, sys, tiktoken
-from gpt2cli.tokenizer import DATA_DIR
-printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-shifted = iter(range(256, 512))
-chars = [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
-to_byte = {{c: b for b, c in enumerate(chars)}}
+from gpt2cli.tokenizer import BYTE_CHARS, DATA_DIR
+to_byte = {{c: b for b, c in enumerate(BYTE_CHARS)}}
 vocab = json.loads((DATA_DIR / "vocab.json").read_text(encoding="utf-8"))
 eot = vocab.pop("<|endoftext|>")
 ranks = {{bytes(to_byte[c] for c in token): i for token, i in vocab.items()}}
