@@ -74,6 +74,13 @@ def _silence_stdout() -> None:
         os.close(devnull)
 
 
+def stdin_binary() -> Any:
+    """The binary stdin, or a GPT2Error when the shell closed it (`<&-`: `sys.stdin` is None)."""
+    if sys.stdin is None:
+        raise GPT2Error("stdin is closed; pass the input as an argument or redirect a file into it")
+    return sys.stdin.buffer
+
+
 def read_text(text: str | None, what: str = "input") -> str:
     """Return TEXT, or all of stdin when TEXT is absent or '-', decoded as strict UTF-8.
 
@@ -84,7 +91,7 @@ def read_text(text: str | None, what: str = "input") -> str:
     if text is not None and text != "-":
         data, where = text.encode("utf-8", "surrogateescape"), "in the argument"
     else:
-        data, where = sys.stdin.buffer.read(), "on stdin"
+        data, where = stdin_binary().read(), "on stdin"
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
