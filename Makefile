@@ -1,30 +1,41 @@
-# gpt2cli developer tasks. `make test` sets everything up on a fresh machine.
+# gpt2cli developer tasks. `make install` sets up the tool alone; `make test` adds what the tests need.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
+PIP    := $(PY) -m pip install --quiet
+# one stamp per layer: the runtime (six dependencies, ~150 MB) and the test/bench extras on top
+RUNTIME := $(VENV)/.runtime-installed
+DEV     := $(VENV)/.dev-installed
 
-.PHONY: install test lint bench clean
+.PHONY: install test lint bench wheel-check clean
 
-install: $(STAMP)
+install: $(RUNTIME)
 
-# torch is pinned to 2.13.0: any other request pulls a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+$(RUNTIME): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	$(PIP) --upgrade pip
+	$(PIP) -e .
+	touch $@
 
-test: $(STAMP)
+# torch is pinned to 2.13.0 in the test extra: any other request pulls a multi-GB CUDA build.
+$(DEV): $(RUNTIME)
+	$(PIP) -e '.[test]'
+	touch $@
+
+test: $(DEV)
 	$(PY) -m pytest -q
 
-lint: $(STAMP)
+lint: $(DEV)
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
 	$(VENV)/bin/mypy
 
-bench: $(STAMP)
+bench: $(DEV)
 	$(PY) -m bench
+
+# the wheel alone, in an empty venv, from outside the source tree: what `pip install gpt2cli` gives
+wheel-check: $(DEV)
+	bash .ci/wheel-check
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache
