@@ -8,7 +8,6 @@ Heavy modules (numpy, rich, huggingface_hub) are imported inside the commands th
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import signal
 import sys
@@ -19,11 +18,12 @@ import click
 
 from gpt2cli import __version__
 from gpt2cli.errors import GPT2Error
+from gpt2cli.output import SamplePrinter, settle_stdout, silence_stdout, write_stdout
 
 if TYPE_CHECKING:
-    from gpt2cli.generate import Generation
     from gpt2cli.tokenizer import Tokenizer
 
+EXIT_FAILURE = 1  # the system failed us: out of memory, an I/O error
 EXIT_USAGE = 2  # bad input of any kind, as Click uses for usage errors
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what `cat big | head -1` reports for cat
@@ -37,14 +37,22 @@ class _Gpt2Group(click.Group):
     ) -> Any:
         try:
             code = super().main(args, standalone_mode=False, **extra)
+            if settle_stdout() is not None:  # a buffered write that failed only now
+                raise GPT2Error("cannot write the output to stdout")
         except click.ClickException as e:
-            click.echo(f"gpt2: error: {e.format_message()}", err=True)
-            code = e.exit_code
+            code = _report(e.format_message(), e.exit_code)
         except GPT2Error as e:
-            click.echo(f"gpt2: error: {e}", err=True)
-            code = EXIT_USAGE
+            code = _report(str(e), EXIT_USAGE)
         except (click.Abort, KeyboardInterrupt):
             code = EXIT_INTERRUPTED
+        except BrokenPipeError:
+            code = EXIT_BROKEN_PIPE
+        except MemoryError:
+            code = _report("out of memory; try a smaller input or fewer samples", EXIT_FAILURE)
+        except OSError as e:  # reading a file or stdin failed under us (EIO, ENOSPC on a cache...)
+            where = f"{e.filename}: " if e.filename else ""
+            code = _report(f"{where}{e.strerror or e}", EXIT_FAILURE)
+        settle_stdout()
         if not isinstance(code, int):
             code = 0
         if standalone_mode:
@@ -59,19 +67,15 @@ class _Gpt2Group(click.Group):
         try:
             return super().invoke(ctx)
         except BrokenPipeError:
-            _silence_stdout()
+            silence_stdout()
             ctx.exit(EXIT_BROKEN_PIPE)
 
 
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null so the interpreter's final flush cannot fail on a closed pipe."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
-    finally:
-        os.close(devnull)
+def _report(message: str, code: int) -> int:
+    """Print one error line on stderr (if stderr is still there) and return the exit status."""
+    with contextlib.suppress(OSError, ValueError):
+        click.echo(f"gpt2: error: {message}", err=True)
+    return code
 
 
 def stdin_binary() -> Any:
@@ -221,7 +225,7 @@ def generate(
         truncate=truncate,
         load_s=time.perf_counter() - start,
     )
-    printer = _SamplePrinter(generation, text, as_json=as_json, live=not no_stream)
+    printer = SamplePrinter(generation, text, as_json=as_json, live=not no_stream)
     try:
         for token in generation:
             with _ctrl_c_deferred():
@@ -248,102 +252,6 @@ def _ctrl_c_deferred() -> Iterator[None]:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if caught:
         raise KeyboardInterrupt
-
-
-class _SamplePrinter:
-    """Prints a batch's samples in order, the first unfinished one live, for `gpt2 generate`.
-
-    On a terminal: rich, the prompt dimmed, a rule between samples, a summary on stderr. Piped:
-    the continuation only, samples separated by a `---` line. JSON: one line per sample.
-    """
-
-    SEPARATOR = "\n---\n"
-
-    def __init__(self, generation: Generation, prompt: str, *, as_json: bool, live: bool) -> None:
-        self.completions = generation.completions
-        self.prompt = prompt
-        self.as_json = as_json
-        self.live = live and not as_json
-        self.head = 0  # the sample being printed; those before it are done
-        self.shown = 0  # characters of the head's text already printed
-        self.console: Any = None
-        if sys.stdout.isatty() and not as_json:
-            from rich.console import Console
-
-            no_color = bool(os.environ.get("NO_COLOR"))
-            self.console = Console(color_system=None if no_color else "auto", highlight=False)
-        self._begin_sample()
-
-    def update(self, sample: int) -> None:
-        """Print what became printable after a token of `sample` was generated."""
-        if sample == self.head and self.live:
-            self._show_text()
-        while self.head < len(self.completions) and self.completions[self.head].finish_reason:
-            self._end_sample()
-            self.head += 1
-            if self.head < len(self.completions):
-                self._begin_sample()
-
-    def flush_partial(self) -> None:
-        """After Ctrl-C: print what every unfinished sample generated so far (not in JSON)."""
-        if self.as_json:
-            return
-        for row in range(self.head, len(self.completions)):
-            if row > self.head:
-                self.head, self.shown = row, 0
-                self._begin_sample()
-            self._show_text()
-            self._write("\n" if self.console else "")
-
-    def summary(self) -> None:
-        """On a terminal: tokens, tokens/s and time to first token, on stderr."""
-        if self.console is None:
-            return
-        from rich.console import Console
-
-        tokens = sum(len(c.ids) for c in self.completions)
-        timings = [c.timings for c in self.completions]
-        decode_s = max(t.decode_s for t in timings)
-        speed = sum(t.decoded for t in timings) / decode_s if decode_s else 0.0
-        Console(stderr=True, color_system=self.console.color_system).print(
-            f"{tokens} tokens, {speed:.1f} tokens/s, first token after "
-            f"{timings[0].prefill_s:.2f} s (model loaded in {timings[0].load_s:.2f} s)",
-            style="dim",
-            highlight=False,
-        )
-
-    def _begin_sample(self) -> None:
-        if self.console is None:
-            self._write(self.SEPARATOR if self.head and not self.as_json else "")
-            return
-        if len(self.completions) > 1:
-            self.console.rule(f"sample {self.head + 1} of {len(self.completions)}", style="dim")
-        self.console.out(self.prompt, end="", style="dim")
-
-    def _end_sample(self) -> None:
-        if self.as_json:
-            import json
-
-            self._write(json.dumps(self.completions[self.head].to_json(), ensure_ascii=False))
-            self._write("\n")
-            return
-        self._show_text()
-        self._write("\n" if self.console else "")
-        self.shown = 0
-
-    def _show_text(self) -> None:
-        text = self.completions[self.head].text
-        self._write(text[self.shown :])
-        self.shown = len(text)
-
-    def _write(self, text: str) -> None:
-        if not text:
-            return
-        if self.console is not None:
-            self.console.out(text, end="")
-        else:
-            sys.stdout.buffer.write(text.encode("utf-8"))
-            sys.stdout.buffer.flush()
 
 
 @cli.command()
@@ -487,7 +395,7 @@ def decode(ids: tuple[str, ...], model: str | None) -> None:
     """
     source = " ".join(ids) if ids else read_text(None, "ids")
     tokens = _parse_ids(source, "arguments" if ids else "stdin")
-    click.echo(_tokenizer(model).decode_bytes(tokens), nl=False)  # bytes: written as they are
+    write_stdout(_tokenizer(model).decode_bytes(tokens))  # bytes: written as they are
 
 
 def _parse_ids(source: str, where: str) -> list[int]:
