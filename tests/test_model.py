@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -310,3 +311,48 @@ def test_from_pretrained_loads_without_building_the_tokenizer(tiny_model_dir: Pa
     assert "tokenizer" not in vars(model)  # the tokenizer is built on first use only
     assert model.tokenizer.decode(model.tokenizer.encode("Hello world")) == "Hello world"
     assert gpt2cli.GPT2 is GPT2
+
+
+def _with_weights(tiny: GPT2, change: Any) -> GPT2:
+    """The tiny model with a copy of its parameters changed by `change(params)`."""
+    params = {**tiny.params, "blocks": [dict(b) for b in tiny.params["blocks"]]}
+    change(params)
+    return GPT2(tiny.config, params, tiny.folder)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda p: p.update(wte=np.full_like(p["wte"], np.nan)),
+        lambda p: p["blocks"][1].update(ln_2={"g": np.full(32, np.inf, np.float32), "b": 0}),
+        lambda p: p.update(ln_f={"g": np.full(32, 3e38, np.float32), "b": p["ln_f"]["b"]}),
+    ],
+    ids=["nan-embedding", "inf-gain", "overflowing-gain"],
+)
+def test_logits_that_are_not_finite_are_an_error_naming_the_position_without_warnings(
+    tiny: GPT2, change: Any
+) -> None:
+    broken = _with_weights(tiny, change)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a NumPy RuntimeWarning would fail the test
+        with pytest.raises(GPT2Error, match="logits at position 2 are not finite"):
+            broken.prefill([[1, 2, 3]])
+        with pytest.raises(GPT2Error, match="logits at position 0 are not finite"):
+            broken([5, 6])
+
+
+def test_a_step_whose_logits_are_not_finite_names_its_position_and_row(tiny: GPT2) -> None:
+    state, _ = tiny.prefill([[1, 2], [3, 4, 5]])
+    broken = _with_weights(tiny, lambda p: p.update(wpe=p["wpe"].copy()))
+    broken.params["wpe"][3] = np.nan  # only row 1 steps to position 3 (row 0 to 2)
+    with pytest.raises(GPT2Error, match="logits at position 3 of row 1 are not finite"):
+        broken.step(state, np.array([1, 7]))
+
+
+def test_a_batch_too_large_for_memory_is_refused_before_allocating(tiny: GPT2) -> None:
+    available = model_module.available_memory()
+    assert available is not None and available > 0
+    rows = available // (2 * TINY.n_layer * TINY.n_ctx * TINY.n_embd * 4) + 1  # cache alone
+    with pytest.raises(GPT2Error, match=r"need about .* GiB .* use fewer samples"):
+        tiny.check_fits(rows, TINY.n_ctx, logits=0)
+    tiny.check_fits(2, TINY.n_ctx, logits=2)  # an ordinary batch fits

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -142,8 +144,10 @@ def test_token_logprobs_equal_torch_log_softmax_of_the_raw_logits():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"temperature": -1.0}, "temperature must be >= 0"),
-        ({"temperature": float("nan")}, "temperature must be >= 0"),
+        ({"temperature": -1.0}, "temperature must be a finite number >= 0"),
+        ({"temperature": float("nan")}, "temperature must be a finite number >= 0"),
+        ({"temperature": float("inf")}, "temperature must be a finite number >= 0"),
+        ({"top_p": float("nan")}, "top_p must be in (0, 1]"),
         ({"top_k": -3}, "top_k must be >= 0"),
         ({"top_p": 1.5}, "top_p must be in (0, 1]"),
         ({"top_p": 0.0}, "top_p must be in (0, 1]"),
@@ -152,3 +156,13 @@ def test_token_logprobs_equal_torch_log_softmax_of_the_raw_logits():
 def test_bad_options_are_one_line_errors(kwargs: dict[str, float], message: str):
     with pytest.raises(GPT2Error, match=message.replace("(", r"\(").replace("]", r"\]")):
         SamplingOptions(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-38, 1e-300, 5e-324])
+def test_a_temperature_too_small_for_float32_is_greedy_without_warnings(temperature: float):
+    logits = np.random.default_rng(0).standard_normal((3, 50257)).astype(np.float32) * 5
+    options = SamplingOptions(temperature=temperature, top_k=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an overflow warning would fail the test
+        chosen = sample(logits, np.random.default_rng(1), options)
+    np.testing.assert_array_equal(chosen, logits.argmax(axis=-1))

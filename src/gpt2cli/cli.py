@@ -36,6 +36,8 @@ class _Gpt2Group(click.Group):
         self, args: Sequence[str] | None = None, standalone_mode: bool = True, **extra: Any
     ) -> Any:
         try:
+            if sys.stdout is None:  # every command prints: refuse before doing any work
+                raise GPT2Error("stdout is closed (>&-): nowhere to write the output")
             code = super().main(args, standalone_mode=False, **extra)
             if settle_stdout() is not None:  # a buffered write that failed only now
                 raise GPT2Error("cannot write the output to stdout")
@@ -257,15 +259,19 @@ def _ctrl_c_deferred() -> Iterator[None]:
 @cli.command()
 @click.argument("model", required=False)
 @click.option("--revision", help="Branch, tag or commit of a hub model.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option(
+    "-q", "--quiet", is_flag=True, help="No progress bar, and no retry messages from the hub."
+)
 def download(model: str | None, revision: str | None, quiet: bool) -> None:
     """Download MODEL into the Hugging Face cache and print its local folder.
 
     MODEL is a name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, or 124M, 355M, ...),
     a hub repo id owner/name, or a local folder (checked, not copied). Only the config,
     safetensors weights and tokenizer files are fetched; a model already in the cache is not
-    fetched again. A progress bar goes to stderr when it is a terminal. Without MODEL, list the
-    known models and where each is cached.
+    fetched again, except its files that no longer match the hub's checksum. A progress bar goes
+    to stderr when it is a terminal. A download stops after GPT2CLI_DOWNLOAD_TIMEOUT seconds
+    (default 3600; 0: no limit), and the next run resumes it. Without MODEL, list the known
+    models and where each is cached.
     """
     from gpt2cli import hub, weights
 
@@ -290,7 +296,8 @@ def download(model: str | None, revision: str | None, quiet: bool) -> None:
                 "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
             )
         return
-    folder = hub.resolve(model, revision, progress=sys.stderr.isatty() and not quiet)
+    progress = sys.stderr.isatty() and not quiet
+    folder = hub.resolve(model, revision, progress=progress, refetch_damaged=True)
     weights.load(folder)  # complete and well-formed, or a clear error now rather than later
     click.echo(str(folder))
 
@@ -399,27 +406,29 @@ def decode(ids: tuple[str, ...], model: str | None) -> None:
 
 
 def _parse_ids(source: str, where: str) -> list[int]:
-    """Token ids from whitespace- or comma-separated integers, or from one JSON array."""
-    items: list[object]
-    if source.lstrip().startswith("["):  # valid JSON that starts with `[` is an array
-        import json
+    """Token ids from whitespace- or comma-separated integers, or from one JSON array.
 
-        try:
-            items = json.loads(source)
-        except json.JSONDecodeError as e:
-            raise GPT2Error(
-                f"ids on {where} are not a valid JSON array: {e.msg} at line {e.lineno} "
-                f"column {e.colno}"
-            ) from None
+    A number of more than 18 digits (no vocabulary is that large) is refused unconverted.
+    """
+    from gpt2cli import jsonfile
+
+    items: list[object]
+    text_form = not source.lstrip().startswith("[")  # valid JSON that starts with `[` is an array
+    if text_form:
+        items = [s for s in re.split(r"[\s,]+", source) if s]
     else:
-        items = [int(s) if re.fullmatch(r"-?[0-9]+", s) else s for s in re.split(r"[\s,]+", source)]
-        items = [item for item in items if item != ""]
+        where = f"the JSON array of ids on {where}"
+        items = jsonfile.array(jsonfile.parse(source, where), where)
     ids: list[int] = []
     for position, item in enumerate(items):
-        if not isinstance(item, int) or isinstance(item, bool):
-            raise GPT2Error(
-                f"{item!r} at position {position} (counting from 0) is not an integer token id"
-            )
+        at = f"at position {position} (counting from 0)"
+        digits = re.fullmatch(r"-?([0-9]+)", item) if text_form and isinstance(item, str) else None
+        if (digits and len(digits[1]) > 18) or (type(item) is int and abs(item) >= 10**18):
+            raise GPT2Error(f"{jsonfile.show(item)} {at} is too large for a token id")
+        if digits:
+            item = int(digits[0])
+        if type(item) is not int:
+            raise GPT2Error(f"{jsonfile.show(item)} {at} is not an integer token id")
         ids.append(item)
     return ids
 

@@ -179,9 +179,10 @@ class Generation:
                 f"shorten it to at most {n_ctx - 1} tokens to leave room to generate, "
                 "or truncate it to its last tokens"
             )
+        self.budget = min(max_tokens, n_ctx - len(prompt))  # new tokens that fit in the context
+        model.check_fits(num_samples, len(prompt) + self.budget, logits=num_samples)
         self.model = model
         self.sampling = sampling or SamplingOptions()
-        self.budget = min(max_tokens, n_ctx - len(prompt))  # new tokens that fit in the context
         self.ignore_eos = ignore_eos
         self.rng = np.random.default_rng(seed)
         self.streams = [TextStream(model.tokenizer, stop) for _ in range(num_samples)]

@@ -175,6 +175,18 @@ def output_head(x: Array, params: Params) -> Array:
     return logits
 
 
+def available_memory() -> int | None:
+    """Bytes of memory the system can still give (Linux's MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 @dataclass
 class DecodeState:
     """The KV cache of a batch being decoded, allocated once with room for `capacity` positions.
@@ -240,10 +252,11 @@ class GPT2:
         rows = [self._checked(row, truncate) for row in np.atleast_2d(array)]
         batch = np.array(rows)  # [B, T]
         n_batch, n_pos = batch.shape
-        state = self._empty_state(n_batch, n_pos)
+        state = self._empty_state(n_batch, n_pos, logits=n_batch * n_pos)
         out = np.empty((n_batch, n_pos, self.config.n_vocab), np.float32)  # [B, T, V]
         for start, x in self._run_prompts(state, batch):  # x [B, chunk, D]
-            out[:, start : start + x.shape[1]] = output_head(x, self.params)
+            positions = np.broadcast_to(start + np.arange(x.shape[1]), x.shape[:2])  # [B, chunk]
+            out[:, start : start + x.shape[1]] = self._head(x, positions)
         return out if array.ndim == 2 else out[0]
 
     def prefill(
@@ -270,13 +283,13 @@ class GPT2:
         batch = np.zeros((len(rows), int(lengths.max())), np.intp)  # [B, T], right-padded
         for b, row in enumerate(rows):
             batch[b, : len(row)] = row
-        state = self._empty_state(len(rows), capacity)
+        state = self._empty_state(len(rows), capacity, logits=len(rows))
         last = np.empty((len(rows), self.config.n_embd), np.float32)  # [B, D]
         for start, x in self._run_prompts(state, batch):  # x [B, chunk, D]
             ends = (start <= lengths - 1) & (lengths - 1 < start + x.shape[1])  # rows ending here
             last[ends] = x[ends, lengths[ends] - 1 - start]
         state.lengths = lengths
-        return state, output_head(last, self.params)  # [B, V]
+        return state, self._head(last, lengths - 1)  # [B, V]
 
     def step(self, state: DecodeState, next_ids: ArrayLike) -> Array:
         """Feed one token per row (`next_ids` [B]) and return the logits [B, V] of the next ones.
@@ -297,7 +310,7 @@ class GPT2:
             )
         self._check_ids(ids)
         x = self._extend(state, ids[:, None])  # [B, 1, D]
-        return output_head(x[:, 0], self.params)  # [B, V]
+        return self._head(x[:, 0], state.lengths - 1)  # [B, V]
 
     def generate(
         self,
@@ -352,17 +365,56 @@ class GPT2:
     def _extend(self, state: DecodeState, ids: NDArray[np.intp]) -> Array:
         """Run ids [B, T] at each row's next T positions; return their final hidden states."""
         positions = state.lengths[:, None] + np.arange(ids.shape[1])  # [B, T]
-        x = forward(ids, positions, self.params, self.config, state.keys, state.values)
+        with np.errstate(all="ignore"):  # weights that overflow float32 are caught in _head
+            x = forward(ids, positions, self.params, self.config, state.keys, state.values)
         state.lengths = state.lengths + ids.shape[1]
         return x
 
-    def _empty_state(self, n_batch: int, capacity: int) -> DecodeState:
-        """A zeroed cache for n_batch rows of `capacity` positions, all rows empty.
+    def _head(self, x: Array, positions: NDArray[np.intp]) -> Array:
+        """Logits of final hidden states x [..., D] at `positions` [...], all finite or an error.
+
+        NaN or Inf logits cannot be sampled or scored; they come from weights that hold NaN or
+        Inf, or values so large that float32 overflows, so the error names the first position.
+        """
+        with np.errstate(all="ignore"):
+            logits = output_head(x, self.params)  # [..., V]
+        finite = np.isfinite(logits).all(axis=-1)  # [...]
+        if not finite.all():
+            first = tuple(np.argwhere(~finite)[0])
+            row = f" of row {first[0]}" if finite.shape[0] > 1 else ""
+            raise GPT2Error(
+                f"the model's logits at position {int(positions[first])}{row} are not finite "
+                "(NaN or Inf): its weights hold NaN or Inf, or values too large for float32"
+            )
+        return logits
+
+    def check_fits(self, n_batch: int, capacity: int, *, logits: int) -> None:
+        """Raise GPT2Error unless a KV cache of n_batch rows x `capacity` positions and `logits`
+        rows of logits (with room for two working copies) fit in the memory available now.
+
+        The cache comes from calloc and is paged in as it is written, so without this check a
+        batch too large for the machine would fail late, as an out-of-memory kill.
+        """
+        c = self.config
+        cache = 2 * c.n_layer * n_batch * c.n_head * capacity * c.head_dim * 4  # K and V
+        needed = cache + 3 * logits * c.n_vocab * 4
+        available = available_memory()
+        if available is not None and needed > available:
+            raise GPT2Error(
+                f"{n_batch} sequence(s) of {capacity} positions need about {needed / 2**30:.1f} "
+                f"GiB (KV cache and logits), but {available / 2**30:.1f} GiB of memory is "
+                "available; use fewer samples or shorter inputs"
+            )
+
+    def _empty_state(self, n_batch: int, capacity: int, *, logits: int) -> DecodeState:
+        """A zeroed cache for n_batch rows of `capacity` positions, all rows empty, once
+        `check_fits` agrees that it and `logits` rows of logits fit in memory.
 
         Zeros, not np.empty: in a batch, a short row's attention spans positions it never wrote
         (the longest row's), masked to weight 0, and 0 * a stray NaN would still be NaN. The
         zeros cost nothing up front: large arrays come from calloc, paged in as they are written.
         """
+        self.check_fits(n_batch, capacity, logits=logits)
         c = self.config
         shape = (c.n_layer, n_batch, c.n_head, capacity, c.head_dim)  # [L, B, H, C, hd]
         return DecodeState(

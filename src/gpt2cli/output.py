@@ -24,8 +24,6 @@ def write_stdout(data: str | bytes) -> None:
     A reader that went away is a BrokenPipeError (the CLI exits quietly with 141); any other
     failure, such as a full disk or a closed stdout, is a GPT2Error naming it.
     """
-    if sys.stdout is None:
-        raise GPT2Error("stdout is closed (>&-): nowhere to write the output")
     view = memoryview(data.encode("utf-8") if isinstance(data, str) else data)
     try:
         sys.stdout.flush()  # anything printed through the text layer goes first

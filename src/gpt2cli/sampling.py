@@ -8,6 +8,7 @@ without top-k sorts only as many of the most likely tokens as it needs to reach 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,8 +27,10 @@ _NUCLEUS_FIRST_GUESS = 64  # tokens partitioned off first when top-p runs over t
 class SamplingOptions:
     """How the next token is chosen; the defaults are the `gpt2 generate` command's.
 
-    `temperature` 0 means greedy (argmax; top-k and top-p are then irrelevant), `top_k` 0 turns
-    top-k off, `top_p` 1.0 turns nucleus sampling off.
+    `temperature` 0 means greedy (argmax; top-k and top-p are then irrelevant), and so does one
+    too small for float32 (below about 1.4e-45); a tiny positive one gives every token but the
+    most likely (and any tied with it) probability 0. `top_k` 0 turns top-k off, `top_p` 1.0
+    turns nucleus sampling off.
     """
 
     temperature: float = 1.0  # logits are divided by it: < 1 sharpens, > 1 flattens
@@ -35,8 +38,10 @@ class SamplingOptions:
     top_p: float = 1.0  # keep the fewest most likely tokens whose probabilities reach top_p
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:  # also rejects NaN
-            raise GPT2Error(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:  # also rejects NaN
+            raise GPT2Error(
+                f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature}"
+            )
         if self.top_k < 0:
             raise GPT2Error(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
@@ -45,7 +50,7 @@ class SamplingOptions:
     @property
     def greedy(self) -> bool:
         """True when the choice is the argmax and needs no random numbers."""
-        return self.temperature == 0
+        return bool(np.float32(self.temperature) == 0)
 
 
 def log_softmax(x: Array) -> Array:
@@ -89,7 +94,9 @@ def distribution(x: Array, options: SamplingOptions) -> tuple[Ids, Array]:
     """
     if options.greedy:
         return np.array([int(x.argmax())]), np.ones(1, np.float32)
-    scaled = x.astype(np.float32, copy=False) / np.float32(options.temperature)  # [V]
+    shifted = x.astype(np.float32) - x.max()  # [V], <= 0: dividing by a tiny T cannot give +inf
+    with np.errstate(over="ignore"):  # a tiny T takes every token but the top ones to -inf
+        scaled = shifted / np.float32(options.temperature)  # [V]
     ids = top_k_candidates(scaled, options.top_k)  # [k'] (all V when top-k is off)
     probs = softmax(scaled[ids])  # [k']
     if options.top_p < 1:

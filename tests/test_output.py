@@ -1,0 +1,100 @@
+"""Every command's output and input streams under hostile conditions, through the real process:
+a full disk, a closed stdout or stdin, and a reader that goes away (exit 141, like `cat`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+GPT2 = [sys.executable, "-m", "gpt2cli"]
+
+
+def commands(model: Path) -> list[list[str]]:
+    """One invocation of each command that prints something, each reading no stdin."""
+    return [
+        ["--help"],
+        ["encode", "Hello world"],
+        ["encode", "--json", "Hello world"],
+        ["encode", "--count", "Hello world"],
+        ["encode", "--tokens", "Hello world"],
+        ["decode", "15496", "995"],
+        ["generate", "-m", str(model), "--seed", "0", "-t", "5", "Hello"],
+        ["generate", "-m", str(model), "--seed", "0", "-t", "5", "--json", "Hello"],
+        ["download", str(model)],
+    ]
+
+
+def run(args: list[str], **streams: object) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [*GPT2, *args],
+        capture_output="stdout" not in streams,
+        timeout=60,
+        **streams,  # type: ignore[call-overload]
+    )
+
+
+def assert_one_error_line(stderr: bytes, *fragments: str) -> None:
+    text = stderr.decode()
+    assert text.startswith("gpt2: error: "), text
+    assert text.count("\n") == 1 and "Traceback" not in text, text
+    for fragment in fragments:
+        assert fragment in text, text
+
+
+@pytest.mark.parametrize("index", range(9))
+def test_a_full_disk_is_one_error_line_and_a_failure_status(tiny_model_dir: Path, index: int):
+    args = commands(tiny_model_dir)[index]
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run([*GPT2, *args], stdout=full, stderr=subprocess.PIPE, timeout=60)
+    assert result.returncode != 0
+    assert_one_error_line(result.stderr, "No space left on device")
+
+
+@pytest.mark.parametrize("index", range(9))
+def test_a_closed_stdout_is_one_error_line_not_silently_lost_output(
+    tiny_model_dir: Path, index: int
+):
+    args = commands(tiny_model_dir)[index]
+    result = subprocess.run(
+        [*GPT2, *args],
+        stderr=subprocess.PIPE,
+        timeout=60,
+        pass_fds=(),
+        close_fds=True,
+        preexec_fn=lambda: os.close(1),
+    )
+    assert result.returncode == 2
+    assert_one_error_line(result.stderr, "stdout is closed")
+
+
+@pytest.mark.parametrize("args", [["encode"], ["decode"], ["generate", "-m", "MODEL"]])
+def test_a_closed_stdin_is_one_error_line(tiny_model_dir: Path, args: list[str]):
+    args = [str(tiny_model_dir) if a == "MODEL" else a for a in args]
+    result = subprocess.run(
+        [*GPT2, *args], capture_output=True, timeout=60, preexec_fn=lambda: os.close(0)
+    )
+    assert result.returncode == 2
+    assert_one_error_line(result.stderr, "stdin is closed")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["encode"], ["encode", "--tokens"], ["encode", "--json"], ["decode"]],
+)
+def test_a_reader_that_stops_early_ends_the_command_quietly_with_141(args: list[str]):
+    """`gpt2 ... | head -c 10`: the rest of a large output has nowhere to go."""
+    data = b"Hello world " * 200_000 if args[0] == "encode" else b"15496 995 " * 200_000
+    process = subprocess.Popen(
+        [*GPT2, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert process.stdout is not None and process.stdin is not None
+    process.stdin.write(data)
+    process.stdin.close()
+    assert len(process.stdout.read(10)) == 10
+    process.stdout.close()
+    assert process.wait(timeout=60) == 141
+    assert process.stderr is not None and process.stderr.read() == b""
