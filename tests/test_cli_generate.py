@@ -304,3 +304,39 @@ def test_on_a_terminal_the_prompt_is_dimmed_and_a_summary_goes_to_stderr(tiny_mo
     assert status == 0
     assert "\x1b[" not in plain
     assert "Hello there" in plain
+
+
+def _process(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*GPT2, "generate", *map(str, args)], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_nan_weights_are_one_error_line_naming_the_position(tmp_path: Path):
+    folder = write_random_gpt2(
+        tmp_path / "nan", GPT2Config(n_ctx=64, n_embd=32, n_head=4, n_layer=2)
+    )
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["h.1.mlp.c_fc.weight"][:, :5] = np.nan
+    save_file(tensors, str(folder / "model.safetensors"))
+    result = _process("-m", folder, "Hello world")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("gpt2: error: the model's logits at position 1 are not finite")
+    assert result.stderr.count("\n") == 1 and "Warning" not in result.stderr
+
+
+@pytest.mark.parametrize("temperature", ["1e-45", "1e-300"])
+def test_a_vanishing_temperature_is_greedy_with_nothing_on_stderr(
+    varied_model_dir: Path, temperature: str
+):
+    tiny = _process("-m", varied_model_dir, "--temperature", temperature, "-t", "20", "Hi there")
+    greedy = _process("-m", varied_model_dir, "--temperature", "0", "-t", "20", "Hi there")
+    assert (tiny.returncode, tiny.stderr) == (0, "")
+    assert tiny.stdout == greedy.stdout
+
+
+def test_more_samples_than_memory_holds_are_refused_at_once(tiny_model_dir: Path):
+    result = _process("-m", tiny_model_dir, "-n", "100000000", "Hello")
+    assert result.returncode == 2 and result.stdout == ""
+    assert "100000000 sequence(s)" in result.stderr and "use fewer samples" in result.stderr
+    assert result.stderr.count("\n") == 1
