@@ -8,7 +8,6 @@ without top-k sorts only as many of the most likely tokens as it needs to reach 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +19,8 @@ from gpt2cli.model import softmax
 Array = NDArray[np.float32]
 Ids = NDArray[np.int64]
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_FLOAT32_ROUNDS_TO_ZERO = float(np.finfo(np.float32).smallest_subnormal) / 2  # ties to even: 0
 _NUCLEUS_FIRST_GUESS = 64  # tokens partitioned off first when top-p runs over the whole vocabulary
 
 
@@ -38,9 +39,10 @@ class SamplingOptions:
     top_p: float = 1.0  # keep the fewest most likely tokens whose probabilities reach top_p
 
     def __post_init__(self) -> None:
-        if not 0 <= self.temperature < math.inf:  # also rejects NaN
+        if not 0 <= self.temperature <= _FLOAT32_MAX:  # also rejects NaN and infinities
             raise GPT2Error(
-                f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature}"
+                f"temperature must be a number from 0 (greedy) to {_FLOAT32_MAX:.3g} (float32's "
+                f"largest), got {self.temperature}"
             )
         if self.top_k < 0:
             raise GPT2Error(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
@@ -50,7 +52,7 @@ class SamplingOptions:
     @property
     def greedy(self) -> bool:
         """True when the choice is the argmax and needs no random numbers."""
-        return bool(np.float32(self.temperature) == 0)
+        return self.temperature <= _FLOAT32_ROUNDS_TO_ZERO
 
 
 def log_softmax(x: Array) -> Array:
