@@ -136,10 +136,24 @@ def test_model_folder_tokenizer_is_used(tmp_path: Path, tiktoken_gpt2: tiktoken.
         ([], '[1, "2"]', "'2' at position 1 (counting from 0) is not an integer token id"),
         ([], "[1, true]", "True at position 1 (counting from 0) is not an integer token id"),
         ([], "[[1]]", "[1] at position 0 (counting from 0) is not an integer token id"),
-        ([], "[1, 2", "ids on stdin are not a valid JSON array: Expecting ',' delimiter"),
-        ([], "[", "ids on stdin are not a valid JSON array: Expecting value at line 1 column 2"),
-        ([], "[1] [2]", "ids on stdin are not a valid JSON array: Extra data"),
-        (["[1,"], None, "ids on arguments are not a valid JSON array"),
+        ([], "[1, 2", "the JSON array of ids on stdin is not valid JSON: Expecting ',' delimiter"),
+        ([], "[", "ids on stdin is not valid JSON: Expecting value at line 1 column 2"),
+        ([], "[1] [2]", "the JSON array of ids on stdin is not valid JSON: Extra data"),
+        (["[1,"], None, "the JSON array of ids on arguments is not valid JSON"),
+        ([], "[1.5]", "1.5 at position 0 (counting from 0) is not an integer token id"),
+        ([], "[1, NaN]", "nan at position 1 (counting from 0) is not an integer token id"),
+        ([], "[Infinity]", "inf at position 0 (counting from 0) is not an integer token id"),
+        ([], "[1e400]", "inf at position 0 (counting from 0) is not an integer token id"),
+        (
+            ["1", "1" * 19],
+            None,
+            "'1111111111111111111' at position 1 (counting from 0) is too large",
+        ),
+        (
+            [],
+            "[-1000000000000000000]",
+            "-1000000000000000000 at position 0 (counting from 0) is too",
+        ),
         ([], b"1 \xff 2", "ids on stdin is not valid UTF-8: byte 0xff at offset 2"),
     ],
 )
@@ -159,3 +173,65 @@ def test_broken_tokenizer_folder_is_named(tmp_path: Path):
     assert_bad_input(
         decode("-m", tmp_path, "1"), f"{tmp_path / 'merges.txt'} line 2 is not a merge"
     )
+
+
+# (what is hostile, the ids on stdin, the message)
+HOSTILE_IDS = [
+    ("nested 100k deep", "[" * 100_000 + "]" * 100_000, "nests arrays or objects more than 64"),
+    ("5000-digit json", f"[{'7' * 5000}]", "holds an integer of more than 4300 digits"),
+    (
+        "4000-digit json",
+        f"[{'7' * 4000}]",
+        "7777... at position 0 (counting from 0) is too large for a token id",
+    ),
+    (
+        "5000-digit text",
+        "1 " + "7" * 5000,
+        "7777... at position 1 (counting from 0) is too large for a token id",
+    ),
+    ("1.5", "[1.5]", "1.5 at position 0 (counting from 0) is not an integer token id"),
+    ("NaN", "[NaN]", "nan at position 0 (counting from 0) is not an integer token id"),
+    ("true", "[true]", "True at position 0 (counting from 0) is not an integer token id"),
+    (
+        "huge string",
+        f'["{"x" * 100_000}"]',
+        "xxxx... at position 0 (counting from 0) is not an integer token id",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("ids", "message"), [h[1:] for h in HOSTILE_IDS], ids=[h[0] for h in HOSTILE_IDS]
+)
+def test_hostile_ids_are_one_line_from_the_real_command(ids: str, message: str):
+    result = subprocess.run(
+        [*GPT2, "decode"], input=ids, capture_output=True, text=True, timeout=60
+    )
+    assert (result.returncode, result.stdout) == (2, ""), result.stderr
+    assert result.stderr.startswith("gpt2: error: ") and result.stderr.count("\n") == 1
+    assert message in result.stderr and len(result.stderr) < 200
+    assert "Traceback" not in result.stderr and "Warning" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("vocab", "message"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "vocab.json nests arrays or objects more than 64 levels"),
+        ('{"a": ' + "7" * 5000 + "}", "vocab.json holds an integer of more than 4300 digits"),
+        ('{"a": NaN}', "vocab.json must map its 1 tokens to the ids 0..0"),
+        ('{"a": 0, "b": 1e400}', "vocab.json must map its 2 tokens to the ids 0..1"),
+    ],
+    ids=["deep", "5000-digit", "NaN", "1e400"],
+)
+def test_hostile_vocab_json_is_one_line_from_the_real_command(
+    tmp_path: Path, vocab: str, message: str
+):
+    (tmp_path / "vocab.json").write_text(vocab)
+    shutil.copy(DATA_DIR / "merges.txt", tmp_path / "merges.txt")
+    result = subprocess.run(
+        [*GPT2, "decode", "-m", str(tmp_path), "1"], capture_output=True, text=True, timeout=60
+    )
+    assert (result.returncode, result.stdout) == (2, ""), result.stderr
+    assert result.stderr.startswith("gpt2: error: ") and result.stderr.count("\n") == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and "Warning" not in result.stderr

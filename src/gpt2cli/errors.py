@@ -1,4 +1,8 @@
-"""The one exception type that crosses from the library into the CLI."""
+"""The exception types that cross from the library into the CLI."""
+
+from __future__ import annotations
+
+import os
 
 
 class GPT2Error(Exception):
@@ -7,3 +11,15 @@ class GPT2Error(Exception):
     The message is one line that names what is wrong (a file, a tensor, an id and its position)
     and, where there is one, the next step. The CLI prints it and exits with status 2.
     """
+
+
+class CorruptWeightsError(GPT2Error):
+    """A weight file whose bytes are not a whole safetensors file: truncated or damaged.
+
+    `path` is that file. Fetching it again may fix it; only the code that fetched it knows how,
+    so the message gives no such advice.
+    """
+
+    def __init__(self, message: str, path: str | os.PathLike[str]) -> None:
+        super().__init__(message)
+        self.path = path

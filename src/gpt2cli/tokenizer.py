@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import json
 import marshal
 import operator
 import os
@@ -21,6 +20,7 @@ from itertools import chain, pairwise
 from pathlib import Path
 from typing import Any
 
+from gpt2cli import jsonfile
 from gpt2cli.errors import GPT2Error
 
 # GPT-2's pre-tokenizer, as tiktoken writes it (`\s++$` and `\s` are equivalent to OpenAI's
@@ -396,10 +396,7 @@ def _utf8(path: Path, data: bytes) -> str:
 
 def _parse_vocab(path: Path, text: str) -> dict[str, int]:
     """The vocabulary: a JSON object of distinct ids 0..n-1 with all 256 byte tokens and EOT."""
-    try:
-        encoder = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise GPT2Error(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from None
+    encoder = jsonfile.parse(text, str(path))
     if not isinstance(encoder, dict) or not encoder:
         raise GPT2Error(f"{path} must be a non-empty JSON object mapping tokens to ids")
     ids = encoder.values()

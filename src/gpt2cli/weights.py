@@ -8,19 +8,21 @@ Nothing is ever unpickled: a folder with only `pytorch_model.bin` is refused.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import mmap
 import os
 import re
 import struct
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
 import numpy as np
 
+from gpt2cli import jsonfile
 from gpt2cli.config import GPT2Config
-from gpt2cli.errors import GPT2Error
+from gpt2cli.errors import CorruptWeightsError, GPT2Error
 
 if TYPE_CHECKING:
     from gpt2cli.tokenizer import Tokenizer
@@ -39,6 +41,7 @@ NO_PICKLE = (
     "with safetensors' convert script"
 )
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit on the JSON header
+_MAX_DIMS = 32  # numpy 1.x's limit; GPT-2's tensors have 1 or 2
 
 # checkpoint dtype -> (dtype as stored, little-endian); F32 is used in place, the others widened
 _DTYPES: dict[str, np.dtype[Any]] = {
@@ -59,45 +62,44 @@ def load(folder: str | os.PathLike[str]) -> tuple[GPT2Config, Params]:
     """Read `folder`'s `config.json` and safetensors weights, every tensor checked against it."""
     folder = Path(folder)
     config = read_config(folder)
-    tensors = _read_tensors(folder)
-    return config, _nest(tensors, config)
+    tensors, where = _read_tensors(folder)
+    return config, _nest(tensors, config, where)
 
 
 def read_config(folder: Path) -> GPT2Config:
     """Parse `config.json` (transformers' names or picoGPT's) into a GPT2Config."""
     path = folder / "config.json"
-    if not path.is_file():
-        raise GPT2Error(
-            f"{path}: missing; a model folder needs config.json next to its safetensors weights"
-        )
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise GPT2Error(f"{path}: not a readable JSON file ({e})") from None
-    if not isinstance(raw, dict):
-        raise GPT2Error(f"{path}: expected a JSON object, found {type(raw).__name__}")
+    raw = jsonfile.mapping(
+        jsonfile.read(
+            path,
+            missing="missing; a model folder needs config.json next to its safetensors weights",
+        ),
+        str(path),
+    )
     model_type = raw.get("model_type", "gpt2")
     if model_type != "gpt2":
         raise GPT2Error(
-            f"{path}: model_type {model_type!r} is not supported; gpt2cli runs GPT-2 models only"
+            f"{path}: model_type {jsonfile.show(model_type)} is not supported; "
+            "gpt2cli runs GPT-2 models only"
         )
     activation = raw.get("activation_function", "gelu_new")
     if activation != "gelu_new":
         raise GPT2Error(
-            f"{path}: activation_function {activation!r} is not supported; "
+            f"{path}: activation_function {jsonfile.show(activation)} is not supported; "
             "gpt2cli implements GPT-2's gelu_new only"
         )
     for option, gpt2 in _GPT2_ATTENTION.items():
         if raw.get(option, gpt2) != gpt2:
             raise GPT2Error(
-                f"{path}: {option}={raw[option]!r} is not supported (GPT-2 uses {gpt2})"
+                f"{path}: {option}={jsonfile.show(raw[option])} is not supported "
+                f"(GPT-2 uses {gpt2})"
             )
 
     def integer(*names: str) -> int:
+        """The first of `names` that is set (picoGPT's names come second), a positive integer."""
         for name in names:
-            value = raw.get(name)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                return value
+            if raw.get(name) is not None:
+                return jsonfile.integer(raw[name], f"{path}: {name}", minimum=1)
         raise GPT2Error(f"{path}: needs a positive integer {' or '.join(names)}")
 
     n_embd, n_head = integer("n_embd"), integer("n_head")
@@ -105,124 +107,189 @@ def read_config(folder: Path) -> GPT2Config:
         raise GPT2Error(f"{path}: n_embd {n_embd} is not divisible by n_head {n_head}")
     n_inner = raw.get("n_inner")
     if n_inner is not None and n_inner != 4 * n_embd:
-        raise GPT2Error(f"{path}: n_inner {n_inner} is not supported (GPT-2 uses 4 * n_embd)")
+        raise GPT2Error(
+            f"{path}: n_inner {jsonfile.show(n_inner)} is not supported (GPT-2 uses 4 * n_embd)"
+        )
     eps = raw.get("layer_norm_epsilon", 1e-5)
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
-        raise GPT2Error(f"{path}: layer_norm_epsilon must be a positive number, not {eps!r}")
     return GPT2Config(
         n_vocab=integer("vocab_size", "n_vocab"),
         n_ctx=integer("n_positions", "n_ctx"),
         n_embd=n_embd,
         n_head=n_head,
         n_layer=integer("n_layer"),
-        layer_norm_epsilon=float(eps),
+        layer_norm_epsilon=jsonfile.positive_number(eps, f"{path}: layer_norm_epsilon"),
     )
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files holding `folder`'s weights: one file, or the shards of the index."""
-    if (folder / SINGLE_FILE).is_file():
-        return [folder / SINGLE_FILE]
-    index = folder / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise GPT2Error(f"{index}: not a safetensors index ({e})") from None
-        missing = [n for n in names if not (folder / n).is_file()]
-        if missing:
-            raise GPT2Error(f"{folder / missing[0]}: missing, though {INDEX_FILE} lists it")
-        return [folder / n for n in names]
-    if any((folder / name).is_file() for name in PICKLE_FILES):
+    """The safetensors files holding `folder`'s weights: one file, or the shards of the index.
+
+    Each is checked to be a regular file (or a symlink to one, as in the hub cache). A shard must
+    be named by a plain file name: the index cannot point outside the folder.
+    """
+    single, index = folder / SINGLE_FILE, folder / INDEX_FILE
+    if os.path.lexists(single):  # whatever it is: check_file says so if it is not a file
+        jsonfile.check_file(single)
+        return [single]
+    if os.path.lexists(index):
+        raw = jsonfile.mapping(jsonfile.read(index), str(index))
+        weight_map = jsonfile.mapping(
+            jsonfile.field(raw, "weight_map", str(index)), f"{index}: weight_map"
+        )
+        names = sorted({_shard_name(index, name) for name in weight_map.values()})
+        if not names:
+            raise GPT2Error(f"{index}: weight_map lists no files")
+        for name in names:
+            jsonfile.check_file(folder / name, missing=f"missing, though {INDEX_FILE} lists it")
+        return [folder / name for name in names]
+    if any(os.path.lexists(folder / name) for name in PICKLE_FILES):
         raise GPT2Error(f"{folder}: has PyTorch/TF weights but no {SINGLE_FILE}; {NO_PICKLE}")
     raise GPT2Error(f"{folder}: no {SINGLE_FILE} (or {INDEX_FILE} with its shards)")
 
 
-def _read_tensors(folder: Path) -> dict[str, tuple[np.ndarray, Path]]:
-    """Every tensor in the folder's weight files, by key with `transformer.` stripped."""
+def _shard_name(index: Path, name: Any) -> str:
+    """A shard's file name from the index, refused unless it names a file in the folder itself.
+
+    The rule is on the name: `../x`, `/x`, `a/b` (or `a\\b`) and names with control characters
+    are refused before anything is opened, while a plain name may still be a symlink, as every
+    file in the hub cache is (into ../../blobs).
+    """
+    shard = jsonfile.string(name, f"{index}: weight_map value")
+    if shard in ("", ".", "..") or "/" in shard or "\\" in shard or not shard.isprintable():
+        raise GPT2Error(
+            f"{index}: weight_map names {jsonfile.show(shard)}; a shard must be a plain file name "
+            "in the model folder"
+        )
+    return shard
+
+
+def _read_tensors(folder: Path) -> tuple[dict[str, tuple[np.ndarray, Path]], str]:
+    """Every tensor in the folder's weight files, by key with `transformer.` stripped, and the
+    files' names for messages."""
+    files = weight_files(folder)
     tensors: dict[str, tuple[np.ndarray, Path]] = {}
-    for path in weight_files(folder):
+    for path in files:
         for key, array in read_safetensors(path, skip=_BUFFER).items():
             tensors[key.removeprefix("transformer.")] = (array, path)
-    return tensors
+    return tensors, ", ".join(map(str, files))
 
 
 def read_safetensors(path: Path, skip: re.Pattern[str] | None = None) -> dict[str, np.ndarray]:
     """The tensors of one safetensors file as float32: views of the mapped file for F32 ones.
 
-    Tensors whose key `skip` finds are left out unread, whatever their dtype.
+    Tensors whose key `skip` finds are left out unread, whatever their dtype. A file whose bytes
+    do not form a safetensors file raises CorruptWeightsError; a missing one, or a FIFO or
+    directory in its place, GPT2Error.
     """
     try:
-        with open(path, "rb") as f:
+        with jsonfile.open_file(path) as f, _corrupt(path):
             size = os.fstat(f.fileno()).st_size
-            head = f.read(8)
-            if len(head) < 8:
-                raise GPT2Error(f"{path}: not a safetensors file (only {size} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(_MAX_HEADER, size - 8):
-                raise GPT2Error(
-                    f"{path}: not a safetensors file, or truncated (header of {n} bytes "
-                    f"in a {size}-byte file); download it again"
-                )
-            try:
-                header = json.loads(f.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                raise GPT2Error(f"{path}: not a safetensors file (header is not JSON)") from None
+            header, start = _header(f, path, size)
+            entries = {
+                key: _entry(path, key, info, start, size)
+                for key, info in header.items()
+                if key != "__metadata__" and not (skip and skip.search(key))
+            }
             buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except OSError as e:
-        raise GPT2Error(f"{path}: cannot read ({e.strerror})") from None
-    if not isinstance(header, dict):
-        raise GPT2Error(f"{path}: not a safetensors file (header is not a JSON object)")
-    header.pop("__metadata__", None)
-    return {
-        key: _tensor(buffer, 8 + n, size, path, key, info)
-        for key, info in header.items()
-        if not (skip and skip.search(key))
-    }
+        raise GPT2Error(f"{path}: cannot be read ({e.strerror})") from None
+    return {key: _tensor(buffer, path, entry) for key, entry in entries.items()}
 
 
-def _tensor(
-    buffer: mmap.mmap, start: int, size: int, path: Path, key: str, info: Any
-) -> np.ndarray:
-    """One header entry as a float32 array; `start` is where the data section begins."""
+@contextlib.contextmanager
+def _corrupt(path: Path) -> Iterator[None]:
+    """Raise each GPT2Error of the block as a CorruptWeightsError of `path`."""
     try:
-        dtype_name, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-        if not all(isinstance(n, int) and n >= 0 for n in [*shape, begin, end]):
-            raise ValueError
-    except (TypeError, KeyError, ValueError):
-        raise GPT2Error(f"{path}: tensor {key!r} has a malformed header entry") from None
-    if dtype_name not in _DTYPES:
+        yield
+    except CorruptWeightsError:
+        raise
+    except GPT2Error as e:
+        raise CorruptWeightsError(str(e), path) from None
+
+
+def _header(f: BinaryIO, path: Path, size: int) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file (an 8-byte length, then the JSON) and where the
+    data section after it starts."""
+    head = f.read(8)
+    if len(head) < 8:
+        raise GPT2Error(f"{path}: not a safetensors file (only {size} bytes)")
+    (n,) = struct.unpack("<Q", head)
+    if n > min(_MAX_HEADER, size - 8):
         raise GPT2Error(
-            f"{path}: tensor {key!r} has dtype {dtype_name}; supported are F32, F16 and BF16"
+            f"{path}: not a safetensors file, or truncated (its header claims {n} bytes; "
+            f"the file has {size})"
         )
-    dtype = _DTYPES[dtype_name]
-    count = math.prod(shape)
-    if end - begin != count * dtype.itemsize:
-        raise GPT2Error(f"{path}: tensor {key!r} has {end - begin} bytes for shape {shape}")
+    header = jsonfile.parse(f.read(n), f"{path}: the safetensors header")
+    return jsonfile.mapping(header, f"{path}: the safetensors header"), 8 + n
+
+
+class _Entry(NamedTuple):
+    """A safetensors header entry, checked: its bytes lie inside the file."""
+
+    name: str  # the tensor's key, quoted for messages
+    dtype: str
+    shape: list[int]
+    begin: int  # offsets of its bytes in the file
+    end: int
+
+
+def _entry(path: Path, key: str, info: Any, start: int, size: int) -> _Entry:
+    """A header entry checked for types and bounds; `start` is where the data section begins."""
+    name = jsonfile.show(key)
+    where = f"{path}: tensor {name}"
+    entry = jsonfile.mapping(info, where)
+    dtype = jsonfile.string(jsonfile.field(entry, "dtype", where), f"{where}: dtype")
+    dims = jsonfile.array(jsonfile.field(entry, "shape", where), f"{where}: shape")
+    if len(dims) > _MAX_DIMS:
+        raise GPT2Error(f"{where}: shape has {len(dims)} dimensions, more than {_MAX_DIMS}")
+    shape = [jsonfile.integer(n, f"{where}: shape") for n in dims]
+    offsets = jsonfile.array(jsonfile.field(entry, "data_offsets", where), f"{where}: data_offsets")
+    if len(offsets) != 2:
+        raise GPT2Error(f"{where}: data_offsets must be [begin, end], not {jsonfile.show(offsets)}")
+    begin, end = (jsonfile.integer(n, f"{where}: data_offsets") for n in offsets)
+    if begin > end:
+        raise GPT2Error(f"{where}: data_offsets {jsonfile.show(offsets)} end before they begin")
     if start + end > size:
         raise GPT2Error(
-            f"{path}: truncated ({size} bytes, tensor {key!r} ends at byte {start + end}); "
-            "download it again"
+            f"{path}: truncated ({size} bytes; tensor {name} ends at byte {start + end})"
         )
-    array: np.ndarray = np.frombuffer(buffer, dtype, count, start + begin).reshape(shape)
-    if dtype_name == "F16":
+    return _Entry(name, dtype, shape, start + begin, start + end)
+
+
+def _tensor(buffer: mmap.mmap, path: Path, entry: _Entry) -> np.ndarray:
+    """One checked header entry as a float32 array."""
+    if entry.dtype not in _DTYPES:
+        raise GPT2Error(
+            f"{path}: tensor {entry.name} has dtype {jsonfile.show(entry.dtype)}; "
+            "supported are F32, F16 and BF16"
+        )
+    dtype, shape = _DTYPES[entry.dtype], entry.shape
+    count = math.prod(shape)
+    if not count:
+        raise GPT2Error(f"{path}: tensor {entry.name} is empty (shape {shape})")
+    if entry.end - entry.begin != count * dtype.itemsize:
+        raise CorruptWeightsError(
+            f"{path}: tensor {entry.name} has {entry.end - entry.begin} bytes for shape {shape}",
+            path,
+        )
+    array: np.ndarray = np.frombuffer(buffer, dtype, count, entry.begin).reshape(shape)
+    if entry.dtype == "F16":
         array = array.astype(np.float32)
-    elif dtype_name == "BF16":  # bfloat16 is the high half of a float32
+    elif entry.dtype == "BF16":  # bfloat16 is the high half of a float32
         array = (array.astype(np.uint32) << 16).view(np.float32)
     elif not array.flags.aligned:  # the format does not promise alignment; numpy is slow without
         array = array.copy()
     return array
 
 
-def _nest(tensors: dict[str, tuple[np.ndarray, Path]], config: GPT2Config) -> Params:
-    """Arrange flat checkpoint keys into picoGPT's nested dict, checking each key and shape."""
+def _nest(tensors: dict[str, tuple[np.ndarray, Path]], config: GPT2Config, where: str) -> Params:
+    """Arrange flat checkpoint keys into picoGPT's nested dict, checking each key and shape;
+    `where` names the weight files for messages."""
     d, v = config.n_embd, config.n_vocab
     used: set[str] = set()
 
     def take(key: str, shape: tuple[int, ...]) -> np.ndarray:
         if key not in tensors:
-            where = ", ".join(sorted({str(p) for _, p in tensors.values()})) or "the weights"
             raise GPT2Error(f"{where}: missing tensor {key!r}; is this a GPT-2 checkpoint?")
         array, path = tensors[key]
         if array.shape != shape:
@@ -268,8 +335,8 @@ def _nest(tensors: dict[str, tuple[np.ndarray, Path]], config: GPT2Config) -> Pa
     extra = sorted(set(tensors) - used)
     if extra:
         raise GPT2Error(
-            f"{tensors[extra[0]][1]}: unexpected tensor {extra[0]!r} for a {config.n_layer}-layer "
-            "GPT-2; does config.json match the weights?"
+            f"{tensors[extra[0]][1]}: unexpected tensor {jsonfile.show(extra[0])} for a "
+            f"{config.n_layer}-layer GPT-2; does config.json match the weights?"
         )
     return params
 
