@@ -12,8 +12,11 @@ It serves what `huggingface_hub` (2.x) asks a hub for when `HF_ENDPOINT` points 
   gated repo, model info but 401 + `GatedRepo` on its files.
 
 Faults for tests: `cut_once[file] = n` closes the connection after `n` bytes of that file's next
-download (once), and `slow = seconds` sleeps between 64 kB chunks. Every request is logged in
-`requests` as `(method, path, headers)`.
+download (once); `slow = seconds` sleeps between 64 kB chunks; `trickle = seconds` sends weights
+one byte every that many seconds (a stalled hub that never quite stops); `fail[file] = n` answers
+the next `n` requests for that file with HTTP 503 (which huggingface_hub retries); a repo's
+`info`, when set, is the model-info JSON served instead of the real one (a hub answering JSON of
+the wrong shape). Every request is logged in `requests` as `(method, path, headers)`.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class Repo:
     files: dict[str, bytes]
     gated: bool = False
     branches: tuple[str, ...] = ("main",)
+    info: object = None  # when not None, the model-info JSON to serve instead of the real one
 
     @property
     def sha(self) -> str:
@@ -62,9 +66,14 @@ def _is_lfs(name: str) -> bool:
     return name.endswith((".safetensors", ".bin", ".h5", ".msgpack"))
 
 
+def _git_oid(data: bytes) -> str:
+    """The git blob id of `data`: what the hub gives as a small file's ETag and tree `oid`."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
 def _etag(data: bytes, lfs: bool) -> str:
     # the hub's ETag is the git blob sha1 for small files and the sha256 for LFS files
-    return hashlib.sha256(data).hexdigest() if lfs else hashlib.sha1(data).hexdigest()
+    return hashlib.sha256(data).hexdigest() if lfs else _git_oid(data)
 
 
 @dataclass
@@ -74,6 +83,8 @@ class FakeHub:
     repos: dict[str, Repo] = field(default_factory=dict)
     cut_once: dict[str, int] = field(default_factory=dict)
     slow: float = 0.0
+    trickle: float = 0.0
+    fail: dict[str, int] = field(default_factory=dict)
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     _server: ThreadingHTTPServer | None = None
 
@@ -168,9 +179,11 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if rest[:1] == ["tree"]:
             payload: object = [
-                {"type": "file", "path": n, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
+                {"type": "file", "path": n, "size": len(d), "oid": _git_oid(d)}
                 for n, d in sorted(repo.files.items())
             ]
+        elif repo.info is not None:
+            payload = repo.info
         else:
             payload = {
                 "_id": repo_id,
@@ -188,6 +201,10 @@ class _Handler(BaseHTTPRequestHandler):
         if repo is None:
             return
         commit = {"X-Repo-Commit": repo.sha}
+        if self.state.fail.get(name, 0) > 0:
+            self.state.fail[name] -= 1
+            self._send(503, b"Service unavailable", commit, body)
+            return
         if repo.gated:
             message = f"Access to model {repo_id} is restricted. You must be authenticated."
             self._send(401, message.encode(), {"X-Error-Code": "GatedRepo", **commit}, body)
@@ -223,9 +240,16 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_head(status, len(data) - start, headers)
         if not body:
             return
-        cut = self.state.cut_once.pop(name, None) if self.command == "GET" else None
-        for offset in range(start, len(data), CHUNK):
-            chunk = data[offset : offset + CHUNK]
+        try:
+            self._send_body(data, start, self.state.cut_once.pop(name, None))
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client gave up: nothing more to send
+
+    def _send_body(self, data: bytes, start: int, cut: int | None) -> None:
+        """`data` from `start`, shaped by the faults: cut at `cut`, slow, or trickling."""
+        step = 1 if self.state.trickle else CHUNK
+        for offset in range(start, len(data), step):
+            chunk = data[offset : offset + step]
             if cut is not None and offset + len(chunk) > cut:
                 self.wfile.write(data[offset:cut])
                 self.wfile.flush()
@@ -233,8 +257,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 return
             self.wfile.write(chunk)
-            if self.state.slow:
-                time.sleep(self.state.slow)
+            if self.state.slow or self.state.trickle:
+                time.sleep(self.state.slow or self.state.trickle)
 
     def _send(
         self, status: int, data: bytes, headers: dict[str, str] | None = None, body: bool = True

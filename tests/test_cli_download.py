@@ -274,13 +274,135 @@ def test_repo_without_config_is_refused(fake_hub: FakeHub, tiny_repo: Repo) -> N
     assert_fails(gpt2("download", "someone/noconfig"), "has no config.json")
 
 
-def test_broken_weights_from_the_hub_are_reported_at_download(
+def test_broken_weights_from_the_hub_are_reported_and_not_fetched_again_each_run(
     fake_hub: FakeHub, tiny_repo: Repo
 ) -> None:
     files = dict(tiny_repo.files)
     files["model.safetensors"] = files["model.safetensors"][:-100]
     fake_hub.add("someone/truncated", Repo(files))
-    assert_fails(gpt2("download", "someone/truncated"), "model.safetensors: truncated")
+    for _ in range(2):  # the cached copy is what the hub serves: fetching it again cannot help
+        assert_fails(gpt2("download", "someone/truncated"), "model.safetensors: truncated")
+    assert len(fake_hub.downloads("model.safetensors")) == 1
+
+
+def cut(path: Path, size: int) -> None:
+    """Cut the cached blob behind `path` to its first `size` bytes, as a crash mid-write would."""
+    blob = path.resolve()
+    blob.write_bytes(blob.read_bytes()[:size])
+
+
+def test_download_fetches_again_the_cached_files_that_fail_their_check(
+    fake_hub: FakeHub, tiny_repo: Repo
+) -> None:
+    fake_hub.add("someone/tiny", tiny_repo)
+    folder = downloaded(gpt2("download", "someone/tiny"))
+    cut(folder / "model.safetensors", 1000)
+    fake_hub.requests.clear()
+    result = gpt2("download", "-q", "someone/tiny")
+    assert downloaded(result) == folder and result.stderr == ""
+    assert (folder / "model.safetensors").read_bytes() == tiny_repo.files["model.safetensors"]
+    assert len(fake_hub.downloads("model.safetensors")) == 1
+    assert not fake_hub.downloads("config.json")  # the intact files are kept
+
+
+def test_other_commands_name_the_command_that_fetches_a_damaged_file_again(
+    fake_hub: FakeHub, tiny_repo: Repo
+) -> None:
+    fake_hub.add("someone/tiny", tiny_repo)
+    folder = downloaded(gpt2("download", "someone/tiny"))
+    fake_hub.stop()  # the pre-filled cache only, offline
+    advice = "damaged in the hub cache", "run `gpt2 download someone/tiny` to fetch it again"
+    cut(folder / "model.safetensors", 1000)
+    generate = gpt2("generate", "-m", "someone/tiny", "-t", "2", "Hi", HF_HUB_OFFLINE="1")
+    assert_fails(generate, str(folder / "model.safetensors"), *advice)
+    encode = gpt2("encode", "-m", "someone/tiny", "Hi", HF_HUB_OFFLINE="1")
+    assert encode.returncode == 0, encode.stderr  # tokenizing needs no weights
+    (folder / "vocab.json").resolve().write_text('{"!": 0}')  # still JSON, but not the hub's
+    encode = gpt2("encode", "-m", "someone/tiny", "Hi", HF_HUB_OFFLINE="1")
+    assert_fails(encode, str(folder / "vocab.json"), *advice)
+
+
+def test_retries_after_hub_errors_are_shown_only_beside_the_progress_bar(
+    fake_hub: FakeHub, tiny_repo: Repo
+) -> None:
+    for name in ("someone/piped", "someone/quiet", "someone/shown"):
+        fake_hub.add(name, Repo(dict(tiny_repo.files)))
+    fake_hub.fail["config.json"] = 2  # HTTP 503 twice: retried at once, then after 1 s
+    piped = gpt2("download", "someone/piped")
+    assert downloaded(piped) and piped.stderr == ""
+    fake_hub.fail["config.json"] = 2
+    status, stderr, _ = run_on_terminal(["download", "-q", "someone/quiet"], stream="stderr")
+    assert (status, stderr) == (0, "")
+    fake_hub.fail["config.json"] = 2
+    status, stderr, _ = run_on_terminal(["download", "someone/shown"], stream="stderr")
+    assert status == 0 and "HTTP Error 503" in stderr and "100%" in stderr
+
+
+def test_huggingface_hub_warnings_do_not_reach_stderr(fake_hub: FakeHub, tiny_repo: Repo) -> None:
+    fake_hub.add("someone/tiny", tiny_repo)
+    result = gpt2("download", "someone/tiny", HF_HUB_ENABLE_HF_TRANSFER="1")  # deprecated
+    assert downloaded(result) and result.stderr == ""
+
+
+@pytest.mark.parametrize(
+    "info",
+    [
+        {"siblings": 5},
+        {"sha": 1, "siblings": [{"rfilename": "config.json"}]},
+        {"sha": "0" * 40},
+        {"sha": "0" * 40, "siblings": [{"name": "config.json"}]},
+        {"sha": "0" * 40, "siblings": [{"rfilename": 7}]},
+        {"sha": "0" * 40, "siblings": "config.json"},
+        ["config.json"],
+        "a string",
+    ],
+    ids=repr,
+)
+def test_hub_answering_json_of_another_shape_is_one_line(
+    fake_hub: FakeHub, tiny_repo: Repo, info: object
+) -> None:
+    fake_hub.add("someone/odd", Repo(dict(tiny_repo.files), info=info))
+    assert_fails(
+        gpt2("download", "someone/odd"), f"{fake_hub.url} did not answer like a Hugging Face hub"
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("HF_HUB_ETAG_TIMEOUT", "abc"),
+        ("HF_HUB_ETAG_TIMEOUT", "-1"),
+        ("HF_HUB_ETAG_TIMEOUT", "nan"),
+        ("HF_HUB_DOWNLOAD_TIMEOUT", "1.5"),
+        ("HF_HUB_DOWNLOAD_TIMEOUT", "-5"),
+        ("GPT2CLI_DOWNLOAD_TIMEOUT", "soon"),
+        ("GPT2CLI_DOWNLOAD_TIMEOUT", "-1"),
+        ("GPT2CLI_DOWNLOAD_TIMEOUT", "inf"),
+    ],
+)
+def test_invalid_timeout_variable_is_one_line_naming_it(
+    fake_hub: FakeHub, tiny_repo: Repo, variable: str, value: str
+) -> None:
+    fake_hub.add("someone/tiny", tiny_repo)
+    assert_fails(gpt2("download", "someone/tiny", **{variable: value}), f"{variable}={value!r}")
+
+
+def test_trickling_hub_is_given_up_at_the_deadline_and_the_next_run_completes(
+    fake_hub: FakeHub, tiny_repo: Repo
+) -> None:
+    fake_hub.add("someone/tiny", tiny_repo)
+    fake_hub.trickle = 0.2  # one byte of weights every 0.2 s: each read is well within its timeout
+    start = time.monotonic()
+    result = gpt2("download", "someone/tiny", timeout=30, GPT2CLI_DOWNLOAD_TIMEOUT="2")
+    assert time.monotonic() - start < 15
+    assert_fails(result, "took longer than 2 s (GPT2CLI_DOWNLOAD_TIMEOUT)", "run the command again")
+    fake_hub.trickle = 0
+    folder = downloaded(gpt2("download", "someone/tiny", GPT2CLI_DOWNLOAD_TIMEOUT="0"))
+    assert (folder / "model.safetensors").read_bytes() == tiny_repo.files["model.safetensors"]
+
+
+def test_empty_model_name_is_refused() -> None:
+    assert_fails(gpt2("download", ""), "a model name or folder must not be empty")
 
 
 def test_local_folder_is_checked_and_printed(tiny_model_dir: Path) -> None:

@@ -6,7 +6,9 @@ cache location when imported); cache look-ups in this process pass `cache_dir` e
 
 from __future__ import annotations
 
+import ast
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -246,3 +248,81 @@ def test_picogpt_models_dir_is_the_cache_to_download_into(
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [str(TINY.n_layer)] * 2
     assert (models / "models--someone--tiny" / "snapshots" / tiny_on_hub.sha).is_dir()
+
+
+def test_empty_model_name_is_an_error_not_the_current_folder() -> None:
+    with pytest.raises(GPT2Error, match=r"^a model name or folder must not be empty$"):
+        hub.resolve("")
+    for args in (
+        ["encode", "-m", "", "x"],
+        ["decode", "-m", "", "1"],
+        ["generate", "-m", "", "Hi"],
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "gpt2cli", *args], capture_output=True, text=True, timeout=60
+        )
+        assert (result.returncode, result.stdout) == (2, ""), args
+        assert result.stderr == "gpt2: error: a model name or folder must not be empty\n", args
+
+
+def test_folder_with_neither_tokenizer_nor_config_is_not_a_model(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "gpt2cli", "encode", "-m", str(tmp_path), "x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.startswith(f"gpt2: error: {tmp_path} is not a model folder: it has ")
+    assert result.stderr.count("\n") == 1
+
+
+def test_damaged_cached_files_are_found_by_their_checksum(
+    tiny_on_hub: Repo, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    fetched = python(
+        f"from gpt2cli import hub; print(hub.resolve('someone/tiny', cache_dir={str(cache)!r}))"
+    )
+    folder = Path(fetched.stdout.strip())
+    assert hub.damaged_files(folder) == []
+    weights_blob = (folder / "model.safetensors").resolve()
+    good = weights_blob.read_bytes()
+    weights_blob.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # still loads: not hashed
+    assert hub.damaged_files(folder) == []
+    weights_blob.write_bytes(good[:-1])  # fails to load: hashed, and found
+    assert hub.damaged_files(folder) == [folder / "model.safetensors"]
+    assert hub.damaged_files(folder, tokenizer_only=True) == []
+    (folder / "merges.txt").resolve().write_text("#version: 0.2\n")  # small files: always hashed
+    assert hub.damaged_files(folder, tokenizer_only=True) == [folder / "merges.txt"]
+    with pytest.raises(
+        GPT2Error, match=r"merges.txt: damaged in the hub cache .* run `gpt2 download someone/tiny`"
+    ):
+        hub.resolve("someone/tiny", cache_dir=cache, tokenizer_only=True)
+    copy = tmp_path / "copy"  # a local folder: nothing to check it against
+    shutil.copytree(folder, copy)
+    assert hub.damaged_files(copy) == []
+
+
+def test_every_import_of_huggingface_hub_goes_through_importing_hub() -> None:
+    """A bad HF_* variable is a ValueError at huggingface_hub's import: caught in one place."""
+    package = Path(hub.__file__).parent
+    for source in sorted(package.glob("*.py")):
+        tree = ast.parse(source.read_text(encoding="utf-8"))
+        guarded = {
+            id(node)
+            for w in ast.walk(tree)
+            if isinstance(w, ast.With)
+            and any("_importing_hub" in ast.unparse(item.context_expr) for item in w.items)
+            for node in w.body
+        }
+        for node in ast.walk(tree):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            if any(n.split(".")[0] in ("huggingface_hub", "httpx2") for n in names):
+                assert id(node) in guarded, f"{source.name}:{node.lineno}"

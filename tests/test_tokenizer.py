@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
+import marshal
+import os
 import shutil
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -375,9 +380,123 @@ def test_missing_folder_is_an_error(tmp_path: Path):
 
 def test_load_tokenizer_uses_the_folder_files_else_the_default(tmp_path: Path, tok: Tokenizer):
     assert load_tokenizer(None) is tok
+    (tmp_path / "config.json").write_text("{}")
     assert load_tokenizer(tmp_path) is tok  # weights only: GPT-2 models share one vocabulary
     own = load_tokenizer(hf_folder(tmp_path / "with-files"))
     assert own is not tok
     assert own.encode("same vocabulary") == tok.encode("same vocabulary")
     with pytest.raises(GPT2Error, match=r"broken.vocab.json is not valid JSON"):
         load_tokenizer(hf_folder(tmp_path / "broken", vocab="{"))
+
+
+# --- The tokenizer-table cache against hostile entries (appended; the tests above are separate) ---
+# Anything in the cache folder that is not a table file written by gpt2cli must be a miss: the
+# tables are rebuilt from the tokenizer files and the entry replaced, never a hang or an error.
+
+
+def cached_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """A tokenizer folder and the cache entry its tables are stored in (written once)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = hf_folder(tmp_path / "tok")
+    Tokenizer.from_dir(folder)
+    (entry,) = cache_files(tmp_path / "cache")
+    return folder, entry
+
+
+def within_seconds(seconds: float, work: Callable[[], object]) -> object:
+    """`work()`'s result, failing the test if it takes longer than `seconds` (a hang)."""
+    results: list[object] = []
+    thread = threading.Thread(target=lambda: results.append(work()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s"
+    return results[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_fifo_in_the_cache_is_a_miss_not_a_hang(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tok: Tokenizer
+):
+    folder, entry = cached_entry(tmp_path, monkeypatch)
+    entry.unlink()
+    os.mkfifo(entry)
+    loaded = within_seconds(30, lambda: Tokenizer.from_dir(folder))
+    assert isinstance(loaded, Tokenizer) and tables(loaded) == tables(tok)
+    assert entry.is_file()  # replaced by the rebuilt tables
+
+
+@pytest.mark.parametrize("kind", ["folder", "huge", "device"])
+def test_a_cache_entry_that_is_not_a_plausible_file_is_a_miss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tok: Tokenizer, kind: str
+):
+    folder, entry = cached_entry(tmp_path, monkeypatch)
+    entry.unlink()
+    if kind == "folder":
+        entry.mkdir()
+    elif kind == "huge":
+        with entry.open("wb") as f:
+            f.truncate(tokenizer_module.MAX_CACHED + 1)  # sparse: no disk space used
+    else:
+        if not Path("/dev/zero").exists():
+            pytest.skip("no /dev/zero")
+        entry.symlink_to("/dev/zero")
+    assert tables(within_seconds(30, lambda: Tokenizer.from_dir(folder))) == tables(tok)
+
+
+def _crafted(tok: Tokenizer) -> dict[str, object]:
+    encoder, ranks, merged = tables(tok)
+    assert isinstance(encoder, dict)
+    return {
+        "not a tuple": [encoder, ranks, merged],
+        "two tables": (encoder, ranks),
+        "empty tables": ({}, {}, []),
+        "no byte tokens": ({"<|endoftext|>": 0}, {}, []),
+        "no endoftext": ({k: v for k, v in encoder.items() if k != "<|endoftext|>"}, ranks, merged),
+        "ids as text": ({k: str(v) for k, v in encoder.items()}, ranks, merged),
+        "tokens as bytes": ({**encoder, b"x": 1}, ranks, merged),
+        "ranks by list": (encoder, {str(k): v for k, v in list(ranks.items())[:5]}, merged),
+        "merged as text": (encoder, ranks, [str(i) for i in merged]),
+        "a number": 42,
+        "none": None,
+    }
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        "not a tuple",
+        "two tables",
+        "empty tables",
+        "no byte tokens",
+        "no endoftext",
+        "ids as text",
+        "tokens as bytes",
+        "ranks by list",
+        "merged as text",
+        "a number",
+        "none",
+    ],
+)
+def test_a_cache_entry_of_the_wrong_shape_with_a_valid_checksum_is_a_miss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tok: Tokenizer, shape: str
+):
+    folder, entry = cached_entry(tmp_path, monkeypatch)
+    good = entry.read_bytes()
+    payload = marshal.dumps(_crafted(tok)[shape])
+    entry.write_bytes(hashlib.sha256(payload).digest() + payload)
+    assert tables(Tokenizer.from_dir(folder)) == tables(tok)
+    assert entry.read_bytes() == good  # rewritten
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_storing_never_writes_through_something_already_at_the_partial_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tok: Tokenizer
+):
+    folder, entry = cached_entry(tmp_path, monkeypatch)
+    entry.unlink()
+    partial = entry.with_name(f"{entry.name}.{os.getpid()}.partial")
+    os.mkfifo(partial)  # opening it to write would wait for a reader forever
+    assert tables(within_seconds(30, lambda: Tokenizer.from_dir(folder))) == tables(tok)
+    assert not partial.exists() and not entry.exists()  # cleared away; stored next time
+    Tokenizer.from_dir(folder)
+    assert entry.is_file()

@@ -6,14 +6,33 @@ that transformers downloaded is reused and vice versa. A model already in the ca
 network request; otherwise the repo's file list is read first and only the files we use are
 fetched (config, safetensors weights, tokenizer files), one at a time in the calling thread so
 that Ctrl-C stops at once. `huggingface_hub` and numpy are imported only on the hub path, so
-resolving a local folder stays fast.
+resolving a local folder stays fast; every import of `huggingface_hub` goes through
+`_importing_hub`, which turns its bad settings into one clear error.
+
+A cached model is checked before it is used: the small files against the hash the hub gave for
+them (the cache names each file's blob by it), the weights by reading their headers (and, only if
+that fails, against their hash). A file that no longer matches is re-fetched by `gpt2 download`
+(`refetch_damaged`); anywhere else it is an error naming that command.
+
+A download has an overall deadline, GPT2CLI_DOWNLOAD_TIMEOUT seconds (default one hour, 0 for
+none): huggingface_hub's own timeout (HF_HUB_DOWNLOAD_TIMEOUT) bounds each read, so a hub that
+trickles a byte every few seconds would otherwise never be given up on. What is fetched before the
+deadline is kept, and the next run resumes it. The deadline uses SIGALRM, so it applies in the
+main thread on Unix. huggingface_hub's warnings and retry messages are shown only with the
+progress bars (`progress`): a failure still ends in one GPT2Error.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import math
 import os
 import re
+import shlex
+import signal
+import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +41,7 @@ from gpt2cli.config import GPT2Config
 from gpt2cli.errors import GPT2Error
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterator, Sequence
 
 
 @dataclass(frozen=True)
@@ -62,6 +81,12 @@ _BY_NAME = {key: m for m in KNOWN_MODELS for key in (m.name, m.alias) if key}
 CONFIG_FILE = "config.json"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "encoder.json", "vocab.bpe")
 _SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_BLOB = {64: "sha256", 40: "git"}  # length of a cache blob's name -> the hash it is
+
+TIMEOUT_VARIABLE = "GPT2CLI_DOWNLOAD_TIMEOUT"
+DEFAULT_TIMEOUT = 3600.0  # seconds for one download: ends a stalled hub, a slow link resumes
+_HUB_TIMEOUTS = ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT")  # whole seconds, 0: default
 
 
 def resolve(
@@ -71,6 +96,7 @@ def resolve(
     progress: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
     tokenizer_only: bool = False,
+    refetch_damaged: bool = False,
 ) -> Path:
     """The local folder holding model `name`, downloading it into the hub cache if needed.
 
@@ -78,8 +104,12 @@ def resolve(
     `124M`, ... see KNOWN_MODELS) or a hub repo id `owner/name`. `revision` is a branch, tag or
     commit of the hub repo. `progress` shows huggingface_hub's progress bars on stderr;
     `cache_dir` overrides the hub cache (`HF_HUB_CACHE`). `tokenizer_only` is for commands that
-    only tokenize: a cached config is enough, and a download fetches no weights.
+    only tokenize: a cached config is enough, and a download fetches no weights. A cached file
+    that fails its check (see `damaged_files`) is fetched again with `refetch_damaged`, and is
+    otherwise an error naming the `gpt2 download` command that does it.
     """
+    if not name:
+        raise GPT2Error("a model name or folder must not be empty")
     folder = Path(name).expanduser()
     if folder.is_dir():
         if revision is not None:
@@ -87,8 +117,27 @@ def resolve(
         return folder
     repo_id = repo_id_for(name)
     cache = Path(cache_dir) if cache_dir is not None else None
-    return cached(repo_id, revision, cache, tokenizer_only=tokenizer_only) or _download(
-        repo_id, revision, progress, cache, tokenizer_only=tokenizer_only
+    snapshot = cached(repo_id, revision, cache, tokenizer_only=tokenizer_only)
+    if snapshot is None:
+        return _download(repo_id, revision, progress, cache, tokenizer_only=tokenizer_only)
+    damaged = damaged_files(snapshot, tokenizer_only=tokenizer_only)
+    if not damaged:
+        return snapshot
+    if not refetch_damaged:
+        command = shlex.join(
+            ["gpt2", "download", name, *(["--revision", revision] if revision else [])]
+        )
+        raise GPT2Error(
+            f"{damaged[0]}: damaged in the hub cache (it no longer matches the hub's checksum); "
+            f"run `{command}` to fetch it again"
+        )
+    return _download(
+        repo_id,
+        snapshot.name,  # the cached commit, so the damaged files are replaced in place
+        progress,
+        cache,
+        tokenizer_only=tokenizer_only,
+        refetch={p.name for p in damaged},
     )
 
 
@@ -100,8 +149,9 @@ def repo_id_for(name: str) -> str:
         raise GPT2Error(f"{name}: is a file; pass the folder holding config.json and the weights")
     if name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1:
         raise GPT2Error(f"{name}: no such folder")
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]
+    with _importing_hub():
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]
 
     try:
         validate_repo_id(name)
@@ -128,8 +178,9 @@ def cached(
     With `tokenizer_only`, a config is enough (the tokenizer files, when the repo has them, come
     with it). Reads only the local cache: no network request, whatever HF_HUB_OFFLINE says.
     """
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    with _importing_hub():
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
 
     from gpt2cli import weights
 
@@ -178,6 +229,47 @@ def files_to_fetch(
     return [CONFIG_FILE, *model, *tokenizer]
 
 
+def damaged_files(snapshot: Path, *, tokenizer_only: bool = False) -> list[Path]:
+    """The files we use in a cached snapshot that no longer match the hub's checksum.
+
+    The config and tokenizer files (small) are always hashed. The weights are hashed only when
+    they fail to load, since hashing gigabytes takes seconds; a file that fails to load but
+    matches its checksum is what the hub serves, and is left for the loader to report.
+    """
+    from gpt2cli import weights
+
+    small = [CONFIG_FILE, weights.INDEX_FILE, *TOKENIZER_FILES]
+    damaged = [snapshot / n for n in small if (snapshot / n).exists() and not _intact(snapshot / n)]
+    if damaged or tokenizer_only:
+        return damaged
+    try:
+        weights.load(snapshot)
+    except GPT2Error:
+        return [p for p in weights.weight_files(snapshot) if not _intact(p)]
+    return []
+
+
+def _intact(path: Path) -> bool:
+    """Whether a cached file matches the hash its blob is named by: the sha256 of a weights (LFS)
+    file, the git blob sha1 of the others. A file that is not such a blob cannot be checked, and
+    counts as intact; one that cannot be read does not."""
+    blob = path.resolve()
+    kind = _BLOB.get(len(blob.name)) if blob.parent.name == "blobs" else None
+    if kind is None or not re.fullmatch(r"[0-9a-f]+", blob.name):
+        return True
+    try:
+        with open(blob, "rb") as f:
+            if kind == "git":
+                digest = hashlib.sha1(b"blob %d\0" % os.fstat(f.fileno()).st_size)
+            else:
+                digest = hashlib.sha256()
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except OSError:
+        return False
+    return digest.hexdigest() == blob.name
+
+
 def _download(
     repo_id: str,
     revision: str | None,
@@ -185,33 +277,41 @@ def _download(
     cache_dir: Path | None,
     *,
     tokenizer_only: bool = False,
+    refetch: set[str] | frozenset[str] = frozenset(),
 ) -> Path:
-    """Fetch the files we use from `repo_id` at `revision` into the cache; return the snapshot."""
-    from huggingface_hub import HfApi, constants, hf_hub_download
-    from huggingface_hub.file_download import REGEX_COMMIT_HASH, repo_folder_name
+    """Fetch the files we use from `repo_id` at `revision` into the cache; return the snapshot.
 
-    api = HfApi()
+    Files named in `refetch` are fetched even when the cache has them.
+    """
+    with _importing_hub():
+        from huggingface_hub import constants, hf_hub_download
+        from huggingface_hub.file_download import repo_folder_name
+
+    timeout = download_timeout()
     try:
-        info = api.model_info(repo_id, revision=revision, timeout=constants.HF_HUB_ETAG_TIMEOUT)
-        if info.sha is None or info.siblings is None:
-            raise GPT2Error(f"{constants.ENDPOINT} did not list the files of {repo_id}")
-        paths = [
-            hf_hub_download(
-                repo_id,
-                filename,
-                revision=info.sha,
-                cache_dir=cache_dir,
-                tqdm_class=_progress_bar(filename, progress),
-            )
-            for filename in files_to_fetch(
-                repo_id, [s.rfilename for s in info.siblings], tokenizer_only=tokenizer_only
-            )
-        ]
+        with _hub_output(progress), _deadline(timeout):
+            sha, listing = _listing(repo_id, revision)
+            paths = [
+                hf_hub_download(
+                    repo_id,
+                    filename,
+                    revision=sha,
+                    cache_dir=cache_dir,
+                    force_download=filename in refetch,
+                    tqdm_class=_progress_bar(filename, progress),
+                )
+                for filename in files_to_fetch(repo_id, listing, tokenizer_only=tokenizer_only)
+            ]
+    except _OutOfTime:
+        raise GPT2Error(
+            f"downloading {repo_id} took longer than {timeout:g} s ({TIMEOUT_VARIABLE}); run the "
+            f"command again to resume it, or set {TIMEOUT_VARIABLE} to more seconds (0: no limit)"
+        ) from None
     except GPT2Error:
         raise
     except Exception as e:
         raise _explain(e, repo_id, revision) from None
-    if revision is None or not REGEX_COMMIT_HASH.fullmatch(revision):
+    if revision is None or not _COMMIT.fullmatch(revision):
         # what snapshot_download does: remember the commit a branch or tag pointed to, so the
         # next resolve finds the snapshot in the cache without asking the hub
         root = Path(cache_dir or constants.HF_HUB_CACHE) / repo_folder_name(
@@ -220,13 +320,141 @@ def _download(
         ref = root / "refs" / (revision or constants.DEFAULT_REVISION)
         with contextlib.suppress(OSError):  # best effort, as in huggingface_hub: a read-only
             ref.parent.mkdir(parents=True, exist_ok=True)  # cache still works, just online
-            ref.write_text(info.sha)
+            ref.write_text(sha)
     return Path(paths[0]).parent
+
+
+def _listing(repo_id: str, revision: str | None) -> tuple[str, list[str]]:
+    """The commit hash `revision` points to and the files of the repo there, from the hub.
+
+    An answer of the wrong shape (not the JSON a hub sends) is a GPT2Error naming the endpoint.
+    """
+    with _importing_hub():
+        from huggingface_hub import HfApi, constants
+        from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        info = HfApi().model_info(repo_id, revision=revision, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except HfHubHTTPError:
+        raise  # an HTTP error status: _explain names it
+    except (TypeError, ValueError, KeyError, AttributeError) as e:  # JSON of another shape
+        raise _not_a_hub(_reason(e)) from None
+    sha, siblings = getattr(info, "sha", None), getattr(info, "siblings", None)
+    names = [getattr(s, "rfilename", None) for s in siblings or ()]
+    if not isinstance(sha, str) or not _COMMIT.fullmatch(sha) or not siblings:
+        raise _not_a_hub(f"no commit hash and file list for {repo_id}")
+    if not all(isinstance(n, str) for n in names):
+        raise _not_a_hub(f"a file of {repo_id} has no name")
+    return sha, [n for n in names if isinstance(n, str)]
+
+
+def _not_a_hub(reason: str) -> GPT2Error:
+    with _importing_hub():
+        from huggingface_hub import constants
+
+    return GPT2Error(
+        f"{constants.ENDPOINT} did not answer like a Hugging Face hub ({reason}); check HF_ENDPOINT"
+    )
+
+
+@contextlib.contextmanager
+def _importing_hub() -> Iterator[None]:
+    """Wrap every import of huggingface_hub: a bad setting it reads at import is one GPT2Error
+    naming the variable, and its import-time warnings (deprecated variables) are not shown."""
+    for variable in _HUB_TIMEOUTS:
+        value = os.environ.get(variable)
+        try:
+            valid = value is None or int(value) >= 0
+        except ValueError:
+            valid = False
+        if not valid:
+            raise GPT2Error(
+                f"{variable}={value!r} is not a whole number of seconds; set it to one such as "
+                "10 (0: huggingface_hub's default), or unset it"
+            )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    except ValueError as e:  # another setting huggingface_hub cannot parse
+        raise GPT2Error(
+            f"huggingface_hub cannot start ({_reason(e)}); check the HF_ environment variables"
+        ) from None
+
+
+def download_timeout() -> float:
+    """The seconds one download may take: GPT2CLI_DOWNLOAD_TIMEOUT, else one hour; 0 is no limit."""
+    value = os.environ.get(TIMEOUT_VARIABLE)
+    if value is None:
+        return DEFAULT_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        raise GPT2Error(
+            f"{TIMEOUT_VARIABLE}={value!r} is not a number of seconds; set it to one such as "
+            "600 (0: no limit), or unset it"
+        )
+    return seconds
+
+
+class _OutOfTime(BaseException):
+    """The download deadline passed. A BaseException, as Ctrl-C's KeyboardInterrupt is, so that no
+    `except Exception` in huggingface_hub mistakes it for a network error and retries."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    """Raise _OutOfTime in the block after `seconds` (0: never), interrupting even a blocked read.
+
+    Uses SIGALRM, so there is no deadline where that is not ours to use: off Unix, outside the
+    main thread, or while the program has a timer of its own running.
+    """
+    usable = (
+        seconds > 0
+        and hasattr(signal, "setitimer")
+        and threading.current_thread() is threading.main_thread()
+        and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    )
+    if not usable:
+        yield
+        return
+
+    def ring(signum: int, frame: object) -> None:
+        raise _OutOfTime
+
+    previous = signal.signal(signal.SIGALRM, ring)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous if previous is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _hub_output(progress: bool) -> Iterator[None]:
+    """No Python warnings from huggingface_hub, and its log (retries, resumed downloads) only
+    beside the progress bars: quiet or piped, a failure ends in one line, a success in none."""
+    import logging
+
+    log = logging.getLogger("huggingface_hub")
+    level = log.level
+    if not progress:
+        log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.setLevel(level)
 
 
 def _progress_bar(filename: str, show: bool) -> Any:
     """huggingface_hub's progress bar labelled with the file name (it shows a URL's tail)."""
-    from huggingface_hub.utils.tqdm import silent_tqdm, tqdm
+    with _importing_hub():
+        from huggingface_hub.utils.tqdm import silent_tqdm, tqdm
 
     if not show:
         return silent_tqdm
@@ -240,11 +468,17 @@ def _progress_bar(filename: str, show: bool) -> Any:
 
 def _explain(error: Exception, repo_id: str, revision: str | None) -> Exception:
     """One line naming what went wrong on the hub and the next step; unknown errors pass through."""
-    import httpx2
-    from huggingface_hub import constants
-    from huggingface_hub import errors as hf
+    with _importing_hub():
+        import httpx2
+        from huggingface_hub import constants
+        from huggingface_hub import errors as hf
 
     endpoint = constants.ENDPOINT
+    cause = error.__cause__
+    if isinstance(error, hf.LocalEntryNotFoundError) and isinstance(cause, Exception):
+        explained = _explain(cause, repo_id, revision)  # what the hub answered, if it did
+        if isinstance(explained, GPT2Error):
+            return explained
     if isinstance(error, hf.GatedRepoError):
         return GPT2Error(
             f"{repo_id} is gated: accept its terms at {endpoint}/{repo_id} and set HF_TOKEN "

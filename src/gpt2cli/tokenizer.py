@@ -14,6 +14,7 @@ import hashlib
 import marshal
 import operator
 import os
+import stat
 import sys
 from collections.abc import Iterable
 from itertools import chain, pairwise
@@ -292,14 +293,20 @@ def _default_tokenizer() -> Tokenizer:
 def load_tokenizer(folder: Path | None) -> Tokenizer:
     """The tokenizer for a model folder: its own files when it has them, else GPT-2's default.
 
-    Every GPT-2 checkpoint shares one vocabulary, so a folder without tokenizer files (weights
-    only) uses the built-in one; a folder whose tokenizer files are broken is an error.
+    Every GPT-2 checkpoint shares one vocabulary, so a model folder without tokenizer files
+    (config and weights only) uses the built-in one. A folder with neither tokenizer files nor
+    config.json is not a model, and one whose tokenizer files are broken: both are errors.
     """
     if folder is None:
         return Tokenizer.default()
     if not any((folder / name).exists() for name in (*HF_FILES, *OPENAI_FILES)):
         if not folder.is_dir():
             raise GPT2Error(f"model folder {folder} does not exist or is not a folder")
+        if not (folder / "config.json").is_file():
+            raise GPT2Error(
+                f"{folder} is not a model folder: it has neither tokenizer files (vocab.json + "
+                "merges.txt, or encoder.json + vocab.bpe) nor config.json"
+            )
         return Tokenizer.default()
     return Tokenizer.from_dir(folder)
 
@@ -324,6 +331,8 @@ def _layout(folder: Path) -> tuple[str, str]:
 
 Tables = tuple[dict[str, int], dict[tuple[int, int], int], list[int]]  # Tokenizer's arguments
 TABLES_FORMAT = 1  # change it when the tables change, so older cached ones are not used
+MAX_CACHED = 64 << 20  # bytes of a cache file: GPT-2's tables take 1.9 MB
+_BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
 
 
 def _tables(vocab_path: Path, merges_path: Path) -> Tables:
@@ -351,29 +360,68 @@ def _tables(vocab_path: Path, merges_path: Path) -> Tables:
 
 
 def _load_cached(path: Path) -> Tables | None:
-    """Tables stored by `_store_cached`, or None if the file is missing or damaged."""
+    """Tables stored by `_store_cached`, or None (a miss, so they are rebuilt) for anything else.
+
+    The file is opened without blocking (a FIFO would wait forever for a writer) and read only if
+    it is a regular file of a plausible size; its checksum, then the shape of what it holds, are
+    checked, and any surprise is a miss.
+    """
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | _BINARY | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_CACHED:
+                return None
+            data = f.read(MAX_CACHED + 1)
     except OSError:
         return None
     digest, payload = data[:32], data[32:]
-    if hashlib.sha256(payload).digest() != digest:
+    if len(data) > MAX_CACHED or hashlib.sha256(payload).digest() != digest:
         return None
     try:
-        tables: Tables = marshal.loads(payload)
-    except (EOFError, ValueError, TypeError):
+        tables = marshal.loads(payload)
+    except Exception:  # marshal data of any kind of damage
         return None
-    return tables
+    return tables if _well_formed(tables) else None
+
+
+def _well_formed(tables: object) -> bool:
+    """Whether unmarshalled data has the shape of Tables, checked cheaply (checking every entry
+    would cost most of what the cache saves): the three tables' types, the types of their first
+    and last entries, and the entries `Tokenizer` looks up on creation."""
+    if type(tables) is not tuple or len(tables) != 3:
+        return False
+    encoder, ranks, merged = tables
+    if type(encoder) is not dict or type(ranks) is not dict or type(merged) is not list:
+        return False
+    if not all(type(encoder.get(c)) is int for c in (*BYTE_CHARS, ENDOFTEXT)):
+        return False
+    tokens = [next(iter(encoder)), next(reversed(encoder))]
+    pairs = [next(iter(ranks)), next(reversed(ranks))] if ranks else []
+    if not all(type(t) is str for t in tokens):
+        return False
+    if not all(type(p) is tuple and len(p) == 2 for p in pairs):
+        return False
+    ids = [*merged[:1], *merged[-1:], *(ranks[p] for p in pairs), *chain.from_iterable(pairs)]
+    return all(type(i) is int for i in ids)
 
 
 def _store_cached(path: Path, tables: Tables) -> None:
     """Write the tables atomically (a reader sees the old file or the whole new one); a cache
-    that cannot be written only costs the next run its speed."""
+    that cannot be written only costs the next run its speed. The partial file is always created
+    anew (O_EXCL), never opened through something already there under its name."""
     payload = marshal.dumps(tables)
+    if 32 + len(payload) > MAX_CACHED:
+        return  # it would never be loaded
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_bytes(hashlib.sha256(payload).digest() + payload)
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _BINARY, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(hashlib.sha256(payload).digest() + payload)
         os.replace(partial, path)
     except OSError:
         with contextlib.suppress(OSError):
