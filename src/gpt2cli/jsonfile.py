@@ -25,6 +25,7 @@ MAX_DEPTH = 64  # arrays and objects nested deeper than this are refused; our fi
 MAX_BYTES = 100 * 1024 * 1024  # larger JSON files are refused unread (GPT-2's vocab.json: 1 MB)
 MAX_INT = 2**63 - 1  # the largest size or index numpy and the safetensors format can hold
 _SHOWN = 60  # characters of a bad value quoted in a message
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # POSIX: opening a FIFO returns at once
 
 _KINDS = (
     (stat.S_ISDIR, "a directory"),
@@ -56,12 +57,13 @@ def open_file(path: Path, missing: str = "missing") -> BinaryIO:
     """
     check_file(path, missing)
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        fd = os.open(path, os.O_RDONLY | _NONBLOCK)
     except OSError as e:
         raise GPT2Error(f"{path}: {_unopenable(path, e, missing)}") from None
     try:
         _require_regular(path, os.fstat(fd).st_mode)
-        os.set_blocking(fd, True)
+        if _NONBLOCK:
+            os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise

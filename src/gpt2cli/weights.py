@@ -3,7 +3,9 @@
 float32 tensors are views of the memory-mapped file (zero-copy: pages are read on first touch and
 shared with the page cache); float16 and bfloat16 tensors are widened to float32 once. The
 safetensors header is parsed here rather than through `safe_open`, whose numpy tensors are copies.
-Nothing is ever unpickled: a folder with only `pytorch_model.bin` is refused.
+Nothing is ever unpickled: a folder with only `pytorch_model.bin` is refused. Every file is
+untrusted: JSON goes through `gpt2cli.jsonfile`, each header field is type- and bounds-checked
+before use, and a shard index can name only files in the folder itself.
 """
 
 from __future__ import annotations
