@@ -187,6 +187,48 @@ def available_memory() -> int | None:
     return None
 
 
+def score_windows(n_tokens: int, n_ctx: int, stride: int) -> list[tuple[int, int, int]]:
+    """Hugging Face's strided windows ("Perplexity of fixed-length models") over a sequence:
+    (begin, end, first) for each window of at most n_ctx positions starting every `stride`.
+
+    Window [begin, end) scores the tokens [first, end): those after the previous window's end
+    (`trg_len = end - prev_end`), so each token is scored once, with the most context a window
+    gives it. A window's first token has no context in it and is never scored, so with stride
+    n_ctx the tokens at window starts go unscored, as in that recipe.
+    """
+    windows, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + n_ctx, n_tokens)
+        first = max(prev_end, begin + 1)
+        if first < end:
+            windows.append((begin, end, first))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return windows
+
+
+@dataclass
+class ScoredBlock:
+    """Scored tokens of one sequence: `targets[i]`, at `positions[i]`, given `logits[i]`.
+
+    `logits` [n, V] are the model's raw next-token logits at position `positions[i] - 1`.
+    """
+
+    row: int  # which of the scored sequences
+    positions: NDArray[np.intp]  # [n]
+    targets: NDArray[np.intp]  # [n]
+    logits: Array  # [n, V]
+
+    def logprobs(self) -> Array:
+        """log p(target) for each token [n] float32: its logit minus the row's logsumexp."""
+        top = self.logits.max(axis=-1)  # [n]
+        total = np.exp(self.logits - top[:, None]).sum(axis=-1)  # [n]
+        chosen = self.logits[np.arange(len(self.targets)), self.targets]  # [n]
+        out: Array = (chosen - top - np.log(total)).astype(np.float32)
+        return out
+
+
 @dataclass
 class DecodeState:
     """The KV cache of a batch being decoded, allocated once with room for `capacity` positions.
@@ -311,6 +353,110 @@ class GPT2:
         self._check_ids(ids)
         x = self._extend(state, ids[:, None])  # [B, 1, D]
         return self._head(x[:, 0], state.lengths - 1)  # [B, V]
+
+    def score(self, ids: Ids, *, stride: int | None = None, bos: bool = True) -> Array:
+        """Log-probability of each scored token of `ids` given the tokens before it, in order.
+
+        With `bos` (the default) `<|endoftext|>` is put before the text as context, so every
+        token is scored; without it the first token has no context and is not. Texts longer than
+        the context use Hugging Face's strided windows (`score_windows`; `stride` defaults to
+        n_ctx // 2), each token scored once; with stride n_ctx the token at each later window's
+        start has no context in it and is not scored either, as in that recipe.
+        """
+        sequence = self.scoring_sequence(ids, bos=bos)
+        logprobs = np.empty(len(sequence), np.float32)  # [T]: token t given 0..t-1
+        scored = np.zeros(len(sequence), bool)  # [T]
+        for block in self.scored_logits([sequence], stride=stride):
+            logprobs[block.positions] = block.logprobs()
+            scored[block.positions] = True
+        return logprobs[scored]
+
+    def scored_logits(
+        self, sequences: Sequence[Ids], *, stride: int | None = None, batch_tokens: int = 2048
+    ) -> Iterator[ScoredBlock]:
+        """The logits that score every token of each sequence but its first, a block at a time.
+
+        Each token is scored once, in the strided window (`score_windows`) that gives it the
+        most context; windows of all sequences are run as padded batches of at most
+        `batch_tokens` positions (or one window), longest first, and the output head runs only
+        for positions whose next token is scored, a prefill chunk at a time, so memory stays
+        flat in the length of the text. Blocks of one sequence come in position order.
+        """
+        n_ctx = self.config.n_ctx
+        stride = n_ctx // 2 if stride is None else stride
+        if not 1 <= stride <= n_ctx:
+            raise GPT2Error(
+                f"stride must be between 1 and the model's n_ctx ({n_ctx}), got {stride}"
+            )
+        rows = [self.scoring_sequence(seq, bos=False) for seq in sequences]
+        windows = [
+            (row, *window)
+            for row, seq in enumerate(rows)
+            for window in score_windows(len(seq), n_ctx, stride)
+        ]
+        windows.sort(key=lambda w: w[2] - w[1], reverse=True)  # stable: a row's stay in order
+        while windows:
+            size = max(1, batch_tokens // (windows[0][2] - windows[0][1]))
+            batch, windows = windows[:size], windows[size:]
+            yield from self._score_batch(rows, batch)
+
+    def _score_batch(
+        self, rows: list[NDArray[np.intp]], windows: list[tuple[int, int, int, int]]
+    ) -> Iterator[ScoredBlock]:
+        """Run windows (row, begin, end, first scored) as one right-padded batch."""
+        width = max(end - begin for _, begin, end, _ in windows)
+        batch = np.zeros((len(windows), width), np.intp)  # [B, T]
+        for b, (row, begin, end, _) in enumerate(windows):
+            batch[b, : end - begin] = rows[row][begin:end]
+        state = self._empty_state(len(windows), width, logits=PREFILL_TOKENS)
+        for start, x in self._run_prompts(state, batch):  # x [B, chunk, D]
+            # hidden state at window position p predicts the token at p + 1
+            picks = [
+                (
+                    b,
+                    np.arange(
+                        max(start, first - begin - 1), min(start + x.shape[1], end - begin - 1)
+                    ),
+                )
+                for b, (_, begin, end, first) in enumerate(windows)
+            ]
+            picks = [(b, p) for b, p in picks if p.size]
+            if not picks:
+                continue
+            hidden = np.concatenate([x[b, p - start] for b, p in picks])  # [n, D]
+            targets = np.concatenate([p + 1 + windows[b][1] for b, p in picks])  # positions [n]
+            logits = self._head(hidden, targets - 1)  # [n, V]
+            offset = 0
+            for b, p in picks:
+                row, rows_positions = windows[b][0], targets[offset : offset + p.size]
+                yield ScoredBlock(
+                    row=row,
+                    positions=rows_positions,
+                    targets=rows[row][rows_positions],
+                    logits=logits[offset : offset + p.size],
+                )
+                offset += p.size
+
+    def scoring_sequence(self, ids: Ids, *, bos: bool) -> NDArray[np.intp]:
+        """The sequence that scores `ids`: checked, `<|endoftext|>` first with `bos`; a GPT2Error
+        when there is nothing to score (no ids, or one without `bos`)."""
+        array = np.asarray(ids)
+        if array.ndim != 1:
+            raise GPT2Error(
+                f"ids must be a 1-D sequence of token ids, got shape {list(array.shape)}"
+            )
+        if array.size:
+            self._check_ids(array)
+        if array.size == 0 or (array.size == 1 and not bos):
+            raise GPT2Error(
+                "nothing to score: the text is empty"
+                if array.size == 0
+                else "nothing to score: the first token has no context (score with "
+                "<|endoftext|> before it, bos=True, to score it)"
+            )
+        if bos:
+            array = np.concatenate([[self.tokenizer.eot_token], array])
+        return array.astype(np.intp)
 
     def generate(
         self,
