@@ -297,6 +297,11 @@ def test_download_fetches_again_the_cached_files_that_fail_their_check(
     fake_hub.add("someone/tiny", tiny_repo)
     folder = downloaded(gpt2("download", "someone/tiny"))
     cut(folder / "model.safetensors", 1000)
+    assert_fails(
+        gpt2("download", "someone/tiny", HF_HUB_OFFLINE="1"),
+        "model.safetensors: damaged in the hub cache",
+        "unset HF_HUB_OFFLINE and run `gpt2 download someone/tiny` to fetch it again",
+    )
     fake_hub.requests.clear()
     result = gpt2("download", "-q", "someone/tiny")
     assert downloaded(result) == folder and result.stderr == ""

@@ -123,22 +123,31 @@ def resolve(
     damaged = damaged_files(snapshot, tokenizer_only=tokenizer_only)
     if not damaged:
         return snapshot
-    if not refetch_damaged:
+    with _importing_hub():
+        from huggingface_hub import constants
+
+    offline = constants.is_offline_mode()
+    if not refetch_damaged or offline:
         command = shlex.join(
             ["gpt2", "download", name, *(["--revision", revision] if revision else [])]
         )
         raise GPT2Error(
             f"{damaged[0]}: damaged in the hub cache (it no longer matches the hub's checksum); "
-            f"run `{command}` to fetch it again"
+            f"{'unset HF_HUB_OFFLINE and ' if offline else ''}run `{command}` to fetch it again"
         )
-    return _download(
-        repo_id,
-        snapshot.name,  # the cached commit, so the damaged files are replaced in place
-        progress,
-        cache,
-        tokenizer_only=tokenizer_only,
-        refetch={p.name for p in damaged},
-    )
+    try:
+        return _download(
+            repo_id,
+            snapshot.name,  # the cached commit, so the damaged files are replaced in place
+            progress,
+            cache,
+            tokenizer_only=tokenizer_only,
+            refetch={p.name for p in damaged},
+        )
+    except GPT2Error as e:
+        raise GPT2Error(
+            f"{damaged[0]}: damaged in the hub cache, and fetching it again failed: {e}"
+        ) from None
 
 
 def repo_id_for(name: str) -> str:
@@ -185,15 +194,16 @@ def cached(
     from gpt2cli import weights
 
     try:
-        folder = Path(
-            snapshot_download(
-                repo_id,
-                revision=revision,
-                cache_dir=cache_dir,
-                allow_patterns=[CONFIG_FILE],
-                local_files_only=True,
+        with _hub_output(progress=False):
+            folder = Path(
+                snapshot_download(
+                    repo_id,
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    allow_patterns=[CONFIG_FILE],
+                    local_files_only=True,
+                )
             )
-        )
         if not tokenizer_only:
             weights.weight_files(folder)
     except (LocalEntryNotFoundError, GPT2Error):
