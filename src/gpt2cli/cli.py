@@ -98,11 +98,16 @@ def read_text(text: str | None, what: str = "input") -> str:
         data, where = text.encode("utf-8", "surrogateescape"), "in the argument"
     else:
         data, where = stdin_binary().read(), "on stdin"
+    return decode_utf8(data, f"{what} {where}")
+
+
+def decode_utf8(data: bytes, what: str) -> str:
+    """`data` as strict UTF-8, or a GPT2Error naming `what` and the first bad byte's offset."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise GPT2Error(
-            f"{what} {where} is not valid UTF-8: byte 0x{data[e.start]:02x} at offset {e.start}"
+            f"{what} is not valid UTF-8: byte 0x{data[e.start]:02x} at offset {e.start}"
         ) from None
 
 
@@ -431,6 +436,170 @@ def _parse_ids(source: str, where: str) -> list[int]:
             raise GPT2Error(f"{jsonfile.show(item)} {at} is not an integer token id")
         ids.append(item)
     return ids
+
+
+@cli.command()
+@click.argument("files", nargs=-1, metavar="[FILE]...")
+@click.option("--text", "literal", metavar="TEXT", help="Score TEXT itself instead of files.")
+@click.option(
+    "-m",
+    "--model",
+    "model_name",
+    default="gpt2",
+    show_default=True,
+    help="A model name (gpt2, gpt2-medium, 355M, ...), a hub repo id owner/name, or a folder.",
+)
+@click.option("--revision", help="Branch, tag or commit of a hub model.")
+@click.option(
+    "--stride",
+    type=click.IntRange(min=1),
+    help="Start a window every STRIDE tokens in texts longer than the context "
+    "[default: half the context, 512 for GPT-2].",
+)
+@click.option(
+    "--no-bos",
+    is_flag=True,
+    help="Do not put <|endoftext|> before the text as context (its first token is then not "
+    "scored), as Hugging Face's perplexity recipe.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per input per line.")
+@click.option(
+    "--tokens",
+    is_flag=True,
+    help="Every token's logprob and rank: rows when piped, the text coloured by rank (GLTR) on "
+    "a terminal, a `tokens` list with --json/--jsonl.",
+)
+@click.option(
+    "--top",
+    type=click.IntRange(min=0, max=1000),
+    default=0,
+    help="With --tokens, also the N most likely tokens at each place.",
+)
+@click.option(
+    "--jsonl",
+    is_flag=True,
+    help='Read JSON Lines ({"text": ...} per line, other fields passed through) and write one '
+    "result object per line, in order.",
+)
+def score(
+    files: tuple[str, ...],
+    literal: str | None,
+    model_name: str,
+    revision: str | None,
+    stride: int | None,
+    no_bos: bool,
+    as_json: bool,
+    tokens: bool,
+    top: int,
+    jsonl: bool,
+) -> None:
+    """Score text with GPT-2: perplexity, bits per byte and each token's surprisal.
+
+    Reads each FILE (stdin when there is none, or for `-`), or --text. Texts longer than the
+    context are scored in Hugging Face's strided windows, every token once. Piped, the default
+    output is tab-separated: a header, then source, tokens, perplexity and bits per byte per
+    input.
+    """
+    from gpt2cli import hub
+    from gpt2cli.model import GPT2
+    from gpt2cli.output import (
+        print_gltr,
+        print_score_summary,
+        print_token_rows,
+        score_json,
+        token_progress,
+    )
+    from gpt2cli.score import combined, score_texts
+
+    if top and not tokens:
+        raise click.UsageError("--top goes with --tokens")
+    inputs = _score_inputs(files, literal, jsonl)
+    model = GPT2.from_pretrained(hub.resolve(model_name, revision, progress=sys.stderr.isatty()))
+    if stride is not None and stride > model.config.n_ctx:
+        raise GPT2Error(f"--stride must be between 1 and the context, {model.config.n_ctx} tokens")
+    names = ["stdin" if name == "-" else name for name, _, _ in inputs]
+    with token_progress("scoring") as progress:
+        scores = score_texts(
+            model,
+            [text for _, _, text in inputs],
+            stride=stride,
+            bos=not no_bos,
+            top=top,
+            progress=progress,
+            names=names,
+        )
+    tokenizer = model.tokenizer
+    if jsonl or as_json:
+        for (_, fields, _), result in zip(inputs, scores, strict=True):
+            write_stdout(score_json(result, tokenizer, tokens=tokens, first=fields))
+    elif tokens and sys.stdout.isatty():
+        for name, (_, _, text), result in zip(names, inputs, scores, strict=True):
+            print_gltr(tokenizer, name, tokenizer.encode(text), result)
+    elif tokens:
+        print_token_rows(tokenizer, list(zip(names, scores, strict=True)), top)
+    else:
+        total = combined(scores) if len(scores) > 1 else None
+        print_score_summary(list(zip(names, scores, strict=True)), total)
+
+
+def _score_inputs(
+    files: tuple[str, ...], literal: str | None, jsonl: bool
+) -> list[tuple[str, dict[str, Any], str]]:
+    """What `gpt2 score` reads, each as (name for messages, first output fields, text)."""
+    if literal is not None:
+        if files or jsonl:
+            raise click.UsageError("--text goes alone, without FILE arguments or --jsonl")
+        return [("<text>", {"source": "<text>"}, read_text(literal, "--text"))]
+    sources = files or ("-",)
+    if sources.count("-") > 1:
+        raise click.UsageError("stdin (-) can be read only once")
+    if not jsonl:
+        return [(name, {"source": name}, _read_input(name)) for name in sources]
+    if len(sources) > 1:
+        raise click.UsageError("--jsonl reads one file (or stdin)")
+    return _jsonl_rows(sources[0], _read_input(sources[0]))
+
+
+def _read_input(name: str) -> str:
+    """The text of file `name` (stdin for `-`), strict UTF-8; errors name the file."""
+    if name == "-":
+        return read_text(None, "input")
+    try:
+        with open(name, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise GPT2Error(f"{name}: cannot read it ({e.strerror})") from None
+    return decode_utf8(data, name)
+
+
+def _jsonl_rows(name: str, content: str) -> list[tuple[str, dict[str, Any], str]]:
+    """Every non-blank line of a JSON Lines input, checked: an object with a string "text".
+
+    The other fields are passed through to the output; index is the line's number from 0.
+    """
+    import json
+
+    from gpt2cli import jsonfile
+
+    where = "stdin" if name == "-" else name
+    rows = []
+    for index, line in enumerate(content.split("\n")):
+        if not line.strip():
+            continue
+        line_name = f"{where} line {index + 1}"
+        row = jsonfile.mapping(jsonfile.parse(line, line_name), line_name)
+        text = jsonfile.string(jsonfile.field(row, "text", line_name), f'{line_name} "text"')
+        fields = {"index": index} | {k: v for k, v in row.items() if k != "text"}
+        try:
+            json.dumps(fields, allow_nan=False)
+        except ValueError:
+            raise GPT2Error(
+                f"{line_name}: holds NaN or Infinity, which JSON cannot carry"
+            ) from None
+        rows.append((line_name, fields, text))
+    if not rows:
+        raise GPT2Error(f"{where}: no JSON lines to score")
+    return rows
 
 
 def main() -> None:

@@ -451,8 +451,8 @@ class GPT2:
             raise GPT2Error(
                 "nothing to score: the text is empty"
                 if array.size == 0
-                else "nothing to score: the first token has no context (score with "
-                "<|endoftext|> before it, bos=True, to score it)"
+                else "nothing to score: one token has no context unless <|endoftext|> is put "
+                "before it (bos=True, the default, which --no-bos turns off)"
             )
         if bos:
             array = np.concatenate([[self.tokenizer.eot_token], array])

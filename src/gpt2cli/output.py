@@ -8,14 +8,19 @@ is an OSError the CLI's boundary turns into one line. rich is imported only on a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from gpt2cli.errors import GPT2Error
 
 if TYPE_CHECKING:
     from gpt2cli.generate import Generation
+    from gpt2cli.score import TextScore
+    from gpt2cli.tokenizer import Tokenizer
 
 
 def write_stdout(data: str | bytes) -> None:
@@ -157,3 +162,192 @@ class SamplePrinter:
             self.console.out(text, end="")
         else:
             write_stdout(text)
+
+
+# How a token's piece is shown in a row: C0 controls escaped, so one token is one line and its
+# bytes are visible (a backslash is doubled first, so the pieces read in order spell the text
+# unambiguously); bytes of a split UTF-8 character show as \xNN.
+_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]} | {
+    ord("\n"): "\\n",
+    ord("\r"): "\\r",
+    ord("\t"): "\\t",
+}
+
+
+def escape_piece(raw: bytes) -> str:
+    """A token's bytes as one printable, unambiguous line (what `gpt2 encode --tokens` shows)."""
+    return raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace").translate(_ESCAPES)
+
+
+def terminal_console(*, stderr: bool = False) -> Any:
+    """A rich Console for a terminal (None when that stream is not one), honouring NO_COLOR."""
+    stream = sys.stderr if stderr else sys.stdout
+    if stream is None or not stream.isatty():
+        return None
+    from rich.console import Console
+
+    no_color = bool(os.environ.get("NO_COLOR"))
+    return Console(stderr=stderr, color_system=None if no_color else "auto", highlight=False)
+
+
+# GLTR's four colours: the actual token among the model's top 10, top 100, top 1,000, or beyond
+GLTR_BUCKETS = ((10, "black on #adff80"), (100, "black on #ffea80"), (1000, "black on #ff9280"))
+GLTR_BEYOND = "black on #e5b0ff"
+
+
+def print_score_summary(rows: Sequence[tuple[str, TextScore]], total: TextScore | None) -> None:
+    """One line per input: source, tokens, perplexity, bits per byte.
+
+    On a terminal an aligned table with a total row (when `total` is given); piped, a
+    tab-separated header and rows, with no total, for `sort -t$'\\t' -k3 -g`.
+    """
+    console = terminal_console()
+    if console is None:
+        lines = ["source\ttokens\tperplexity\tbits_per_byte"] + [
+            f"{_cell(source)}\t{s.n_tokens}\t{s.perplexity:.6g}\t{s.bits_per_byte:.6g}"
+            for source, s in rows
+        ]
+        write_stdout("\n".join(lines) + "\n")
+        return
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for name, justify in [
+        ("source", "left"),
+        ("tokens", "right"),
+        ("perplexity", "right"),
+        ("bits/byte", "right"),
+    ]:
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for source, s in [*rows, *([("total", total)] if total is not None else [])]:
+        table.add_row(source, f"{s.n_tokens:,}", f"{s.perplexity:.4g}", f"{s.bits_per_byte:.4f}")
+    console.print(table)
+
+
+def print_token_rows(tokenizer: Tokenizer, rows: Sequence[tuple[str, TextScore]], top: int) -> None:
+    """`--tokens` piped: a header, then one tab-separated row per scored token: id, piece,
+    logprob, rank and, with --top, each alternative's id, piece and logprob; a first column
+    `source` when there are several inputs."""
+    several = len(rows) > 1
+    header = ["id", "piece", "logprob", "rank"]
+    header += [f"top{k}_{f}" for k in range(1, top + 1) for f in ("id", "piece", "logprob")]
+    lines = ["\t".join((["source"] if several else []) + header)]
+    for source, s in rows:
+        lead = f"{_cell(source)}\t" if several else ""
+        for i, token in enumerate(s.ids.tolist()):
+            cells = [
+                str(token),
+                escape_piece(tokenizer.token_bytes(token)),
+                f"{s.logprobs[i]:.6f}",
+                str(s.ranks[i]),
+            ]
+            for alt, logprob in zip(s.top_ids[i].tolist(), s.top_logprobs[i], strict=True):
+                cells += [str(alt), escape_piece(tokenizer.token_bytes(alt)), f"{logprob:.6f}"]
+            lines.append(lead + "\t".join(cells))
+        write_stdout("\n".join(lines) + "\n")
+        lines = []
+
+
+def gltr_style(rank: int) -> str:
+    """The GLTR colour of a token the model ranked `rank` (1 = its top choice)."""
+    return next((style for limit, style in GLTR_BUCKETS if rank <= limit), GLTR_BEYOND)
+
+
+def print_gltr(tokenizer: Tokenizer, source: str, ids: Sequence[int], s: TextScore) -> None:
+    """`--tokens` on a terminal: the text itself, each token coloured by the rank the model gave
+    it (GLTR's top 10 / 100 / 1,000 / beyond), after a legend line; unscored tokens plain."""
+    import codecs
+
+    from rich.text import Text
+
+    console = terminal_console()
+    legend = Text(f"{source}: ", style="bold")
+    for limit, style in GLTR_BUCKETS:
+        legend.append(f" top {limit:,} ", style=style).append(" ")
+    legend.append(" beyond ", style=GLTR_BEYOND)
+    console.print(legend)
+    ranks = dict(zip(s.positions.tolist(), s.ranks.tolist(), strict=True))
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    text = Text()
+    for position, token in enumerate(ids):
+        piece = utf8.decode(tokenizer.token_bytes(token), final=position == len(ids) - 1)
+        rank = ranks.get(position)
+        text.append(piece, style="" if rank is None else gltr_style(rank))
+    console.print(text, soft_wrap=True)
+    console.print(
+        f"{s.n_tokens:,} tokens, perplexity {s.perplexity:.4g}, "
+        f"{s.bits_per_byte:.4f} bits per byte",
+        style="dim",
+    )
+
+
+def score_json(s: TextScore, tokenizer: Tokenizer, *, tokens: bool, first: dict[str, Any]) -> str:
+    """One `--json` / `--jsonl` line: `first` (source or index and passed-through fields), the
+    totals, and with `tokens` every scored token as {id, text, logprob, rank[, top]}."""
+    import json
+
+    out = first | s.totals()
+    if tokens:
+        out["tokens"] = [
+            {
+                "id": token,
+                "text": tokenizer.decode([token]),
+                "logprob": round(float(s.logprobs[i]), 6),
+                "rank": int(s.ranks[i]),
+            }
+            | (
+                {
+                    "top": [
+                        {"id": alt, "text": tokenizer.decode([alt]), "logprob": round(float(lp), 6)}
+                        for alt, lp in zip(s.top_ids[i].tolist(), s.top_logprobs[i], strict=True)
+                    ]
+                }
+                if s.top_ids.shape[1]
+                else {}
+            )
+            for i, token in enumerate(s.ids.tolist())
+        ]
+    return json.dumps(out, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def _cell(text: str) -> str:
+    """A file name as one TSV cell: control characters (tabs, newlines) escaped."""
+    return escape_piece(text.encode("utf-8", "surrogateescape"))
+
+
+PROGRESS_MIN_TOKENS = 4096  # smaller inputs are scored before a bar would be worth drawing
+
+
+@contextlib.contextmanager
+def token_progress(what: str) -> Iterator[Callable[[int, int], None]]:
+    """A `progress(done, total)` callback that draws a rich progress bar on stderr (tokens done
+    of total, tokens/s, time left) when stderr is a terminal and the total is large enough."""
+    console = terminal_console(stderr=True)
+    if console is None:
+        yield lambda done, total: None
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn(what),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("tokens, {task.fields[rate]:,.0f} tokens/s"),
+        TimeRemainingColumn(),
+    )
+    start = time.perf_counter()
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(what, total=None, visible=False, rate=0.0)
+
+        def update(done: int, total: int) -> None:
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            shown = total >= PROGRESS_MIN_TOKENS
+            bar.update(task, completed=done, total=total, visible=shown, rate=rate)
+
+        yield update

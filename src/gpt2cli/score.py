@@ -35,6 +35,7 @@ class TextScore:
     `top_logprobs` [n, top] hold the most likely tokens at each place, most likely first.
     """
 
+    positions: NDArray[np.intp]  # [n]: index of each scored token among the text's tokens
     ids: NDArray[np.intp]  # [n]
     logprobs: NDArray[np.float32]  # [n]
     ranks: NDArray[np.intp]  # [n]
@@ -124,39 +125,62 @@ def score_texts(
     stride: int | None = None,
     bos: bool = True,
     top: int = 0,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    names: Sequence[str] | None = None,
 ) -> list[TextScore]:
     """Score several texts, batched together; every text is checked before any is scored.
 
     `bos` puts `<|endoftext|>` before each text, so its first token is scored too; `stride`
     is the window stride for texts longer than the context (default n_ctx // 2); `top` keeps
-    that many most likely alternatives per token. `progress`, if given, is called with the
-    number of tokens just scored after each block.
+    that many most likely alternatives per token. `progress`, if given, is called after each
+    block with the tokens scored so far and the total to score. `names` name the texts in
+    errors (default: "text N").
     """
     if top < 0:
         raise GPT2Error(f"top must be >= 0, got {top}")
     top = min(top, model.config.n_vocab)
-    sequences = [scoring_ids(model, text, bos=bos, index=i) for i, text in enumerate(texts)]
+    names = names or [f"text {i} (counting from 0)" for i in range(len(texts))]
+    sequences = [
+        scoring_ids(model, text, bos=bos, name=name)
+        for text, name in zip(texts, names, strict=True)
+    ]
     collected: list[list[_Block]] = [[] for _ in texts]
+    total, done = sum(len(s) - 1 for s in sequences), 0
     for block in model.scored_logits(sequences, stride=stride):
         collected[block.row].append(_reduce(block, top))
+        done += len(block.targets)
         if progress is not None:
-            progress(len(block.targets))
-    return [_text_score(blocks, text, top) for blocks, text in zip(collected, texts, strict=True)]
+            progress(done, total)
+    return [
+        _text_score(blocks, text, top, first=1 if bos else 0)
+        for blocks, text in zip(collected, texts, strict=True)
+    ]
 
 
-def scoring_ids(model: GPT2, text: str, *, bos: bool, index: int | None = None) -> NDArray[np.intp]:
+def combined(scores: Sequence[TextScore]) -> TextScore:
+    """Several texts' scores as one: tokens, bytes and words added, so the totals are pooled."""
+    return TextScore(
+        positions=np.concatenate([s.positions for s in scores]),
+        ids=np.concatenate([s.ids for s in scores]),
+        logprobs=np.concatenate([s.logprobs for s in scores]),
+        ranks=np.concatenate([s.ranks for s in scores]),
+        top_ids=np.concatenate([s.top_ids for s in scores]),
+        top_logprobs=np.concatenate([s.top_logprobs for s in scores]),
+        n_bytes=sum(s.n_bytes for s in scores),
+        n_words=sum(s.n_words for s in scores),
+    )
+
+
+def scoring_ids(model: GPT2, text: str, *, bos: bool, name: str | None = None) -> NDArray[np.intp]:
     """The ids a text is scored over (`<|endoftext|>` first with `bos`), checked for length.
 
-    A text with nothing to score (empty, or one token without `bos`) is a GPT2Error; `index`,
-    when given, is named in it.
+    A text with nothing to score (empty, or one token without `bos`) is a GPT2Error, which
+    starts with `name` when given.
     """
     try:
         return model.scoring_sequence(model.tokenizer.encode(text), bos=bos)
     except GPT2Error as e:
-        raise GPT2Error(
-            f"text {index} (counting from 0): {e}" if index is not None else str(e)
-        ) from None
+        raise GPT2Error(f"{name}: {e}" if name else str(e)) from None
 
 
 @dataclass
@@ -200,14 +224,16 @@ def _reduce(block: ScoredBlock, top: int) -> _Block:
     )
 
 
-def _text_score(blocks: list[_Block], text: str, top: int) -> TextScore:
-    """One text's blocks, in position order, joined into its TextScore."""
+def _text_score(blocks: list[_Block], text: str, top: int, *, first: int) -> TextScore:
+    """One text's blocks, in position order, joined into its TextScore; `first` is the position
+    of the text's first token in the scored sequence (1 after `<|endoftext|>`)."""
     blocks.sort(key=lambda b: int(b.positions[0]))
 
     def join(field: str, empty: NDArray[Any]) -> NDArray[Any]:
         return np.concatenate([getattr(b, field) for b in blocks]) if blocks else empty
 
     return TextScore(
+        positions=join("positions", np.zeros(0, np.intp)) - first,
         ids=join("ids", np.zeros(0, np.intp)),
         logprobs=join("logprobs", np.zeros(0, np.float32)),
         ranks=join("ranks", np.zeros(0, np.intp)),
