@@ -215,21 +215,23 @@ def test_output_formats_are_exclusive():
 
 @pytest.mark.parametrize("args", [[], ["--tokens"]])
 @pytest.mark.parametrize("unbuffered", ["", "1"])
-def test_reader_closing_the_pipe_early_is_quiet(args: list[str], unbuffered: str, big_text: bytes):
+def test_reader_closing_the_pipe_early_is_quiet(
+    args: list[str], unbuffered: str, big_text: bytes, tmp_path: Path
+):
     """`gpt2 encode < big | head -c 100`: no traceback, whether or not Python buffers stdout."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     if unbuffered:
         env["PYTHONUNBUFFERED"] = unbuffered
-    process = subprocess.Popen(
-        [*GPT2, "encode", *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-    )
-    assert process.stdin and process.stdout and process.stderr
-    process.stdin.write(big_text)
-    process.stdin.close()
+    (tmp_path / "big.txt").write_bytes(big_text)
+    with (tmp_path / "big.txt").open("rb") as stdin:  # a file: ids come out while it is read
+        process = subprocess.Popen(
+            [*GPT2, "encode", *args],
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+    assert process.stdout and process.stderr
     assert len(process.stdout.read(100)) == 100
     process.stdout.close()  # the reader goes away with most of the output unread
     # 141 (128 + SIGPIPE) once a write fails; 0 when the reader left during the last write, which

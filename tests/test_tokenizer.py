@@ -7,8 +7,11 @@ import itertools
 import json
 import marshal
 import os
+import random
 import shutil
+import string
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,6 +47,26 @@ TEXT = st.lists(
     st.one_of(FRAGMENTS, st.text(st.characters(exclude_categories=("Cs",)), max_size=8)),
     max_size=24,
 ).map("".join)
+# Runs with no space, long enough (100-6000 bytes) for `_bpe_long`: one unit repeated, random
+# letters, digits or base64, letters of any script, punctuation and symbols.
+RUN = st.one_of(
+    st.builds(
+        str.__mul__,
+        st.sampled_from(["a", "ab", "🤗", "👍🏽", "=", "-", "0", "12", "漢", "é", "e\u0301", "'s"]),
+        st.integers(100, 1500),
+    ),
+    *[
+        st.text(st.sampled_from(alphabet), min_size=300, max_size=3000)
+        for alphabet in (
+            string.ascii_lowercase,
+            string.digits,
+            string.ascii_letters + string.digits + "+/",
+            "!#$%&()*+,-./:;<=>?@[]^_`{|}~",
+        )
+    ],
+    st.text(st.characters(categories=("L", "M")), min_size=100, max_size=1000),
+)
+LONG_TEXT = st.tuples(TEXT, RUN, TEXT).map("".join)  # a long run inside ordinary text
 
 
 @pytest.fixture(scope="module")
@@ -79,20 +102,126 @@ def test_package_vocabulary_is_the_shared_gpt2_vocabulary(gpt2_vocab_dir: Path):
         assert (DATA_DIR / name).read_bytes() == (gpt2_vocab_dir / name).read_bytes()
 
 
-@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Hypothesis examples per CI run: 4,000 + 1,500 + 2,500 + 1,000 + 1,000 + 500 = 10,500 in the
+# tests below that compare with tiktoken, with `encode`, or with the simple merge loop.
+@settings(max_examples=4000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(text=TEXT)
 def test_encode_matches_tiktoken_on_any_text(
     tok: Tokenizer, tiktoken_gpt2: tiktoken.Encoding, text: str
 ):
     assert tok.encode(text, allowed_special=False) == tiktoken_gpt2.encode_ordinary(text)
     assert tok.encode(text) == tiktoken_gpt2.encode(text, allowed_special="all")
-
-
-@settings(max_examples=600, deadline=None)
-@given(text=TEXT)
-def test_decode_of_encode_is_the_text(tok: Tokenizer, text: str):
     assert tok.decode(tok.encode(text)) == text
     assert tok.decode_bytes(tok.encode(text, allowed_special=False)) == text.encode("utf-8")
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=LONG_TEXT)
+def test_text_with_a_long_run_without_spaces_matches_tiktoken_and_round_trips(
+    tok: Tokenizer, tiktoken_gpt2: tiktoken.Encoding, text: str
+):
+    ids = tok.encode(text, allowed_special=False)
+    assert ids == tiktoken_gpt2.encode_ordinary(text)
+    assert tok.decode_bytes(ids) == text.encode("utf-8")
+
+
+def cut(text: str, sizes: list[int]) -> list[str]:
+    """`text` in consecutive chunks of `sizes` (cycled); empty chunks included."""
+    chunks, start = [], 0
+    for size in itertools.cycle(sizes):
+        chunks.append(text[start : start + size])
+        start += size
+        if start >= len(text):
+            return chunks
+    raise AssertionError("unreachable")
+
+
+@settings(max_examples=2500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    text=st.one_of(TEXT, LONG_TEXT),
+    sizes=st.lists(st.integers(0, 40), max_size=8).map(lambda sizes: [*sizes, 1]),
+    allowed_special=st.booleans(),
+)
+def test_encode_stream_gives_the_ids_of_encode_however_the_text_is_cut(
+    tok: Tokenizer, text: str, sizes: list[int], allowed_special: bool
+):
+    batches = list(tok.encode_stream(cut(text, sizes), allowed_special=allowed_special))
+    assert all(batches)  # no empty lists
+    assert list(itertools.chain(*batches)) == tok.encode(text, allowed_special=allowed_special)
+
+
+# Runs of about n characters with no space: each is one huge pre-token.
+LONG_WORDS: dict[str, Callable[[random.Random, int], str]] = {
+    "random letters": lambda rng, n: "".join(rng.choices(string.ascii_lowercase, k=n)),
+    "one letter": lambda rng, n: "a" * n,
+    "digits": lambda rng, n: "".join(rng.choices(string.digits, k=n)),
+    "base64": lambda rng, n: "".join(rng.choices(string.ascii_letters + string.digits + "+/", k=n)),
+    "repeated emoji": lambda rng, n: "🤗" * (n // 4),
+    "punctuation": lambda rng, n: "".join(rng.choices("!#$%&()*+,-./:;<=>?@[]^_`{|}~", k=n)),
+    "CJK": lambda rng, n: "".join(chr(rng.randrange(0x4E00, 0x9FFF)) for _ in range(n // 3)),
+    "Hindi": lambda rng, n: "".join(rng.choices("कखगघचछजझटठडढणतथदधनपफबभमयरलवशसह", k=n // 3)),
+}
+
+
+def long_word(kind: str, n: int) -> str:
+    return LONG_WORDS[kind](random.Random(n), n)
+
+
+@pytest.mark.parametrize("kind", list(LONG_WORDS))
+@pytest.mark.parametrize("n", [10_000, 100_000])
+def test_long_words_encode_like_tiktoken(
+    tok: Tokenizer, tiktoken_gpt2: tiktoken.Encoding, kind: str, n: int
+):
+    word = long_word(kind, n)
+    for text in (word, f"x {word}\n"):
+        assert tok.encode(text) == tiktoken_gpt2.encode_ordinary(text)
+
+
+def test_a_megabyte_word_takes_seconds_not_hours(tok: Tokenizer, tiktoken_gpt2: tiktoken.Encoding):
+    """The merge loop was quadratic: 40,000 letters took 25 s, so a megabyte would take hours.
+    Now it takes about 1 s (tiktoken: 0.3 s); 60 s leaves room for a slow, busy machine."""
+    word = long_word("random letters", 1_000_000)
+    start = time.perf_counter()
+    ids = tok.encode(word)
+    assert time.perf_counter() - start < 60
+    assert ids == tiktoken_gpt2.encode_ordinary(word)
+
+
+BYTES = st.text(st.sampled_from("etaoin shrdlu\n'0123.,-=é漢🤗"), min_size=2, max_size=600).map(
+    lambda text: text.encode("utf-8")
+)
+
+
+def merges_both_ways(tok: Tokenizer, data: bytes) -> tuple[list[int], list[int]]:
+    ids = [tok._byte_ids[b] for b in data]
+    return tok._bpe_long(list(ids)), tok._bpe(list(ids))
+
+
+@settings(max_examples=1000, deadline=None)
+@given(data=BYTES)
+def test_long_merge_makes_the_simple_loops_merges(tok: Tokenizer, data: bytes):
+    fast, simple = merges_both_ways(tok, data)
+    assert fast == simple
+
+
+@pytest.fixture(scope="module")
+def shuffled_merges(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    """GPT-2's merges in a random order: a merge often makes a pair of lower rank than its own."""
+    lines = (DATA_DIR / "merges.txt").read_text(encoding="utf-8").splitlines()
+    header, merges = lines[:1], lines[1:]
+    random.Random(0).shuffle(merges)
+    return Tokenizer.from_dir(
+        hf_folder(tmp_path_factory.mktemp("shuffled"), merges="\n".join(header + merges))
+    )
+
+
+@settings(max_examples=1000, deadline=None)
+@given(data=BYTES)
+def test_long_merge_makes_the_simple_loops_merges_whatever_the_rank_order(
+    shuffled_merges: Tokenizer, data: bytes
+):
+    fast, simple = merges_both_ways(shuffled_merges, data)
+    assert fast == simple
 
 
 def test_whitespace_runs_match_tiktoken_wherever_they_end(

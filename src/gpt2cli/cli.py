@@ -11,7 +11,7 @@ import contextlib
 import re
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -345,21 +345,58 @@ _MODEL_OPTION = click.option(
 def encode(
     text: str | None, model: str | None, as_json: bool, count: bool, tokens: bool, no_special: bool
 ) -> None:
-    """Print the token ids of TEXT (or of stdin, when TEXT is absent or -), space-separated."""
+    """Print the token ids of TEXT (or of stdin, when TEXT is absent or -), space-separated.
+
+    stdin is encoded as it is read, so input of any size takes little memory and its ids come
+    out as it arrives. A byte on stdin that is not UTF-8 stops it with an error (exit status 2)
+    after the ids of the text before it have been printed.
+    """
     if as_json + count + tokens > 1:
         raise click.UsageError("choose one of --json, --count and --tokens")
     tokenizer = _tokenizer(model)
-    ids = tokenizer.encode(read_text(text, "text"), allowed_special=not no_special)
+    chunks = _stdin_chunks("text") if text in (None, "-") else [read_text(text, "text")]
+    batches = tokenizer.encode_stream(chunks, allowed_special=not no_special)
     if tokens:
-        _show_tokens(tokenizer, ids)
+        _show_tokens(tokenizer, batches)
     elif count:
-        click.echo(len(ids))
-    elif as_json:
-        import json
-
-        click.echo(json.dumps(ids))
+        write_stdout(f"{sum(map(len, batches))}\n")
     else:
-        click.echo(" ".join(map(str, ids)))
+        _write_ids(batches, as_json=as_json)
+
+
+STDIN_CHUNK = 1 << 20  # bytes of stdin read and encoded at a time
+
+
+def _stdin_chunks(what: str) -> Iterator[str]:
+    """stdin as strict UTF-8 text, chunk by chunk as it is read (a character split between two
+    reads is carried over); a byte that is not UTF-8 is an error naming its offset in stdin."""
+    stdin = stdin_binary()
+    carry, offset = b"", 0  # offset: bytes of stdin before `carry`
+    while True:
+        block = stdin.read1(STDIN_CHUNK)
+        data = carry + block
+        try:
+            chunk, carry = data.decode("utf-8"), b""
+        except UnicodeDecodeError as e:
+            if not (block and e.reason == "unexpected end of data"):
+                raise GPT2Error(
+                    f"{what} on stdin is not valid UTF-8: byte 0x{data[e.start]:02x} at offset "
+                    f"{offset + e.start}"
+                ) from None
+            chunk, carry = data[: e.start].decode("utf-8"), data[e.start :]
+        if not block:
+            return
+        offset += len(data) - len(carry)
+        yield chunk
+
+
+def _write_ids(batches: Iterable[list[int]], *, as_json: bool) -> None:
+    """Write the ids as they come, then a newline: `15496 995`, or `[15496, 995]` as JSON."""
+    separator = ", " if as_json else " "
+    write_stdout("[" if as_json else "")
+    for n, ids in enumerate(batches):
+        write_stdout((separator if n else "") + separator.join(map(str, ids)))
+    write_stdout("]\n" if as_json else "\n")
 
 
 # How --tokens shows a piece: C0 controls escaped, so one token is one line and a piece's bytes are
@@ -372,28 +409,37 @@ _SHOW = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]} | {
 _TOKEN_STYLES = ("black on #a8d8ea", "black on #f9d27a")  # alternate, so token edges show
 
 
-def _show_tokens(tokenizer: Tokenizer, ids: list[int]) -> None:
+def _show_tokens(tokenizer: Tokenizer, batches: Iterable[list[int]]) -> None:
     """Each token as `id<TAB>piece`, or, on a terminal, the pieces inline in alternating colours.
 
     A piece that is part of a UTF-8 character shows its bytes as \\xNN.
     """
-    raw = [tokenizer.token_bytes(i) for i in ids]
-    pieces = [
-        b.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace").translate(_SHOW) for b in raw
-    ]
-    if not sys.stdout.isatty():
-        for i, piece in zip(ids, pieces, strict=True):
-            click.echo(f"{i}\t{piece}")
-        return
-    from rich.console import Console
-    from rich.text import Text
+    console: Any = None
+    if sys.stdout.isatty():
+        from rich.console import Console
 
-    line = Text()
-    for n, (b, piece) in enumerate(zip(raw, pieces, strict=True)):
-        line.append(piece, style=_TOKEN_STYLES[n % 2])
-        if b.endswith(b"\n"):  # the escape shows the newline; the line break keeps the layout
-            line.append("\n")
-    Console(highlight=False).print(line, soft_wrap=True)
+        console = Console(highlight=False)
+    shown = 0  # tokens so far, which sets the next one's colour
+    for ids in batches:
+        raw = [tokenizer.token_bytes(i) for i in ids]
+        pieces = [
+            b.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace").translate(_SHOW)
+            for b in raw
+        ]
+        if console is None:
+            write_stdout("".join(f"{i}\t{piece}\n" for i, piece in zip(ids, pieces, strict=True)))
+            continue
+        from rich.text import Text
+
+        line = Text()
+        for n, (b, piece) in enumerate(zip(raw, pieces, strict=True), start=shown):
+            line.append(piece, style=_TOKEN_STYLES[n % 2])
+            if b.endswith(b"\n"):  # the escape shows the newline; the line break keeps the layout
+                line.append("\n")
+        console.print(line, soft_wrap=True, end="")
+        shown += len(ids)
+    if console is not None:
+        console.print()
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
