@@ -7,6 +7,7 @@ import json
 import os
 import pty
 import re
+import select
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import tiktoken
 from click.testing import CliRunner, Result
 
 from bench.bench_tokenizer import corpus_files
-from gpt2cli.cli import cli
+from gpt2cli.cli import STDIN_CHUNK, cli
 from gpt2cli.tokenizer import DATA_DIR
 from tests.factory import TINY, write_random_gpt2
 from tests.hub_server import FakeHub, Repo
@@ -198,6 +199,84 @@ def test_missing_model_folder_is_one_line(tmp_path: Path):
 def test_non_utf8_stdin_names_the_byte_and_offset():
     result = encode(input=b"ok \xe9t\xc3\xa9")
     assert_bad_input(result, "text on stdin is not valid UTF-8: byte 0xe9 at offset 3")
+    result = encode(input=b"ok \xf0\x9f")  # a character cut short by the end
+    assert_bad_input(result, "text on stdin is not valid UTF-8: byte 0xf0 at offset 3")
+
+
+def test_stdin_of_several_chunks_gives_tiktokens_ids_in_every_format(
+    tiktoken_gpt2: tiktoken.Encoding, big_text: bytes
+):
+    """Chunk ends that fall inside a character and inside <|endoftext|> change nothing."""
+    head = b"ab " * (STDIN_CHUNK // 3) + b"x" * (STDIN_CHUNK % 3 - 1)  # 1 byte short of a chunk
+    middle = (b"cd, " * STDIN_CHUNK)[: STDIN_CHUNK - 6]
+    data = head + "🤗".encode() + middle + b"<|endoftext|>" + big_text
+    assert data[STDIN_CHUNK - 1 : STDIN_CHUNK + 3] == "🤗".encode()
+    assert data[2 * STDIN_CHUNK - 3 : 2 * STDIN_CHUNK + 10] == b"<|endoftext|>"
+    text = data.decode("utf-8")
+    expected = tiktoken_gpt2.encode(text, allowed_special="all")
+    assert encode(input=data).stdout == " ".join(map(str, expected)) + "\n"
+    assert json.loads(encode("--json", input=data).stdout) == expected
+    assert encode("--count", input=data).stdout == f"{len(expected)}\n"
+    rows = [line.split("\t") for line in encode("--tokens", input=data).stdout.splitlines()]
+    assert [int(i) for i, _ in rows] == expected
+    plain = encode("--no-special", input=data).stdout.split()
+    assert plain == [str(i) for i in tiktoken_gpt2.encode_ordinary(text)]
+
+
+def test_a_bad_byte_after_the_first_chunk_stops_after_the_ids_before_it(
+    tiktoken_gpt2: tiktoken.Encoding,
+):
+    good = b"Hello world, " * (STDIN_CHUNK // 10)
+    result = encode(input=good + b"\xff and more")
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"gpt2: error: text on stdin is not valid UTF-8: byte 0xff at offset {len(good)}\n"
+    )
+    printed = result.stdout.split()
+    expected = [str(i) for i in tiktoken_gpt2.encode_ordinary(good.decode())]
+    assert 0 < len(printed) < len(expected)
+    assert printed == expected[: len(printed)]
+
+
+def test_ids_come_out_while_stdin_is_still_open(tiktoken_gpt2: tiktoken.Encoding):
+    """`producer | gpt2 encode`: ids of what has arrived are printed before the input ends."""
+    text = "Hello world " * 1000  # its ids fit in a pipe's buffer, so nothing blocks
+    process = subprocess.Popen(
+        [*GPT2, "encode"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert process.stdin and process.stdout and process.stderr
+    process.stdin.write(text.encode())
+    process.stdin.flush()
+    readable, _, _ = select.select([process.stdout], [], [], 60)
+    assert readable, "no ids within 60 s while stdin stayed open"
+    first = os.read(process.stdout.fileno(), 65536)
+    assert first.startswith(b"15496 995 ")
+    process.stdin.write(b"the end")
+    process.stdin.close()
+    rest = process.stdout.read()
+    assert process.wait(timeout=60) == 0
+    assert (first + rest).split() == [
+        str(i).encode() for i in tiktoken_gpt2.encode_ordinary(text + "the end")
+    ]
+
+
+def test_memory_stays_flat_however_large_stdin_is(tmp_path: Path, big_text: bytes):
+    """Encoded chunk by chunk, 12 MB take about the memory of 1 MB (encoding all of it at once
+    took 28 bytes per byte: 340 MB here)."""
+    megabytes = {}
+    for size in (1_000_000, 12_000_000):
+        path = tmp_path / f"{size}.txt"
+        path.write_bytes(
+            (big_text * (size // len(big_text) + 1))[:size].decode("utf-8", "ignore").encode()
+        )
+        with path.open("rb") as stdin:
+            process = subprocess.Popen(
+                [*GPT2, "encode", "--count"], stdin=stdin, stdout=subprocess.PIPE
+            )
+            _, status, usage = os.wait4(process.pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        megabytes[size] = usage.ru_maxrss / 1024  # KiB on Linux
+    assert megabytes[12_000_000] < megabytes[1_000_000] + 60, megabytes
 
 
 def test_non_utf8_argument_names_the_byte_and_offset():
