@@ -340,6 +340,8 @@ def test_token_bytes_rejects_an_id_outside_the_vocabulary(tok: Tokenizer, bad: i
 def test_encode_names_a_lone_surrogate(tok: Tokenizer):
     with pytest.raises(GPT2Error, match="lone surrogate U\\+DCFF at position 3"):
         tok.encode("abc\udcffdef")
+    with pytest.raises(GPT2Error, match="lone surrogate U\\+DCFF at position 9"):
+        list(tok.encode_stream(["abc def ", "g\udcff"]))  # counted from the stream's start
 
 
 def test_openai_layout_loads_the_same_tokenizer(tmp_path: Path, tok: Tokenizer):

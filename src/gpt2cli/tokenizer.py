@@ -61,7 +61,10 @@ EXACT_PATTERN = (
 ENDOFTEXT = "<|endoftext|>"
 CACHE_SIZE = 100_000  # pre-tokens whose ids are remembered; real text needs ~10k-50k
 LONG_PIECE = 64  # bytes from which `_bpe_long` is faster than `_bpe` (even at ~50, 2-3x at 200)
-# Pre-tokens of a text that what follows it can still change (see `encode_stream`).
+# Pre-tokens at the end of a text that more text can still change. The pattern decides each one
+# by looking no further than the start of the second pre-token after it (a run looks one
+# character past its end, `'ll` two past its start, spaces to the end of their run and one more),
+# so all but the last two are final.
 UNFINISHED_PIECES = 2
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -215,7 +218,8 @@ class Tokenizer:
                 ids.append(self._specials[match.group()])
                 start = match.end()
         if final:
-            return ids + self._encode_ordinary(text[start:]), ""
+            ids += self._encode_ordinary(text[start:])
+            return ids, ""
         # a special token that the next chunk may complete, then the unfinished pre-tokens
         end = len(text) - (self._special_start(text[start:]) if allowed_special else 0)
         head, unfinished = self._encode_pieces(text[start:end], UNFINISHED_PIECES)
