@@ -218,7 +218,7 @@ def print_score_summary(rows: Sequence[tuple[str, TextScore]], total: TextScore 
         ("perplexity", "right"),
         ("bits/byte", "right"),
     ]:
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for source, s in [*rows, *([("total", total)] if total is not None else [])]:
         table.add_row(source, f"{s.n_tokens:,}", f"{s.perplexity:.4g}", f"{s.bits_per_byte:.4f}")
     console.print(table)

@@ -1,0 +1,174 @@
+"""`gpt2 score` through the real process: output formats, JSON Lines, terminals and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpt2cli.model import GPT2
+from gpt2cli.score import score_text, score_texts
+from tests.terminal import run_on_terminal
+
+GPT2_CMD = [sys.executable, "-m", "gpt2cli", "score"]
+
+
+def score(*args: str | Path, input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [*GPT2_CMD, *map(str, args)], input=input, capture_output=True, timeout=120
+    )
+    return subprocess.CompletedProcess(
+        result.args, result.returncode, result.stdout.decode(), result.stderr.decode()
+    )
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir: Path) -> GPT2:
+    return GPT2.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture
+def texts(tmp_path: Path) -> list[Path]:
+    a, b = tmp_path / "a.txt", tmp_path / "b b.txt"
+    a.write_text("The quick brown fox jumps over the lazy dog.\n")
+    b.write_text("Naïve café — 日本語 🤖\n" * 3)
+    return [a, b]
+
+
+def test_piped_default_is_a_tsv_header_and_a_row_per_input(
+    tiny_model_dir: Path, model: GPT2, texts: list[Path]
+):
+    result = score("-m", tiny_model_dir, *texts)
+    assert result.returncode == 0, result.stderr
+    header, *rows = [line.split("\t") for line in result.stdout.splitlines()]
+    assert header == ["source", "tokens", "perplexity", "bits_per_byte"]
+    assert [r[0] for r in rows] == [str(t) for t in texts]  # no total row when piped
+    for row, path in zip(rows, texts, strict=True):
+        expected = score_text(model, path.read_text())
+        assert int(row[1]) == expected.n_tokens
+        assert float(row[2]) == pytest.approx(expected.perplexity, rel=1e-5)
+        assert float(row[3]) == pytest.approx(expected.bits_per_byte, rel=1e-5)
+
+
+def test_json_has_every_field_and_the_source(tiny_model_dir: Path, texts: list[Path]):
+    result = score("-m", tiny_model_dir, "--json", texts[1], "-", input=b"from stdin")
+    first, second = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [first["source"], second["source"]] == [str(texts[1]), "-"]
+    assert set(first) == {
+        "source", "n_tokens", "n_bytes", "n_words", "nll", "mean_nll", "nll_stderr",
+        "perplexity", "bits_per_byte", "byte_perplexity", "word_perplexity",
+    }  # fmt: skip
+    assert first["n_bytes"] == len(texts[1].read_bytes())
+    assert first["perplexity"] == pytest.approx(math.exp(first["nll"] / first["n_tokens"]))
+
+
+def test_text_option_and_tokens_in_json(tiny_model_dir: Path, model: GPT2):
+    result = score("-m", tiny_model_dir, "--json", "--tokens", "--top", "2", "--text", "Hi there")
+    [line] = [json.loads(line) for line in result.stdout.splitlines()]
+    assert line["source"] == "<text>"
+    expected = score_text(model, "Hi there", top=2)
+    assert [t["id"] for t in line["tokens"]] == expected.ids.tolist()
+    assert [t["text"] for t in line["tokens"]] == ["Hi", " there"]
+    assert [t["rank"] for t in line["tokens"]] == expected.ranks.tolist()
+    assert [len(t["top"]) for t in line["tokens"]] == [2, 2]
+    assert set(line["tokens"][0]["top"][0]) == {"id", "text", "logprob"}
+
+
+def test_piped_tokens_are_rows_escaped_like_encode_tokens(tiny_model_dir: Path, model: GPT2):
+    text = "Tab\there\nand 🤖"
+    result = score("-m", tiny_model_dir, "--tokens", "--top", "1", input=text.encode())
+    header, *rows = [line.split("\t") for line in result.stdout.splitlines()]
+    assert header == ["id", "piece", "logprob", "rank", "top1_id", "top1_piece", "top1_logprob"]
+    encoded = subprocess.run(
+        [sys.executable, "-m", "gpt2cli", "encode", "--tokens"],
+        input=text.encode(),
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    assert [r[:2] for r in rows] == [line.split("\t") for line in encoded.splitlines()]
+    expected = score_text(model, text)
+    assert [int(r[3]) for r in rows] == expected.ranks.tolist()
+    np.testing.assert_allclose([float(r[2]) for r in rows], expected.logprobs, atol=1e-5)
+
+
+def test_jsonl_rows_come_back_in_order_with_their_fields(tiny_model_dir: Path, model: GPT2):
+    lines = [
+        {"text": "First document.", "id": "a", "meta": {"x": [1, 2]}},
+        {"text": "Second, a little longer, document text.", "id": "b"},
+        {"text": "Third.", "id": "c"},
+    ]
+    data = "\n".join(json.dumps(line) for line in lines[:2]) + "\n\n" + json.dumps(lines[2])
+    result = score("-m", tiny_model_dir, "--jsonl", input=data.encode())
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 3]  # the blank line 2 is skipped
+    assert [r["id"] for r in rows] == ["a", "b", "c"]
+    assert rows[0]["meta"] == {"x": [1, 2]} and "text" not in rows[0]
+    alone = [score_text(model, line["text"]) for line in lines]
+    for row, expected in zip(rows, alone, strict=True):
+        assert row["n_tokens"] == expected.n_tokens
+        assert row["nll"] == pytest.approx(expected.nll, abs=1e-3)
+
+
+def test_a_batch_of_jsonl_rows_scores_as_each_row_alone(model: GPT2):
+    texts = [f"Document number {i} says {'more ' * i}things." for i in range(12)]
+    batched = score_texts(model, texts)
+    for text, result in zip(texts, batched, strict=True):
+        alone = score_text(model, text)
+        np.testing.assert_array_equal(result.ids, alone.ids)
+        np.testing.assert_allclose(result.logprobs, alone.logprobs, atol=1e-4)
+
+
+def test_on_a_terminal_a_table_with_a_total(tiny_model_dir: Path, texts: list[Path]):
+    status, shown, _ = run_on_terminal(["score", "-m", str(tiny_model_dir), *map(str, texts)])
+    assert status == 0
+    assert "perplexity" in shown and "bits/byte" in shown and "total" in shown
+    assert texts[1].name in shown
+
+
+def test_on_a_terminal_tokens_are_the_text_in_gltr_colours(tiny_model_dir: Path):
+    status, shown, _ = run_on_terminal(
+        ["score", "-m", str(tiny_model_dir), "--tokens", "--text", "Hello world, again"]
+    )
+    assert status == 0
+    assert "top 10" in shown and "top 1,000" in shown and "beyond" in shown
+    assert "\x1b[" in shown  # coloured
+    plain = shown.replace("\r", "")
+    assert "Hello" in plain and "again" in plain and "bits per byte" in plain
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "message"),
+    [
+        (["missing.txt"], None, "missing.txt: cannot read it (No such file or directory)"),
+        (["."], None, ".: cannot read it (Is a directory)"),
+        ([], b"ok \xff\xfe", "not valid UTF-8: byte 0xff at offset 3"),
+        ([], b"", "stdin: nothing to score: the text is empty"),
+        (["--no-bos", "--text", "Hi"], None, "one token has no context"),
+        (["--stride", "0", "--text", "Hi"], None, "Invalid value for '--stride'"),
+        (["--stride", "129", "--text", "Hi"], None, "--stride must be between 1 and the context"),
+        (["--top", "3", "--text", "Hi"], None, "--top goes with --tokens"),
+        (["--jsonl"], b'{"text": "ok"}\n[1]\n', "stdin line 2 must be a JSON object"),
+        (["--jsonl"], b'{"text": "ok"}\n{"txt": "x"}\n', "stdin line 2 has no 'text'"),
+        (["--jsonl"], b'{"text": 5}\n', 'stdin line 1 "text" must be a string'),
+        (["--jsonl"], b'{"text": "a", "x": NaN}\n', "stdin line 1: holds NaN or Infinity"),
+        (["--jsonl"], b'{"text": "ok"}\n{"text": ""}\n', "stdin line 2: nothing to score"),
+        (["--jsonl"], b"[" * 100_000, "stdin line 1"),
+        (["--jsonl"], b"\n\n", "no JSON lines to score"),
+        (["--jsonl", "-", "-"], b"", "stdin (-) can be read only once"),
+        (["--text", "Hi", "file.txt"], None, "--text goes alone"),
+    ],
+)
+def test_bad_input_is_one_error_line_and_nothing_is_scored(
+    tiny_model_dir: Path, args: list[str], stdin: bytes | None, message: str
+):
+    result = score("-m", tiny_model_dir, *args, input=stdin if stdin is not None else b"")
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert result.stderr.startswith("gpt2: error: ") and result.stderr.count("\n") == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
