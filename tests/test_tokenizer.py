@@ -102,7 +102,7 @@ def test_package_vocabulary_is_the_shared_gpt2_vocabulary(gpt2_vocab_dir: Path):
         assert (DATA_DIR / name).read_bytes() == (gpt2_vocab_dir / name).read_bytes()
 
 
-# Hypothesis examples per CI run: 4,000 + 1,500 + 2,500 + 1,000 + 1,000 + 500 = 10,500 in the
+# Hypothesis examples per CI run: 4,000 + 1,500 + 2,500 + 1,000 + 1,000 = 10,000 in the
 # tests below that compare with tiktoken, with `encode`, or with the simple merge loop.
 @settings(max_examples=4000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(text=TEXT)
