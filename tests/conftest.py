@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import tiktoken
 
-from tests.factory import TINY, write_random_gpt2
+from tests.factory import GPT2_124M, TINY, write_random_gpt2
 from tests.hub_server import FakeHub
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +59,12 @@ def gpt2_vocab_dir() -> Path:
             "(set GPT2_TOKENIZER_DIR to a folder with vocab.json and merges.txt)"
         )
     return SHARED_TOKENIZER
+
+
+@pytest.fixture(scope="session")
+def model_124m_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 124M-shaped random-weight folder, written once per session (about 500 MB)."""
+    return write_random_gpt2(tmp_path_factory.mktemp("gpt2-124m"), GPT2_124M, seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from safetensors.numpy import save_file
@@ -159,3 +160,14 @@ def write_save_pretrained_gpt2(
     model.save_pretrained(folder)
     _copy_tokenizer(folder)
     return folder
+
+
+def reference_model(folder: Path) -> Any:
+    """transformers' GPT2LMHeadModel from `folder`: eager attention, float32, in eval mode."""
+    import torch
+    import transformers
+
+    hf = transformers.GPT2LMHeadModel.from_pretrained(
+        folder, attn_implementation="eager", dtype=torch.float32
+    )
+    return hf.eval()

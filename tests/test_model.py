@@ -18,7 +18,12 @@ from gpt2cli import model as model_module
 from gpt2cli import weights
 from gpt2cli.errors import GPT2Error
 from gpt2cli.model import GPT2
-from tests.factory import GPT2_124M, TINY, write_random_gpt2, write_save_pretrained_gpt2
+from tests.factory import (
+    GPT2_124M,
+    TINY,
+    reference_model,
+    write_save_pretrained_gpt2,
+)
 
 TOL = 1e-4  # max |logit difference| allowed against transformers
 SELF_TOL = 1e-5  # between two of our own paths (cached vs full, batched vs alone)
@@ -26,23 +31,9 @@ SELF_TOL = 1e-5  # between two of our own paths (cached vs full, batched vs alon
 transformers.utils.logging.disable_progress_bar()
 
 
-def _reference(folder: Path) -> Any:
-    """transformers' GPT-2 from the same folder: eager attention, float32, inference mode."""
-    hf = transformers.GPT2LMHeadModel.from_pretrained(
-        folder, attn_implementation="eager", dtype=torch.float32
-    )
-    return hf.eval()
-
-
 def _reference_logits(hf: Any, ids: np.ndarray) -> np.ndarray:
     with torch.inference_mode():
         return hf(torch.from_numpy(np.atleast_2d(ids))).logits.numpy()  # [B, T, V]
-
-
-@pytest.fixture(scope="session")
-def model_124m_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 124M-shaped random-weight folder, written once per session (about 500 MB)."""
-    return write_random_gpt2(tmp_path_factory.mktemp("gpt2-124m"), GPT2_124M, seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +43,7 @@ def ours_124m(model_124m_dir: Path) -> GPT2:
 
 @pytest.fixture(scope="session")
 def reference_124m(model_124m_dir: Path) -> Any:
-    return _reference(model_124m_dir)
+    return reference_model(model_124m_dir)
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +53,7 @@ def tiny(tiny_model_dir: Path) -> GPT2:
 
 @pytest.fixture(scope="session")
 def reference_tiny(tiny_model_dir: Path) -> Any:
-    return _reference(tiny_model_dir)
+    return reference_model(tiny_model_dir)
 
 
 def _ids(n: int, seed: int, n_vocab: int = TINY.n_vocab) -> list[int]:
@@ -107,7 +98,9 @@ def test_untied_output_head_matches_transformers(tmp_path: Path) -> None:
     ours = GPT2.from_pretrained(folder)
     assert "lm_head" in ours.params
     ids = np.array(_ids(30, seed=3))
-    np.testing.assert_allclose(ours(ids), _reference_logits(_reference(folder), ids)[0], atol=TOL)
+    np.testing.assert_allclose(
+        ours(ids), _reference_logits(reference_model(folder), ids)[0], atol=TOL
+    )
 
 
 def test_cached_steps_match_the_full_forward_at_every_position(tiny: GPT2) -> None:

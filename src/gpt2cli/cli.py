@@ -106,9 +106,15 @@ def decode_utf8(data: bytes, what: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise GPT2Error(
-            f"{what} is not valid UTF-8: byte 0x{data[e.start]:02x} at offset {e.start}"
-        ) from None
+        raise utf8_error(what, data, e) from None
+
+
+def utf8_error(what: str, data: bytes, error: UnicodeDecodeError, offset: int = 0) -> GPT2Error:
+    """The error for a byte of `data` that is not UTF-8; `offset` is where `data` starts."""
+    return GPT2Error(
+        f"{what} is not valid UTF-8: byte 0x{data[error.start]:02x} at offset "
+        f"{offset + error.start}"
+    )
 
 
 @click.group(cls=_Gpt2Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -379,10 +385,7 @@ def _stdin_chunks(what: str) -> Iterator[str]:
             chunk, carry = data.decode("utf-8"), b""
         except UnicodeDecodeError as e:
             if not (block and e.reason == "unexpected end of data"):
-                raise GPT2Error(
-                    f"{what} on stdin is not valid UTF-8: byte 0x{data[e.start]:02x} at offset "
-                    f"{offset + e.start}"
-                ) from None
+                raise utf8_error(f"{what} on stdin", data, e, offset) from None
             chunk, carry = data[: e.start].decode("utf-8"), data[e.start :]
         if not block:
             return
