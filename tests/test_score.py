@@ -296,3 +296,23 @@ def test_windows_score_each_token_once_with_the_most_context() -> None:
             assert set(scored) <= set(range(1, n))
             if stride < 10:  # windows overlap: every token but the first has context
                 assert scored == list(range(1, n))
+
+
+def test_ranks_and_top_alternatives_order_equal_logits_by_id() -> None:
+    """A block with ties at the top and at the edge of the top 3: lower ids first, always."""
+    from gpt2cli.model import ScoredBlock
+    from gpt2cli.score import _reduce
+
+    logits = np.zeros((2, 10), np.float32)
+    logits[0, [7, 2, 5]] = 3.0  # three tied for first
+    logits[1, [9]], logits[1, [8, 4, 1]] = 5.0, 2.0  # one first, three tied for second
+    block = ScoredBlock(
+        row=0, positions=np.array([1, 2]), targets=np.array([5, 8]), logits=logits.copy()
+    )
+    reduced = _reduce(block, top=3)
+    assert reduced.ranks.tolist() == [2, 4]  # 2 < 5 < 7; then 9, 1, 4 before 8
+    assert reduced.top_ids.tolist() == [[2, 5, 7], [9, 1, 4]]
+    np.testing.assert_allclose(reduced.logprobs, block.logprobs())
+    np.testing.assert_allclose(
+        np.exp(reduced.top_logprobs[0]).sum(), 3 * np.exp(3) / (3 * np.exp(3) + 7), rtol=1e-6
+    )

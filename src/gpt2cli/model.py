@@ -220,12 +220,22 @@ class ScoredBlock:
     targets: NDArray[np.intp]  # [n]
     logits: Array  # [n, V]
 
-    def logprobs(self) -> Array:
-        """log p(target) for each token [n] float32: its logit minus the row's logsumexp."""
+    def chosen(self) -> Array:
+        """Each target's own logit [n]."""
+        picked: Array = self.logits[np.arange(len(self.targets)), self.targets]
+        return picked
+
+    def logsumexp(self) -> Array:
+        """log of each row's sum of exp(logits) [n] float32: what a logit minus is a logprob."""
         top = self.logits.max(axis=-1)  # [n]
-        total = np.exp(self.logits - top[:, None]).sum(axis=-1)  # [n]
-        chosen = self.logits[np.arange(len(self.targets)), self.targets]  # [n]
-        out: Array = (chosen - top - np.log(total)).astype(np.float32)
+        shifted = self.logits - top[:, None]  # [n, V]
+        np.exp(shifted, out=shifted)
+        out: Array = (np.log(shifted.sum(axis=-1)) + top).astype(np.float32)
+        return out
+
+    def logprobs(self) -> Array:
+        """log p(target) for each token [n] float32."""
+        out: Array = (self.chosen() - self.logsumexp()).astype(np.float32)
         return out
 
 

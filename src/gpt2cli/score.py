@@ -196,29 +196,24 @@ class _Block:
 def _reduce(block: ScoredBlock, top: int) -> _Block:
     """A block's logits [n, V] -> what is kept of them: logprob, rank and top alternatives."""
     logits, targets = block.logits, block.targets  # [n, V], [n]
-    n = len(targets)
-    peak = logits.max(axis=-1, keepdims=True)  # [n, 1]
-    shifted = logits - peak  # [n, V]
-    np.exp(shifted, out=shifted)
-    lse = (np.log(shifted.sum(axis=-1)) + peak[:, 0]).astype(np.float32)  # [n]
-    chosen = logits[np.arange(n), targets]  # [n]
+    lse, chosen = block.logsumexp(), block.chosen()  # [n], [n]
     ranks = np.asarray(1 + (logits > chosen[:, None]).sum(axis=-1), np.intp)  # [n]: likelier ones
     ties = (logits == chosen[:, None]).sum(axis=-1) > 1  # [n]: rows where another id ties
     for i in np.flatnonzero(ties):  # ties are ordered by id: count the tied ids below the target
         ranks[i] = ranks[i] + np.count_nonzero(logits[i, : targets[i]] == chosen[i])
-    top_ids = np.zeros((n, top), np.intp)
+    top_ids = np.zeros((len(targets), top), np.intp)  # [n, top]
     if top:
-        part = np.argpartition(-logits, top - 1, axis=-1)[:, :top]  # [n, top], unordered
-        # by logit descending, then id: lexsort's last key is the primary one
-        for row in range(n):
-            order = np.lexsort((part[row], -logits[row, part[row]]))
-            top_ids[row] = part[row][order]
+        kth = -np.partition(-logits, top - 1, axis=-1)[:, top - 1]  # [n]: the top-th largest
+        for row, x in enumerate(logits):
+            candidates = np.flatnonzero(x >= kth[row])  # >= top of them, ties at the edge too
+            # by logit descending, then id (lexsort's last key is the primary one)
+            top_ids[row] = candidates[np.lexsort((candidates, -x[candidates]))[:top]]
     top_logprobs = (np.take_along_axis(logits, top_ids, axis=-1) - lse[:, None]).astype(np.float32)
     return _Block(
         positions=block.positions,
         ids=targets,
         logprobs=(chosen - lse).astype(np.float32),
-        ranks=ranks.astype(np.intp),
+        ranks=ranks,
         top_ids=top_ids,
         top_logprobs=top_logprobs,
     )
