@@ -6,11 +6,13 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tiktoken
 
-from tests.factory import GPT2_124M, TINY, write_random_gpt2
+from gpt2cli.model import GPT2
+from tests.factory import GPT2_124M, TINY, reference_model, write_random_gpt2
 from tests.hub_server import FakeHub
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +67,18 @@ def gpt2_vocab_dir() -> Path:
 def model_124m_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 124M-shaped random-weight folder, written once per session (about 500 MB)."""
     return write_random_gpt2(tmp_path_factory.mktemp("gpt2-124m"), GPT2_124M, seed=0)
+
+
+@pytest.fixture(scope="session")
+def ours_124m(model_124m_dir: Path) -> GPT2:
+    """gpt2cli's model on the 124M-shaped random weights."""
+    return GPT2.from_pretrained(model_124m_dir)
+
+
+@pytest.fixture(scope="session")
+def reference_124m(model_124m_dir: Path) -> Any:
+    """transformers' GPT2LMHeadModel on the same weights."""
+    return reference_model(model_124m_dir)
 
 
 @pytest.fixture(scope="session")

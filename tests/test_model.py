@@ -37,16 +37,6 @@ def _reference_logits(hf: Any, ids: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
-def ours_124m(model_124m_dir: Path) -> GPT2:
-    return GPT2.from_pretrained(model_124m_dir)
-
-
-@pytest.fixture(scope="session")
-def reference_124m(model_124m_dir: Path) -> Any:
-    return reference_model(model_124m_dir)
-
-
-@pytest.fixture(scope="session")
 def tiny(tiny_model_dir: Path) -> GPT2:
     return GPT2.from_pretrained(tiny_model_dir)
 

@@ -23,16 +23,6 @@ LOGPROB_TOL = 1e-4  # per token, against torch.log_softmax of transformers' logi
 TOTAL_RTOL = 1e-5  # total NLL, against the strided recipe run with transformers
 
 
-@pytest.fixture(scope="module")
-def ours_124m(model_124m_dir: Path) -> GPT2:
-    return GPT2.from_pretrained(model_124m_dir)
-
-
-@pytest.fixture(scope="module")
-def reference_124m(model_124m_dir: Path) -> Any:
-    return reference_model(model_124m_dir)
-
-
 def small_vocab_model(folder: Path, n_ctx: int) -> Path:
     """Narrow, with a 512-token vocabulary: thousands of windows stay cheap for both models."""
     config = GPT2Config(n_vocab=512, n_ctx=n_ctx, n_embd=32, n_head=4, n_layer=2)

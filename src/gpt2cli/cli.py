@@ -21,6 +21,7 @@ from gpt2cli.errors import GPT2Error
 from gpt2cli.output import SamplePrinter, settle_stdout, silence_stdout, write_stdout
 
 if TYPE_CHECKING:
+    from gpt2cli.model import GPT2
     from gpt2cli.tokenizer import Tokenizer
 
 EXIT_FAILURE = 1  # the system failed us: out of memory, an I/O error
@@ -117,6 +118,27 @@ def utf8_error(what: str, data: bytes, error: UnicodeDecodeError, offset: int = 
     )
 
 
+def _model_options(command: Any) -> Any:
+    """`-m/--model` and `--revision`, for the commands that run a model."""
+    command = click.option("--revision", help="Branch, tag or commit of a hub model.")(command)
+    return click.option(
+        "-m",
+        "--model",
+        "model_name",
+        default="gpt2",
+        show_default=True,
+        help="A model name (gpt2, gpt2-medium, 355M, ...), a hub repo id owner/name, or a folder.",
+    )(command)
+
+
+def _load_model(name: str, revision: str | None) -> GPT2:
+    """The model `-m/--model` names, found or downloaded (a progress bar on a terminal)."""
+    from gpt2cli import hub
+    from gpt2cli.model import GPT2
+
+    return GPT2.from_pretrained(hub.resolve(name, revision, progress=sys.stderr.isatty()))
+
+
 @click.group(cls=_Gpt2Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="gpt2")
 def cli() -> None:
@@ -125,15 +147,7 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("prompt", required=False)
-@click.option(
-    "-m",
-    "--model",
-    "model_name",
-    default="gpt2",
-    show_default=True,
-    help="A model name (gpt2, gpt2-medium, 355M, ...), a hub repo id owner/name, or a folder.",
-)
-@click.option("--revision", help="Branch, tag or commit of a hub model.")
+@_model_options
 @click.option(
     "-t",
     "--max-tokens",
@@ -217,15 +231,13 @@ def generate(
     """
     import time
 
-    from gpt2cli import hub
     from gpt2cli.generate import Generation
-    from gpt2cli.model import GPT2
     from gpt2cli.sampling import SamplingOptions
 
     text = read_text(prompt, "prompt")
     sampling = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p)
     start = time.perf_counter()
-    model = GPT2.from_pretrained(hub.resolve(model_name, revision, progress=sys.stderr.isatty()))
+    model = _load_model(model_name, revision)
     generation = Generation(
         model,
         model.tokenizer.encode(text),
@@ -490,15 +502,7 @@ def _parse_ids(source: str, where: str) -> list[int]:
 @cli.command()
 @click.argument("files", nargs=-1, metavar="[FILE]...")
 @click.option("--text", "literal", metavar="TEXT", help="Score TEXT itself instead of files.")
-@click.option(
-    "-m",
-    "--model",
-    "model_name",
-    default="gpt2",
-    show_default=True,
-    help="A model name (gpt2, gpt2-medium, 355M, ...), a hub repo id owner/name, or a folder.",
-)
-@click.option("--revision", help="Branch, tag or commit of a hub model.")
+@_model_options
 @click.option(
     "--stride",
     type=click.IntRange(min=1),
@@ -549,8 +553,6 @@ def score(
     output is tab-separated: a header, then source, tokens, perplexity and bits per byte per
     input.
     """
-    from gpt2cli import hub
-    from gpt2cli.model import GPT2
     from gpt2cli.output import (
         print_gltr,
         print_score_summary,
@@ -563,7 +565,7 @@ def score(
     if top and not tokens:
         raise click.UsageError("--top goes with --tokens")
     inputs = _score_inputs(files, literal, jsonl)
-    model = GPT2.from_pretrained(hub.resolve(model_name, revision, progress=sys.stderr.isatty()))
+    model = _load_model(model_name, revision)
     if stride is not None and stride > model.config.n_ctx:
         raise GPT2Error(f"--stride must be between 1 and the context, {model.config.n_ctx} tokens")
     names = ["stdin" if name == "-" else name for name, _, _ in inputs]
