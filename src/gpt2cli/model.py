@@ -40,6 +40,11 @@ Ids = Sequence[int] | NDArray[np.integer[Any]]  # one sequence of token ids
 # product large enough for BLAS to run at full speed
 PREFILL_TOKENS = 128
 
+# scoring runs larger passes (larger matrix products, as fast per token as BLAS gets) but the
+# output head over at most HEAD_ROWS positions at a time: [HEAD_ROWS, V] logits are 25 MB
+SCORE_TOKENS = 512
+HEAD_ROWS = 128
+
 _GELU_C = math.sqrt(2.0 / math.pi)  # a Python float: it keeps float32 arrays float32
 
 
@@ -413,14 +418,15 @@ class GPT2:
     def _score_batch(
         self, rows: list[NDArray[np.intp]], windows: list[tuple[int, int, int, int]]
     ) -> Iterator[ScoredBlock]:
-        """Run windows (row, begin, end, first scored) as one right-padded batch."""
+        """Run windows (row, begin, end, first scored) as one right-padded batch, SCORE_TOKENS
+        positions per pass, and the output head HEAD_ROWS scored positions at a time."""
         width = max(end - begin for _, begin, end, _ in windows)
         batch = np.zeros((len(windows), width), np.intp)  # [B, T]
         for b, (row, begin, end, _) in enumerate(windows):
             batch[b, : end - begin] = rows[row][begin:end]
-        state = self._empty_state(len(windows), width, logits=PREFILL_TOKENS)
-        for start, x in self._run_prompts(state, batch):  # x [B, chunk, D]
-            # hidden state at window position p predicts the token at p + 1
+        state = self._empty_state(len(windows), width, logits=HEAD_ROWS)
+        for start, x in self._run_prompts(state, batch, SCORE_TOKENS):  # x [B, chunk, D]
+            # the hidden state at window position p predicts the token at p + 1
             picks = [
                 (
                     b,
@@ -434,18 +440,20 @@ class GPT2:
             if not picks:
                 continue
             hidden = np.concatenate([x[b, p - start] for b, p in picks])  # [n, D]
-            targets = np.concatenate([p + 1 + windows[b][1] for b, p in picks])  # positions [n]
-            logits = self._head(hidden, targets - 1)  # [n, V]
-            offset = 0
-            for b, p in picks:
-                row, rows_positions = windows[b][0], targets[offset : offset + p.size]
-                yield ScoredBlock(
-                    row=row,
-                    positions=rows_positions,
-                    targets=rows[row][rows_positions],
-                    logits=logits[offset : offset + p.size],
-                )
-                offset += p.size
+            which = np.concatenate([np.full(p.size, b) for b, p in picks])  # [n]: window
+            targets = np.concatenate([p + 1 + windows[b][1] for b, p in picks])  # [n]: positions
+            for lo in range(0, len(hidden), HEAD_ROWS):
+                logits = self._head(hidden[lo : lo + HEAD_ROWS], targets[lo : lo + HEAD_ROWS] - 1)
+                part = which[lo : lo + HEAD_ROWS]
+                for b in np.unique(part):  # [V]-wide rows of one window at a time, in order
+                    rows_here = np.flatnonzero(part == b)
+                    row, positions = windows[b][0], targets[lo + rows_here]
+                    yield ScoredBlock(
+                        row=row,
+                        positions=positions,
+                        targets=rows[row][positions],
+                        logits=logits[rows_here[0] : rows_here[-1] + 1],
+                    )
 
     def scoring_sequence(self, ids: Ids, *, bos: bool) -> NDArray[np.intp]:
         """The sequence that scores `ids`: checked, `<|endoftext|>` first with `bos`; a GPT2Error
@@ -509,12 +517,12 @@ class GPT2:
             yield token.id
 
     def _run_prompts(
-        self, state: DecodeState, batch: NDArray[np.intp]
+        self, state: DecodeState, batch: NDArray[np.intp], tokens: int = PREFILL_TOKENS
     ) -> Iterator[tuple[int, Array]]:
-        """Run prompts [B, T] into an empty cache a chunk of positions at a time (PREFILL_TOKENS
+        """Run prompts [B, T] into an empty cache a chunk of positions at a time (about `tokens`
         tokens in all per pass): yield each chunk's first position and hidden states [B, chunk, D].
         """
-        chunk = max(1, PREFILL_TOKENS // batch.shape[0])
+        chunk = max(1, tokens // batch.shape[0])
         for start in range(0, batch.shape[1], chunk):
             yield start, self._extend(state, batch[:, start : start + chunk])
 
