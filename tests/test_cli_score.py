@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,33 @@ def test_text_option_and_tokens_in_json(tiny_model_dir: Path, model: GPT2):
     assert [t["rank"] for t in line["tokens"]] == expected.ranks.tolist()
     assert [len(t["top"]) for t in line["tokens"]] == [2, 2]
     assert set(line["tokens"][0]["top"][0]) == {"id", "text", "logprob"}
+
+
+def test_text_dash_is_the_text_itself_not_stdin(tiny_model_dir: Path):
+    result = score("-m", tiny_model_dir, "--json", "--text", "-", input=b"from stdin")
+    assert json.loads(result.stdout)["n_bytes"] == 1
+
+
+def test_a_named_pipe_without_a_writer_reads_as_empty_instead_of_hanging(
+    tiny_model_dir: Path, tmp_path: Path
+):
+    os.mkfifo(tmp_path / "fifo")
+    result = score("-m", tiny_model_dir, tmp_path / "fifo")
+    assert result.returncode == 2 and "nothing to score: the text is empty" in result.stderr
+
+
+def test_a_file_name_with_a_newline_or_bad_byte_stays_one_line(tiny_model_dir: Path):
+    result = score("-m", tiny_model_dir, "no\nsuch\x1b[31m")
+    assert result.stderr == (
+        "gpt2: error: no\\nsuch\\x1b[31m: cannot read it (No such file or directory)\n"
+    )
+    odd = os.fsdecode(b"bad\xffname.txt")
+    Path(odd).write_text("Hello there")
+    try:
+        result = score("-m", tiny_model_dir, "--json", odd)
+        assert json.loads(result.stdout)["source"] == "bad\\xffname.txt"
+    finally:
+        Path(odd).unlink()
 
 
 def test_piped_tokens_are_rows_escaped_like_encode_tokens(tiny_model_dir: Path, model: GPT2):
@@ -155,9 +183,14 @@ def test_on_a_terminal_tokens_are_the_text_in_gltr_colours(tiny_model_dir: Path)
         (["--jsonl"], b'{"text": "ok"}\n[1]\n', "stdin line 2 must be a JSON object"),
         (["--jsonl"], b'{"text": "ok"}\n{"txt": "x"}\n', "stdin line 2 has no 'text'"),
         (["--jsonl"], b'{"text": 5}\n', 'stdin line 1 "text" must be a string'),
-        (["--jsonl"], b'{"text": "a", "x": NaN}\n', "stdin line 1: holds NaN or Infinity"),
+        (
+            ["--jsonl"],
+            b'{"text": "a", "x": NaN}\n',
+            "line 1: holds NaN, Infinity or a lone",
+        ),
         (["--jsonl"], b'{"text": "ok"}\n{"text": ""}\n', "stdin line 2: nothing to score"),
         (["--jsonl"], b"[" * 100_000, "stdin line 1"),
+        (["--jsonl"], b'{"text": "a", "x": "\\ud800"}\n', "line 1: holds NaN, Infinity or a lone"),
         (["--jsonl"], b"\n\n", "no JSON lines to score"),
         (["--jsonl", "-", "-"], b"", "stdin (-) can be read only once"),
         (["--text", "Hi", "file.txt"], None, "--text goes alone"),

@@ -4,6 +4,7 @@ a full disk, a closed stdout or stdin, and a reader that goes away (exit 141, li
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -102,3 +103,49 @@ def test_a_reader_that_stops_early_ends_the_command_quietly_with_141(
         process.stdout.close()
         assert process.wait(timeout=60) == 141
         assert process.stderr.read() == b""
+
+
+@pytest.mark.parametrize("index", range(1, 9))
+def test_a_closed_stderr_does_not_stop_the_command(tiny_model_dir: Path, index: int):
+    """`2>&-`: errors would have nowhere to go, but a command that works still works."""
+    args = commands(tiny_model_dir)[index]
+    result = subprocess.run(
+        [*GPT2, *args], stdout=subprocess.PIPE, timeout=60, preexec_fn=lambda: os.close(2)
+    )
+    assert result.returncode == 0
+    assert result.stdout.strip()
+
+
+@pytest.mark.parametrize("columns", ["0", "-3", "abc"])
+def test_a_nonsense_terminal_width_still_shows_the_output(tiny_model_dir: Path, columns: str):
+    from tests.terminal import run_on_terminal
+
+    env = os.environ | {"COLUMNS": columns}
+    status, shown, _ = run_on_terminal(["encode", "--tokens", "Hello world"], env=env)
+    assert status == 0 and "Hello" in shown and "world" in shown
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_sigterm_and_sighup_stop_like_ctrl_c_keeping_the_output(
+    tmp_path: Path, signum: int, status: int
+):
+    """The text generated so far stays printed, the status is 128 + the signal, stderr is
+    empty (when piped) and there is no traceback."""
+    from gpt2cli.config import GPT2Config
+    from tests.factory import write_random_gpt2
+
+    folder = write_random_gpt2(
+        tmp_path / "slow", GPT2Config(n_ctx=1024, n_embd=256, n_head=4, n_layer=4)
+    )
+    process = subprocess.Popen(
+        [*GPT2, "generate", "-m", str(folder), "-t", "1000", "--ignore-eos", "Hi"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    printed = os.read(process.stdout.fileno(), 4096)  # generation is under way
+    process.send_signal(signum)
+    printed += process.stdout.read()
+    assert process.wait(timeout=60) == status
+    assert process.stderr.read() == b""
+    assert printed

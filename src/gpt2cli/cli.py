@@ -8,6 +8,7 @@ Heavy modules (numpy, rich, huggingface_hub) are imported inside the commands th
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import signal
 import sys
@@ -18,7 +19,14 @@ import click
 
 from gpt2cli import __version__
 from gpt2cli.errors import GPT2Error
-from gpt2cli.output import SamplePrinter, settle_stdout, silence_stdout, write_stdout
+from gpt2cli.output import (
+    SamplePrinter,
+    escape_controls,
+    printable,
+    settle_stdout,
+    silence_stdout,
+    write_stdout,
+)
 
 if TYPE_CHECKING:
     from gpt2cli.model import GPT2
@@ -28,6 +36,28 @@ EXIT_FAILURE = 1  # the system failed us: out of memory, an I/O error
 EXIT_USAGE = 2  # bad input of any kind, as Click uses for usage errors
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what `cat big | head -1` reports for cat
+# signals that stop a command the way Ctrl-C does: output so far flushed, exit 128 + signal
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal (Ctrl-C, SIGTERM, SIGHUP), raised where the program is, like Ctrl-C."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _StoppedRun(Exception):
+    """A Stopped command, carried past Click's own Ctrl-C handling (which prints a newline)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise Stopped(signum)
 
 
 class _Gpt2Group(click.Group):
@@ -36,6 +66,8 @@ class _Gpt2Group(click.Group):
     def main(  # type: ignore[override]
         self, args: Sequence[str] | None = None, standalone_mode: bool = True, **extra: Any
     ) -> Any:
+        if sys.stderr is None:  # `2>&-`: errors have nowhere to go, but the command still runs
+            sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
         try:
             if sys.stdout is None:  # every command prints: refuse before doing any work
                 raise GPT2Error("stdout is closed (>&-): nowhere to write the output")
@@ -46,6 +78,10 @@ class _Gpt2Group(click.Group):
             code = _report(e.format_message(), e.exit_code)
         except GPT2Error as e:
             code = _report(str(e), EXIT_USAGE)
+        except _StoppedRun as e:
+            code = 128 + e.signum
+            if sys.stderr.isatty():  # end the line the terminal's ^C echo left open
+                _report("", code, prefix="")
         except (click.Abort, KeyboardInterrupt):
             code = EXIT_INTERRUPTED
         except BrokenPipeError:
@@ -72,12 +108,18 @@ class _Gpt2Group(click.Group):
         except BrokenPipeError:
             silence_stdout()
             ctx.exit(EXIT_BROKEN_PIPE)
+        except KeyboardInterrupt as e:
+            raise _StoppedRun(getattr(e, "signum", signal.SIGINT)) from None
 
 
-def _report(message: str, code: int) -> int:
-    """Print one error line on stderr (if stderr is still there) and return the exit status."""
+def _report(message: str, code: int, prefix: str = "gpt2: error: ") -> int:
+    """Print one error line on stderr (if stderr is still there) and return the exit status.
+
+    Control characters (a newline or escape sequence in a file name) are escaped, so the line
+    stays one line and cannot drive the terminal.
+    """
     with contextlib.suppress(OSError, ValueError):
-        click.echo(f"gpt2: error: {message}", err=True)
+        click.echo(f"{prefix}{escape_controls(message)}", err=True)
     return code
 
 
@@ -96,10 +138,14 @@ def read_text(text: str | None, what: str = "input") -> str:
     is an error naming its offset.
     """
     if text is not None and text != "-":
-        data, where = text.encode("utf-8", "surrogateescape"), "in the argument"
-    else:
-        data, where = stdin_binary().read(), "on stdin"
-    return decode_utf8(data, f"{what} {where}")
+        return argument_text(text, what)
+    return decode_utf8(stdin_binary().read(), f"{what} on stdin")
+
+
+def argument_text(value: str, what: str) -> str:
+    """A command-line argument as text; a byte in it that is not UTF-8 (which Python keeps as a
+    lone surrogate) is a GPT2Error naming `what` and the offset."""
+    return decode_utf8(value.encode("utf-8", "surrogateescape"), f"{what} in the argument")
 
 
 def decode_utf8(data: bytes, what: str) -> str:
@@ -235,6 +281,7 @@ def generate(
     from gpt2cli.sampling import SamplingOptions
 
     text = read_text(prompt, "prompt")
+    stop = tuple(argument_text(s, "--stop") for s in stop)
     sampling = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p)
     start = time.perf_counter()
     model = _load_model(model_name, revision)
@@ -264,19 +311,19 @@ def generate(
 
 @contextlib.contextmanager
 def _ctrl_c_deferred() -> Iterator[None]:
-    """Hold Ctrl-C's KeyboardInterrupt until the block ends, so text is never both printed and
-    still counted unprinted (which would print it twice after the interruption)."""
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield  # SIGINT is ignored or handled elsewhere: leave it alone
-        return
+    """Hold stop signals (Ctrl-C, SIGTERM, SIGHUP) until the block ends, so text is never both
+    printed and still counted unprinted (which would print it twice after the interruption)."""
+    ours = [s for s in STOP_SIGNALS if signal.getsignal(s) is _stop]  # others: left alone
     caught: list[int] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    for signum in ours:
+        signal.signal(signum, lambda signum, frame: caught.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for signum in ours:
+            signal.signal(signum, _stop)
     if caught:
-        raise KeyboardInterrupt
+        raise Stopped(caught[0])
 
 
 @cli.command()
@@ -600,23 +647,29 @@ def _score_inputs(
     if literal is not None:
         if files or jsonl:
             raise click.UsageError("--text goes alone, without FILE arguments or --jsonl")
-        return [("<text>", {"source": "<text>"}, read_text(literal, "--text"))]
+        return [("<text>", {"source": "<text>"}, argument_text(literal, "--text"))]
     sources = files or ("-",)
     if sources.count("-") > 1:
         raise click.UsageError("stdin (-) can be read only once")
     if not jsonl:
-        return [(name, {"source": name}, _read_input(name)) for name in sources]
+        return [(name, {"source": printable(name)}, _read_input(name)) for name in sources]
     if len(sources) > 1:
         raise click.UsageError("--jsonl reads one file (or stdin)")
     return _jsonl_rows(sources[0], _read_input(sources[0]))
 
 
 def _read_input(name: str) -> str:
-    """The text of file `name` (stdin for `-`), strict UTF-8; errors name the file."""
+    """The text of file `name` (stdin for `-`), strict UTF-8; errors name the file.
+
+    Opened without blocking, so a named pipe with no writer reads as empty instead of hanging;
+    a pipe that has one (`<(command)`) is read to its end.
+    """
     if name == "-":
         return read_text(None, "input")
     try:
-        with open(name, "rb") as f:
+        fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as f:
+            os.set_blocking(fd, True)
             data = f.read()
     except OSError as e:
         raise GPT2Error(f"{name}: cannot read it ({e.strerror})") from None
@@ -642,10 +695,11 @@ def _jsonl_rows(name: str, content: str) -> list[tuple[str, dict[str, Any], str]
         text = jsonfile.string(jsonfile.field(row, "text", line_name), f'{line_name} "text"')
         fields = {"index": index} | {k: v for k, v in row.items() if k != "text"}
         try:
-            json.dumps(fields, allow_nan=False)
-        except ValueError:
+            json.dumps(fields, allow_nan=False, ensure_ascii=False).encode("utf-8")
+        except ValueError:  # UnicodeEncodeError included
             raise GPT2Error(
-                f"{line_name}: holds NaN or Infinity, which JSON cannot carry"
+                f"{line_name}: holds NaN, Infinity or a lone surrogate (\\udXXX), which JSON "
+                "output cannot carry"
             ) from None
         rows.append((line_name, fields, text))
     if not rows:
@@ -654,5 +708,11 @@ def _jsonl_rows(name: str, content: str) -> list[tuple[str, dict[str, Any], str]
 
 
 def main() -> None:
-    """Entry point of the `gpt2` console script and `python -m gpt2cli`."""
+    """Run the `gpt2` command: stop signals handled like Ctrl-C, then the Click group."""
+    for name in ("COLUMNS", "LINES"):  # rich would draw nothing in a width of 0
+        if not os.environ.get(name, "1").isdigit() or int(os.environ.get(name, "1")) < 1:
+            del os.environ[name]
+    for signum in STOP_SIGNALS:  # one that is ignored (nohup's SIGHUP) stays ignored
+        if signal.getsignal(signum) in (signal.default_int_handler, signal.SIG_DFL):
+            signal.signal(signum, _stop)
     cli.main(prog_name="gpt2")

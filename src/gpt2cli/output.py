@@ -29,7 +29,9 @@ def write_stdout(data: str | bytes) -> None:
     A reader that went away is a BrokenPipeError (the CLI exits quietly with 141); any other
     failure, such as a full disk or a closed stdout, is a GPT2Error naming it.
     """
-    view = memoryview(data.encode("utf-8") if isinstance(data, str) else data)
+    if isinstance(data, str):  # a lone surrogate cannot be UTF-8: shown, never a traceback
+        data = data.encode("utf-8", "backslashreplace")
+    view = memoryview(data)
     try:
         sys.stdout.flush()  # anything printed through the text layer goes first
         out = sys.stdout.buffer
@@ -179,6 +181,22 @@ def escape_piece(raw: bytes) -> str:
     return raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace").translate(_ESCAPES)
 
 
+def escape_controls(text: str) -> str:
+    """`text` with control characters (newlines, escapes) shown as \\n, \\x1b..., so it stays
+    one inert line, and a byte of a file name that is not UTF-8 as \\xNN."""
+    return printable(text).translate(_ESCAPES)
+
+
+def printable(text: str) -> str:
+    """`text` as valid Unicode: a file name's non-UTF-8 bytes (which Python keeps as lone
+    surrogates) as \\xNN, any other lone surrogate as \\uNNNN."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 def terminal_console(*, stderr: bool = False) -> Any:
     """A rich Console for a terminal (None when that stream is not one), honouring NO_COLOR."""
     stream = sys.stderr if stderr else sys.stdout
@@ -312,7 +330,7 @@ def score_json(s: TextScore, tokenizer: Tokenizer, *, tokens: bool, first: dict[
 
 def _cell(text: str) -> str:
     """A file name as one TSV cell: control characters (tabs, newlines) escaped."""
-    return escape_piece(text.encode("utf-8", "surrogateescape"))
+    return escape_controls(text)
 
 
 PROGRESS_MIN_TOKENS = 4096  # smaller inputs are scored before a bar would be worth drawing
