@@ -596,9 +596,11 @@ def score(
     """Score text with GPT-2: perplexity, bits per byte and each token's surprisal.
 
     Reads each FILE (stdin when there is none, or for `-`), or --text. Texts longer than the
-    context are scored in Hugging Face's strided windows, every token once. Piped, the default
-    output is tab-separated: a header, then source, tokens, perplexity and bits per byte per
-    input.
+    context are scored in Hugging Face's strided windows, every token once (with --stride equal
+    to the context, a later window's first token has no context and is not scored, as in that
+    recipe). Piped, the default output is tab-separated: a header, then source, tokens,
+    perplexity and bits per byte per input. With --jsonl, a field of a line named like a result
+    field (n_tokens, perplexity, ...) is replaced by the result.
     """
     from gpt2cli.output import (
         print_gltr,
