@@ -205,3 +205,21 @@ def test_bad_input_is_one_error_line_and_nothing_is_scored(
     assert result.stderr.startswith("gpt2: error: ") and result.stderr.count("\n") == 1
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_progress_bar_on_a_terminal_for_a_long_input(tiny_model_dir: Path, tmp_path: Path):
+    long = tmp_path / "long.txt"
+    long.write_text("Some words that repeat, and then some more of them. " * 500)  # ~6,000 tokens
+    status, shown, piped = run_on_terminal(
+        ["score", "-m", str(tiny_model_dir), str(long)], stream="stderr"
+    )
+    assert status == 0
+    assert "scoring" in shown and "tokens/s" in shown
+    assert piped.startswith("source\ttokens\t")
+
+
+def test_no_progress_bar_for_a_short_input(tiny_model_dir: Path):
+    status, shown, _ = run_on_terminal(
+        ["score", "-m", str(tiny_model_dir), "--text", "short"], stream="stderr"
+    )
+    assert status == 0 and "tokens/s" not in shown

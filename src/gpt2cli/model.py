@@ -387,7 +387,7 @@ class GPT2:
         return logprobs[scored]
 
     def scored_logits(
-        self, sequences: Sequence[Ids], *, stride: int | None = None, batch_tokens: int = 2048
+        self, sequences: Sequence[Ids], *, stride: int | None = None, batch_tokens: int = 1024
     ) -> Iterator[ScoredBlock]:
         """The logits that score every token of each sequence but its first, a block at a time.
 
