@@ -28,7 +28,9 @@ TOKENS = 20_000
 STRIDE = 512
 DOCUMENTS = 256
 DOCUMENT_TOKENS = 100
-REPEAT = 1  # of the JSON Lines runs: 256 documents take about a minute a way; the 20,000-token text is one run of 39 windows a side
+# the JSON Lines runs: 256 documents take about a minute each way; the 20,000-token text is
+# one run of 39 windows a side
+REPEAT = 1
 MIB = 2**20
 
 
@@ -143,7 +145,7 @@ def _documents(folder: str) -> dict[str, float]:
         return DOCUMENTS / (time.perf_counter() - start)
 
     batched()  # warm-up: the tokenizer, the weights' pages, BLAS's buffers
-    return {  # interleaved, so that a noisy minute hurts both alike
+    return {
         "batched": statistics.median(batched() for _ in range(REPEAT)),
         "one_by_one": statistics.median(one_by_one() for _ in range(REPEAT)),
     }
