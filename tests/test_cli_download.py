@@ -447,3 +447,15 @@ def test_revision_of_a_local_folder_is_refused(tiny_model_dir: Path) -> None:
     result = CliRunner().invoke(cli, ["download", str(tiny_model_dir), "--revision", "v1"])
     assert result.exit_code == 2
     assert "--revision applies to hub models" in result.stderr
+
+
+def test_a_cache_that_cannot_be_written_names_the_cache_not_a_retry(
+    fake_hub: FakeHub, tiny_repo: Repo, tmp_path: Path
+):
+    """HF_HOME set to a file: running the command again cannot help, so it is not advised."""
+    fake_hub.add("someone/tiny", tiny_repo)
+    (tmp_path / "a-file").write_text("not a folder")
+    home = str(tmp_path / "a-file")
+    result = gpt2("download", "someone/tiny", HF_HOME=home, HF_HUB_CACHE=f"{home}/hub")
+    assert_fails(result, "cannot write the model into the cache", "is a writable folder")
+    assert "run the command again" not in result.stderr

@@ -631,3 +631,18 @@ def test_storing_never_writes_through_something_already_at_the_partial_name(
     assert not partial.exists() and not entry.exists()  # cleared away; stored next time
     Tokenizer.from_dir(folder)
     assert entry.is_file()
+
+
+@pytest.mark.parametrize("name", ["merges.txt", "vocab.json"])
+def test_a_fifo_or_folder_in_place_of_a_tokenizer_file_is_named_not_opened(
+    tmp_path: Path, name: str
+):
+    for kind, make in [("a FIFO", os.mkfifo), ("a directory", os.mkdir)]:
+        folder = tmp_path / kind.replace(" ", "-")
+        folder.mkdir()
+        for other in ("vocab.json", "merges.txt"):
+            if other != name:
+                shutil.copy(DATA_DIR / other, folder / other)
+        make(folder / name)
+        with pytest.raises(GPT2Error, match=f"{name}: is {kind}"):
+            Tokenizer.from_dir(folder)

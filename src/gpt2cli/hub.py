@@ -25,6 +25,7 @@ progress bars (`progress`): a failure still ends in one GPT2Error.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import math
 import os
@@ -80,6 +81,8 @@ _BY_NAME = {key: m for m in KNOWN_MODELS for key in (m.name, m.alias) if key}
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "encoder.json", "vocab.bpe")
+# errors of the local file system, which running the command again does not cure
+_LOCAL_ERRNOS = {errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC}
 _SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _BLOB = {64: "sha256", 40: "git"}  # length of a cache blob's name -> the hash it is
@@ -531,6 +534,11 @@ def _explain(error: Exception, repo_id: str, revision: str | None) -> Exception:
             f"cannot reach the hub at {endpoint} ({_reason(error)}); check the network or set "
             "HF_ENDPOINT to a reachable hub, pass a local model folder, or set HF_HUB_OFFLINE=1 "
             "to use a model already in the cache"
+        )
+    if isinstance(error, OSError) and error.errno in _LOCAL_ERRNOS:  # the disk, not the network
+        return GPT2Error(
+            f"cannot write the model into the cache ({_reason(error)}); check that HF_HOME / "
+            f"HF_HUB_CACHE ({constants.HF_HUB_CACHE}) is a writable folder with room"
         )
     if isinstance(error, OSError):
         return GPT2Error(f"downloading {repo_id} failed: {_reason(error)}; run the command again")

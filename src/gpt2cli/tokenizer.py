@@ -430,7 +430,9 @@ def load_tokenizer(folder: Path | None) -> Tokenizer:
 def _layout(folder: Path) -> tuple[str, str]:
     """The (vocabulary, merges) file names present in `folder`: HF layout first, then OpenAI's."""
     for names in (HF_FILES, OPENAI_FILES):
-        present = [n for n in names if (folder / n).is_file()]
+        present = [n for n in names if os.path.lexists(folder / n)]
+        for name in present:  # a FIFO, folder or broken link there is named, never opened
+            jsonfile.check_file(folder / name)
         if len(present) == 2:
             return names
         if present:
@@ -546,7 +548,8 @@ def _store_cached(path: Path, tables: Tables) -> None:
 
 def _read_bytes(path: Path) -> bytes:
     try:
-        return path.read_bytes()
+        with jsonfile.open_file(path) as f:  # a regular file, opened without blocking
+            return f.read()
     except OSError as e:
         raise GPT2Error(f"cannot read {path}: {e.strerror}") from None
 
