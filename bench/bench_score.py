@@ -4,7 +4,8 @@ A 20,000-token text scored in windows of 1,024 starting every 512 tokens: gpt2cl
 `GPT2.score` against the "Perplexity of fixed-length models" loop (labels masked before
 `trg_len`, torch with 2 threads), each in its own process so that its peak resident memory is
 its own. Then JSON Lines: 256 documents of about 100 tokens scored as padded batches
-(`score_texts`, what `gpt2 score --jsonl` does) against scoring them one call at a time.
+(`score_texts`, what `gpt2 score --jsonl` does) against scoring them one call at a time in the
+same process, and against one `gpt2 score --text` process per document (a shell loop).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ DOCUMENT_TOKENS = 100
 # the JSON Lines runs: 256 documents take about a minute each way; the 20,000-token text is
 # one run of 39 windows a side
 REPEAT = 1
+PROCESSES = 16  # documents scored by a `gpt2 score` process each, for the last row
 MIB = 2**20
 
 
@@ -56,6 +58,8 @@ def main() -> None:
         [f"--jsonl {DOCUMENTS} docs of ~{DOCUMENT_TOKENS} tokens: docs/s", "",
          docs["batched"], f"{batched:.2f}x one by one ({docs['one_by_one']:.1f} docs/s)",
          ">= 2x", verdict(batched >= 2)],
+        ["  vs one `gpt2 score --text` process a doc", "", docs["processes"],
+         f"{docs['batched'] / docs['processes']:.1f}x", "", ""],
     ]  # fmt: skip
     print_table(
         f"score: gpt2cli vs the Hugging Face recipe on transformers, 124M-shaped fp32, "
@@ -144,10 +148,18 @@ def _documents(folder: str) -> dict[str, float]:
             score_text(model, text)
         return DOCUMENTS / (time.perf_counter() - start)
 
+    def processes(count: int = PROCESSES) -> float:
+        start = time.perf_counter()
+        for text in texts[:count]:
+            cmd = [sys.executable, "-m", "gpt2cli", "score", "-m", folder, "--json", "--text", text]
+            subprocess.run(cmd, check=True, capture_output=True)
+        return count / (time.perf_counter() - start)
+
     batched()  # warm-up: the tokenizer, the weights' pages, BLAS's buffers
     return {
         "batched": statistics.median(batched() for _ in range(REPEAT)),
         "one_by_one": statistics.median(one_by_one() for _ in range(REPEAT)),
+        "processes": processes(),
     }
 
 
