@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
 from gpt2cli.errors import GPT2Error
-from gpt2cli.generate import Generation, TextStream, generate_text
+from gpt2cli.generate import Generation, TextStream, generate_ids, generate_text
 from gpt2cli.model import GPT2
 from gpt2cli.sampling import SamplingOptions, sample
 from gpt2cli.tokenizer import Tokenizer
@@ -253,14 +253,14 @@ def test_model_generate_takes_the_sampling_options(tiny: GPT2):
     options = SamplingOptions(temperature=0.8, top_k=20, top_p=0.9)
     generation = Generation(tiny, prompt, max_tokens=15, sampling=options, seed=2, ignore_eos=True)
     list(generation)
-    sampled = tiny.generate(prompt, 15, temperature=0.8, top_k=20, top_p=0.9, seed=2)
+    sampled = generate_ids(tiny, prompt, 15, temperature=0.8, top_k=20, top_p=0.9, seed=2)
     assert list(sampled) == generation.completions[0].ids
 
 
 def test_model_generate_ends_at_end_of_text_only_when_asked(eot_model: GPT2):
     prompt = eot_model.tokenizer.encode("Hi")
-    assert list(eot_model.generate(prompt, 4)) == [50256] * 4
-    assert list(eot_model.generate(prompt, 4, ignore_eos=False)) == [50256]
+    assert list(generate_ids(eot_model, prompt, 4)) == [50256] * 4
+    assert list(generate_ids(eot_model, prompt, 4, ignore_eos=False)) == [50256]
 
 
 def _is_utf8(data: bytes) -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpt2cli import hub, weights
+from gpt2cli import hub, picogpt, weights
 from gpt2cli.errors import GPT2Error
 from gpt2cli.tokenizer import load_tokenizer
 from tests.factory import TINY, hf_config, random_params, write_random_gpt2
@@ -220,7 +220,7 @@ def test_model_we_downloaded_is_found_by_transformers_offline(tiny_on_hub: Repo)
 
 
 def test_picogpt_loader_gives_tokenizer_hparams_and_params(tiny_model_dir: Path) -> None:
-    tokenizer, hparams, params = weights.load_encoder_hparams_and_params(str(tiny_model_dir))
+    tokenizer, hparams, params = picogpt.load_encoder_hparams_and_params(str(tiny_model_dir))
     config, expected = weights.load(tiny_model_dir)
     assert hparams == {
         "n_vocab": config.n_vocab,
@@ -241,7 +241,7 @@ def test_picogpt_models_dir_is_the_cache_to_download_into(
 ) -> None:
     models = tmp_path / "models"
     result = python(f"""
-        from gpt2cli.weights import load_encoder_hparams_and_params
+        from gpt2cli.picogpt import load_encoder_hparams_and_params
         _, hparams, params = load_encoder_hparams_and_params("someone/tiny", {str(models)!r})
         print(hparams["n_layer"], len(params["blocks"]))
         """)

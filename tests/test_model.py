@@ -17,6 +17,7 @@ import gpt2cli
 from gpt2cli import model as model_module
 from gpt2cli import weights
 from gpt2cli.errors import GPT2Error
+from gpt2cli.generate import generate_ids
 from gpt2cli.model import GPT2
 from tests.factory import (
     GPT2_124M,
@@ -170,7 +171,7 @@ def test_greedy_continuation_matches_transformers_generate(
     ours_124m: GPT2, reference_124m: Any
 ) -> None:
     prompt = _ids(12, seed=11, n_vocab=GPT2_124M.n_vocab)
-    ours = list(ours_124m.generate(prompt, max_new_tokens=100))
+    ours = list(generate_ids(ours_124m, prompt, max_new_tokens=100))
     ids = torch.tensor([prompt])
     config = transformers.GenerationConfig(
         do_sample=False,
@@ -226,7 +227,7 @@ def test_prompt_longer_than_n_ctx_is_an_error_naming_both_lengths(tiny: GPT2) ->
     calls = [
         lambda: tiny(np.array(ids)),
         lambda: tiny.prefill([ids[:5], ids]),
-        lambda: list(tiny.generate(ids, max_new_tokens=5)),
+        lambda: list(generate_ids(tiny, ids, max_new_tokens=5)),
     ]
     for call in calls:
         with pytest.raises(GPT2Error, match=f"{TINY.n_ctx + 1} tokens.*context is {TINY.n_ctx}"):
@@ -244,17 +245,17 @@ def test_truncate_keeps_the_last_n_ctx_tokens(tiny: GPT2) -> None:
 
 def test_generation_stops_when_the_sequence_reaches_n_ctx(tiny: GPT2) -> None:
     prompt = _ids(TINY.n_ctx - 6, seed=9)
-    continuation = list(tiny.generate(prompt, max_new_tokens=50))
+    continuation = list(generate_ids(tiny, prompt, max_new_tokens=50))
     assert len(continuation) == 6
     full = tiny(np.array(prompt + continuation[:-1]))  # the greedy choice at every position
     assert continuation == full[len(prompt) - 1 :].argmax(axis=-1).tolist()
-    assert list(tiny.generate(_ids(TINY.n_ctx, seed=9), max_new_tokens=5)) == []
+    assert list(generate_ids(tiny, _ids(TINY.n_ctx, seed=9), max_new_tokens=5)) == []
 
 
 def test_generate_with_truncate_keeps_room_for_the_new_tokens(tiny: GPT2) -> None:
     ids = _ids(TINY.n_ctx + 40, seed=6)
-    continuation = list(tiny.generate(ids, max_new_tokens=8, truncate=True))
-    assert continuation == list(tiny.generate(ids[-(TINY.n_ctx - 8) :], max_new_tokens=8))
+    continuation = list(generate_ids(tiny, ids, max_new_tokens=8, truncate=True))
+    assert continuation == list(generate_ids(tiny, ids[-(TINY.n_ctx - 8) :], max_new_tokens=8))
     assert len(continuation) == 8
 
 

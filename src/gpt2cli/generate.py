@@ -5,7 +5,7 @@ per token) for `num_samples` rows at once, chooses each next id with `gpt2cli.sa
 stops each row on `<|endoftext|>`, a stop string, `max_tokens` or the context limit. Iterating it
 yields each id as it is sampled, with the text it made safe to print: never half of a UTF-8
 character and never any part of a stop string. `generate_text` is the one-sample text shorthand;
-`GPT2.generate` the one-sample ids shorthand.
+`generate_ids` the one-sample ids shorthand.
 """
 
 from __future__ import annotations
@@ -265,3 +265,46 @@ def generate_text(
     for token in generation:
         if token.text:
             yield token.text
+
+
+def generate_ids(
+    model: GPT2,
+    ids: Sequence[int],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    ignore_eos: bool = True,
+    truncate: bool = False,
+) -> Iterator[int]:
+    """Yield the continuation of `ids`, one id at a time: greedy unless a temperature is set.
+
+    The options are `gpt2 generate`'s (see `gpt2cli.sampling.SamplingOptions`), with
+    ids-level defaults: greedy, and `<|endoftext|>` yielded like any other id (with
+    `ignore_eos=False` it is the last id). It ends after `max_new_tokens` ids, or earlier when
+    prompt plus continuation reach n_ctx (finish reason "length" either way; a prompt of n_ctx
+    tokens yields nothing). A longer prompt is an error, or with `truncate=True` keeps its last
+    tokens, leaving room for `max_new_tokens`.
+    """
+    prompt = np.asarray(ids).tolist()
+    n_ctx = model.config.n_ctx
+    if len(prompt) > n_ctx and not truncate:
+        raise GPT2Error(
+            f"prompt is {len(prompt)} tokens but the model's context is {n_ctx} tokens; "
+            f"shorten it, or truncate it to its last {n_ctx} tokens"
+        )
+    if max_new_tokens < 1 or (len(prompt) == n_ctx and not truncate):
+        return
+    generation = Generation(
+        model,
+        prompt,
+        max_tokens=max_new_tokens,
+        sampling=SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p),
+        seed=seed,
+        ignore_eos=ignore_eos,
+        truncate=truncate,
+    )
+    for token in generation:
+        yield token.id

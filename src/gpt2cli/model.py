@@ -1,6 +1,6 @@
 """GPT-2 in NumPy: the transformer as small pure functions, and `GPT2`, which loads and runs them.
 
-The functions read like the paper (and picoGPT): `gelu`, `softmax`, `layer_norm`, `linear`,
+The functions read like the paper (and picoGPT): `gelu`, `layer_norm`, `linear`,
 `attention`, `mha`, `mlp`, `block`, `forward`. Shapes in the comments: B sequences in a batch, T
 positions computed in this pass, S positions attended to, D n_embd, H n_head, hd head width,
 V n_vocab, C cache capacity, L n_layer.
@@ -27,6 +27,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from gpt2cli.config import GPT2Config
 from gpt2cli.errors import GPT2Error
+from gpt2cli.ops import softmax
 
 if TYPE_CHECKING:
     from gpt2cli.tokenizer import Tokenizer
@@ -51,14 +52,6 @@ _GELU_C = math.sqrt(2.0 / math.pi)  # a Python float: it keeps float32 arrays fl
 def gelu(x: Array) -> Array:
     """GPT-2's GELU, the tanh approximation (transformers' `gelu_new`)."""
     return 0.5 * x * (1.0 + np.tanh(_GELU_C * (x + 0.044715 * x * x * x)))  # [...] -> [...]
-
-
-def softmax(x: Array) -> Array:
-    """Probabilities along the last axis; the max is subtracted first, so exp never overflows."""
-    e: Array = x - x.max(axis=-1, keepdims=True)  # [..., n]
-    np.exp(e, out=e)  # in place, like the division: attention scores can be tens of MB
-    e /= e.sum(axis=-1, keepdims=True)
-    return e
 
 
 def layer_norm(x: Array, g: Array, b: Array, eps: float = 1e-5) -> Array:
@@ -475,46 +468,6 @@ class GPT2:
         if bos:
             array = np.concatenate([[self.tokenizer.eot_token], array])
         return array.astype(np.intp)
-
-    def generate(
-        self,
-        ids: Ids,
-        max_new_tokens: int,
-        *,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        ignore_eos: bool = True,
-        truncate: bool = False,
-    ) -> Iterator[int]:
-        """Yield the continuation of `ids`, one id at a time: greedy unless a temperature is set.
-
-        The options are `gpt2 generate`'s (see `gpt2cli.sampling.SamplingOptions`), with
-        ids-level defaults: greedy, and `<|endoftext|>` yielded like any other id (with
-        `ignore_eos=False` it is the last id). It ends after `max_new_tokens` ids, or earlier
-        when prompt plus continuation reach n_ctx (finish reason "length" either way). A prompt
-        too long for that is an error, or with `truncate=True` keeps its last tokens, leaving
-        room for `max_new_tokens`.
-        """
-        from gpt2cli.generate import Generation
-        from gpt2cli.sampling import SamplingOptions
-
-        prompt = self._checked(ids, truncate)
-        if max_new_tokens < 1 or (len(prompt) == self.config.n_ctx and not truncate):
-            return
-        sampling = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p)
-        generation = Generation(
-            self,
-            prompt.tolist(),
-            max_tokens=max_new_tokens,
-            sampling=sampling,
-            seed=seed,
-            ignore_eos=ignore_eos,
-            truncate=truncate,
-        )
-        for token in generation:
-            yield token.id
 
     def _run_prompts(
         self, state: DecodeState, batch: NDArray[np.intp], tokens: int = PREFILL_TOKENS

@@ -14,7 +14,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gpt2cli.errors import GPT2Error
-from gpt2cli.model import softmax
+from gpt2cli.ops import log_softmax, softmax
 
 Array = NDArray[np.float32]
 Ids = NDArray[np.int64]
@@ -53,13 +53,6 @@ class SamplingOptions:
     def greedy(self) -> bool:
         """True when the choice is the argmax and needs no random numbers."""
         return self.temperature <= _FLOAT32_ROUNDS_TO_ZERO
-
-
-def log_softmax(x: Array) -> Array:
-    """Log-probabilities along the last axis: x - logsumexp(x)."""
-    shifted: Array = x - x.max(axis=-1, keepdims=True)  # [..., V]
-    logprobs: Array = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))  # [..., V]
-    return logprobs
 
 
 def top_k_candidates(x: Array, k: int) -> Ids:

@@ -18,16 +18,13 @@ import re
 import struct
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 
 from gpt2cli import jsonfile
 from gpt2cli.config import GPT2Config
 from gpt2cli.errors import CorruptWeightsError, GPT2Error
-
-if TYPE_CHECKING:
-    from gpt2cli.tokenizer import Tokenizer
 
 # {"wte": [V, D], "wpe": [C, D], "blocks": [{"ln_1": {"g", "b"}, "attn": {"c_attn": {"w", "b"},
 #  "c_proj": {"w", "b"}}, "ln_2": {"g", "b"}, "mlp": {"c_fc": {"w", "b"}, "c_proj": {"w", "b"}}}],
@@ -341,27 +338,3 @@ def _nest(tensors: dict[str, tuple[np.ndarray, Path]], config: GPT2Config, where
             f"{config.n_layer}-layer GPT-2; does config.json match the weights?"
         )
     return params
-
-
-def load_encoder_hparams_and_params(
-    model_size: str, models_dir: str | os.PathLike[str] | None = None
-) -> tuple[Tokenizer, dict[str, int], Params]:
-    """picoGPT's loader, for porting its code: `(tokenizer, hparams, params)` for a model.
-
-    `model_size` is anything `gpt2cli.hub.resolve` accepts ("124M", "gpt2", "owner/name", a
-    folder). `models_dir`, when given, is the Hugging Face cache directory to use instead of the
-    default one (`HF_HUB_CACHE`), so picoGPT's `models_dir="models"` keeps its models apart.
-    """
-    from gpt2cli import hub
-    from gpt2cli.tokenizer import load_tokenizer
-
-    folder = hub.resolve(model_size, cache_dir=models_dir)
-    config, params = load(folder)
-    hparams = {
-        "n_vocab": config.n_vocab,
-        "n_ctx": config.n_ctx,
-        "n_embd": config.n_embd,
-        "n_head": config.n_head,
-        "n_layer": config.n_layer,
-    }
-    return load_tokenizer(folder), hparams, params

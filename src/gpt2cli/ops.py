@@ -1,0 +1,28 @@
+"""Normalising logits: the softmax the model's attention and sampling share, and its log.
+
+Below both `model` and `sampling`, so neither imports the other. float32 in, float32 out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+Array = NDArray[np.floating[Any]]
+
+
+def softmax(x: Array) -> Array:
+    """Probabilities along the last axis; the max is subtracted first, so exp never overflows."""
+    e: Array = x - x.max(axis=-1, keepdims=True)  # [..., n]
+    np.exp(e, out=e)  # in place, like the division: attention scores can be tens of MB
+    e /= e.sum(axis=-1, keepdims=True)
+    return e
+
+
+def log_softmax(x: Array) -> Array:
+    """Log-probabilities along the last axis: x - logsumexp(x)."""
+    shifted: Array = x - x.max(axis=-1, keepdims=True)  # [..., V]
+    logprobs: Array = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))  # [..., V]
+    return logprobs
