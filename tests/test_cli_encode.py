@@ -18,7 +18,8 @@ import tiktoken
 from click.testing import CliRunner, Result
 
 from bench.bench_tokenizer import corpus_files, run_measured
-from gpt2cli.cli import STDIN_CHUNK, cli
+from gpt2cli.cli import cli
+from gpt2cli.inputs import STDIN_CHUNK
 from gpt2cli.tokenizer import DATA_DIR
 from tests.factory import TINY, write_random_gpt2
 from tests.hub_server import FakeHub, Repo

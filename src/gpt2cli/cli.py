@@ -9,22 +9,31 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from gpt2cli import __version__
 from gpt2cli.errors import GPT2Error
+from gpt2cli.inputs import (
+    argument_text,
+    jsonl_rows,
+    parse_ids,
+    read_file,
+    read_text,
+    stdin_chunks,
+)
 from gpt2cli.output import (
     SamplePrinter,
     escape_controls,
     printable,
     settle_stdout,
+    show_tokens,
     silence_stdout,
+    write_ids,
     write_stdout,
 )
 
@@ -121,47 +130,6 @@ def _report(message: str, code: int, prefix: str = "gpt2: error: ") -> int:
     with contextlib.suppress(OSError, ValueError):
         click.echo(f"{prefix}{escape_controls(message)}", err=True)
     return code
-
-
-def stdin_binary() -> Any:
-    """The binary stdin, or a GPT2Error when the shell closed it (`<&-`: `sys.stdin` is None)."""
-    if sys.stdin is None:
-        raise GPT2Error("stdin is closed; pass the input as an argument or redirect a file into it")
-    return sys.stdin.buffer
-
-
-def read_text(text: str | None, what: str = "input") -> str:
-    """Return TEXT, or all of stdin when TEXT is absent or '-', decoded as strict UTF-8.
-
-    stdin is read as bytes and kept exactly (a trailing newline is part of the text); a byte
-    that is not UTF-8, on stdin or in the argument (which Python decodes with surrogateescape),
-    is an error naming its offset.
-    """
-    if text is not None and text != "-":
-        return argument_text(text, what)
-    return decode_utf8(stdin_binary().read(), f"{what} on stdin")
-
-
-def argument_text(value: str, what: str) -> str:
-    """A command-line argument as text; a byte in it that is not UTF-8 (which Python keeps as a
-    lone surrogate) is a GPT2Error naming `what` and the offset."""
-    return decode_utf8(value.encode("utf-8", "surrogateescape"), f"{what} in the argument")
-
-
-def decode_utf8(data: bytes, what: str) -> str:
-    """`data` as strict UTF-8, or a GPT2Error naming `what` and the first bad byte's offset."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise utf8_error(what, data, e) from None
-
-
-def utf8_error(what: str, data: bytes, error: UnicodeDecodeError, offset: int = 0) -> GPT2Error:
-    """The error for a byte of `data` that is not UTF-8; `offset` is where `data` starts."""
-    return GPT2Error(
-        f"{what} is not valid UTF-8: byte 0x{data[error.start]:02x} at offset "
-        f"{offset + error.start}"
-    )
 
 
 def _model_options(command: Any) -> Any:
@@ -419,89 +387,14 @@ def encode(
     if as_json + count + tokens > 1:
         raise click.UsageError("choose one of --json, --count and --tokens")
     tokenizer = _tokenizer(model)
-    chunks = _stdin_chunks("text") if text in (None, "-") else [read_text(text, "text")]
+    chunks = stdin_chunks("text") if text in (None, "-") else [read_text(text, "text")]
     batches = tokenizer.encode_stream(chunks, allowed_special=not no_special)
     if tokens:
-        _show_tokens(tokenizer, batches)
+        show_tokens(tokenizer, batches)
     elif count:
         write_stdout(f"{sum(map(len, batches))}\n")
     else:
-        _write_ids(batches, as_json=as_json)
-
-
-STDIN_CHUNK = 1 << 20  # bytes of stdin read and encoded at a time
-
-
-def _stdin_chunks(what: str) -> Iterator[str]:
-    """stdin as strict UTF-8 text, chunk by chunk as it is read (a character split between two
-    reads is carried over); a byte that is not UTF-8 is an error naming its offset in stdin."""
-    stdin = stdin_binary()
-    carry, offset = b"", 0  # offset: bytes of stdin before `carry`
-    while True:
-        block = stdin.read1(STDIN_CHUNK)
-        data = carry + block
-        try:
-            chunk, carry = data.decode("utf-8"), b""
-        except UnicodeDecodeError as e:
-            if not (block and e.reason == "unexpected end of data"):
-                raise utf8_error(f"{what} on stdin", data, e, offset) from None
-            chunk, carry = data[: e.start].decode("utf-8"), data[e.start :]
-        if not block:
-            return
-        offset += len(data) - len(carry)
-        yield chunk
-
-
-def _write_ids(batches: Iterable[list[int]], *, as_json: bool) -> None:
-    """Write the ids as they come, then a newline: `15496 995`, or `[15496, 995]` as JSON."""
-    separator = ", " if as_json else " "
-    write_stdout("[" if as_json else "")
-    for n, ids in enumerate(batches):
-        write_stdout((separator if n else "") + separator.join(map(str, ids)))
-    write_stdout("]\n" if as_json else "\n")
-
-
-# How --tokens shows a piece: C0 controls escaped, so one token is one line and a piece's bytes are
-# visible (a backslash is doubled first, so the pieces read in order spell the text unambiguously).
-_SHOW = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]} | {
-    ord("\n"): "\\n",
-    ord("\r"): "\\r",
-    ord("\t"): "\\t",
-}
-_TOKEN_STYLES = ("black on #a8d8ea", "black on #f9d27a")  # alternate, so token edges show
-
-
-def _show_tokens(tokenizer: Tokenizer, batches: Iterable[list[int]]) -> None:
-    """Each token as `id<TAB>piece`, or, on a terminal, the pieces inline in alternating colours.
-
-    A piece that is part of a UTF-8 character shows its bytes as \\xNN.
-    """
-    console: Any = None
-    if sys.stdout.isatty():
-        from rich.console import Console
-
-        console = Console(highlight=False)
-    shown = 0  # tokens so far, which sets the next one's colour
-    for ids in batches:
-        raw = [tokenizer.token_bytes(i) for i in ids]
-        pieces = [
-            b.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace").translate(_SHOW)
-            for b in raw
-        ]
-        if console is None:
-            write_stdout("".join(f"{i}\t{piece}\n" for i, piece in zip(ids, pieces, strict=True)))
-            continue
-        from rich.text import Text
-
-        line = Text()
-        for n, (b, piece) in enumerate(zip(raw, pieces, strict=True), start=shown):
-            line.append(piece, style=_TOKEN_STYLES[n % 2])
-            if b.endswith(b"\n"):  # the escape shows the newline; the line break keeps the layout
-                line.append("\n")
-        console.print(line, soft_wrap=True, end="")
-        shown += len(ids)
-    if console is not None:
-        console.print()
+        write_ids(batches, as_json=as_json)
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
@@ -514,36 +407,8 @@ def decode(ids: tuple[str, ...], model: str | None) -> None:
     an empty array is no tokens. `gpt2 encode < f | gpt2 decode` reproduces f byte for byte.
     """
     source = " ".join(ids) if ids else read_text(None, "ids")
-    tokens = _parse_ids(source, "arguments" if ids else "stdin")
+    tokens = parse_ids(source, "arguments" if ids else "stdin")
     write_stdout(_tokenizer(model).decode_bytes(tokens))  # bytes: written as they are
-
-
-def _parse_ids(source: str, where: str) -> list[int]:
-    """Token ids from whitespace- or comma-separated integers, or from one JSON array.
-
-    A number of more than 18 digits (no vocabulary is that large) is refused unconverted.
-    """
-    from gpt2cli import jsonfile
-
-    items: list[object]
-    text_form = not source.lstrip().startswith("[")  # valid JSON that starts with `[` is an array
-    if text_form:
-        items = [s for s in re.split(r"[\s,]+", source) if s]
-    else:
-        where = f"the JSON array of ids on {where}"
-        items = jsonfile.array(jsonfile.parse(source, where), where)
-    ids: list[int] = []
-    for position, item in enumerate(items):
-        at = f"at position {position} (counting from 0)"
-        digits = re.fullmatch(r"-?([0-9]+)", item) if text_form and isinstance(item, str) else None
-        if (digits and len(digits[1]) > 18) or (type(item) is int and abs(item) >= 10**18):
-            raise GPT2Error(f"{jsonfile.show(item)} {at} is too large for a token id")
-        if digits:
-            item = int(digits[0])
-        if type(item) is not int:
-            raise GPT2Error(f"{jsonfile.show(item)} {at} is not an integer token id")
-        ids.append(item)
-    return ids
 
 
 @cli.command()
@@ -654,59 +519,10 @@ def _score_inputs(
     if sources.count("-") > 1:
         raise click.UsageError("stdin (-) can be read only once")
     if not jsonl:
-        return [(name, {"source": printable(name)}, _read_input(name)) for name in sources]
+        return [(name, {"source": printable(name)}, read_file(name)) for name in sources]
     if len(sources) > 1:
         raise click.UsageError("--jsonl reads one file (or stdin)")
-    return _jsonl_rows(sources[0], _read_input(sources[0]))
-
-
-def _read_input(name: str) -> str:
-    """The text of file `name` (stdin for `-`), strict UTF-8; errors name the file.
-
-    Opened without blocking, so a named pipe with no writer reads as empty instead of hanging;
-    a pipe that has one (`<(command)`) is read to its end.
-    """
-    if name == "-":
-        return read_text(None, "input")
-    try:
-        fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        with open(fd, "rb") as f:
-            os.set_blocking(fd, True)
-            data = f.read()
-    except OSError as e:
-        raise GPT2Error(f"{name}: cannot read it ({e.strerror})") from None
-    return decode_utf8(data, name)
-
-
-def _jsonl_rows(name: str, content: str) -> list[tuple[str, dict[str, Any], str]]:
-    """Every non-blank line of a JSON Lines input, checked: an object with a string "text".
-
-    The other fields are passed through to the output; index is the line's number from 0.
-    """
-    import json
-
-    from gpt2cli import jsonfile
-
-    where = "stdin" if name == "-" else name
-    rows = []
-    for index, line in enumerate(content.split("\n")):
-        if not line.strip():
-            continue
-        line_name = f"{where} line {index + 1}"
-        row = jsonfile.mapping(jsonfile.parse(line, line_name), line_name)
-        text = jsonfile.string(jsonfile.field(row, "text", line_name), f'{line_name} "text"')
-        fields = {"index": index} | {k: v for k, v in row.items() if k != "text"}
-        try:
-            json.dumps(fields, allow_nan=False, ensure_ascii=False).encode("utf-8")
-        except ValueError:  # UnicodeEncodeError included
-            raise GPT2Error(
-                f"{line_name}: holds NaN, Infinity or a lone surrogate (\\udXXX), which JSON "
-                "output cannot carry"
-            ) from None
-        rows.append((line_name, fields, text))
-    if not rows:
-        raise GPT2Error(f"{where}: no JSON lines to score")
-    return rows
+    return jsonl_rows(sources[0], read_file(sources[0]))
 
 
 def main() -> None:

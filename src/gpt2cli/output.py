@@ -12,7 +12,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from gpt2cli.errors import GPT2Error
@@ -369,3 +369,39 @@ def token_progress(what: str) -> Iterator[Callable[[int, int], None]]:
             bar.update(task, completed=done, total=total, visible=shown, rate=rate)
 
         yield update
+
+
+def write_ids(batches: Iterable[list[int]], *, as_json: bool) -> None:
+    """Write the ids as they come, then a newline: `15496 995`, or `[15496, 995]` as JSON."""
+    separator = ", " if as_json else " "
+    write_stdout("[" if as_json else "")
+    for n, ids in enumerate(batches):
+        write_stdout((separator if n else "") + separator.join(map(str, ids)))
+    write_stdout("]\n" if as_json else "\n")
+
+
+_TOKEN_STYLES = ("black on #a8d8ea", "black on #f9d27a")  # alternate, so token edges show
+
+
+def show_tokens(tokenizer: Tokenizer, batches: Iterable[list[int]]) -> None:
+    """`gpt2 encode --tokens`: each token as `id<TAB>piece` (see `escape_piece`), or, on a
+    terminal, the pieces inline in alternating colours."""
+    console = terminal_console()
+    shown = 0  # tokens so far, which sets the next one's colour
+    for ids in batches:
+        raw = [tokenizer.token_bytes(i) for i in ids]
+        pieces = [escape_piece(b) for b in raw]
+        if console is None:
+            write_stdout("".join(f"{i}\t{piece}\n" for i, piece in zip(ids, pieces, strict=True)))
+            continue
+        from rich.text import Text
+
+        line = Text()
+        for n, (b, piece) in enumerate(zip(raw, pieces, strict=True), start=shown):
+            line.append(piece, style=_TOKEN_STYLES[n % 2])
+            if b.endswith(b"\n"):  # the escape shows the newline; the line break keeps the layout
+                line.append("\n")
+        console.print(line, soft_wrap=True, end="")
+        shown += len(ids)
+    if console is not None:
+        console.print()
