@@ -87,12 +87,7 @@ class SamplePrinter:
         self.live = live and not as_json
         self.head = 0  # the sample being printed; those before it are done
         self.shown = 0  # characters of the head's text already printed
-        self.console: Any = None
-        if sys.stdout.isatty() and not as_json:
-            from rich.console import Console
-
-            no_color = bool(os.environ.get("NO_COLOR"))
-            self.console = Console(color_system=None if no_color else "auto", highlight=False)
+        self.console: Any = None if as_json else terminal_console()
         self._begin_sample()
 
     def update(self, sample: int) -> None:
