@@ -41,9 +41,12 @@ Ids = Sequence[int] | NDArray[np.integer[Any]]  # one sequence of token ids
 # product large enough for BLAS to run at full speed
 PREFILL_TOKENS = 128
 
-# scoring runs larger passes (larger matrix products, as fast per token as BLAS gets) but the
-# output head over at most HEAD_ROWS positions at a time: [HEAD_ROWS, V] logits are 25 MB
-SCORE_TOKENS = 512
+# scoring: windows of several texts run as one batch of at most BATCH_TOKENS positions, in
+# passes of SCORE_TOKENS (larger matrix products than PREFILL_TOKENS, less attention computed
+# only to be masked than whole windows: the fastest measured), and the output head over at most
+# HEAD_ROWS positions at a time ([HEAD_ROWS, V] logits are 25 MB)
+BATCH_TOKENS = 1024
+SCORE_TOKENS = 256
 HEAD_ROWS = 128
 
 _GELU_C = math.sqrt(2.0 / math.pi)  # a Python float: it keeps float32 arrays float32
@@ -380,7 +383,11 @@ class GPT2:
         return logprobs[scored]
 
     def scored_logits(
-        self, sequences: Sequence[Ids], *, stride: int | None = None, batch_tokens: int = 1024
+        self,
+        sequences: Sequence[Ids],
+        *,
+        stride: int | None = None,
+        batch_tokens: int = BATCH_TOKENS,
     ) -> Iterator[ScoredBlock]:
         """The logits that score every token of each sequence but its first, a block at a time.
 
