@@ -76,11 +76,12 @@ def linear(x: Array, w: Array, b: Array) -> Array:
 def attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     """Scaled dot-product attention: each query's softmax-weighted mix of the values it may see.
 
-    `mask` is added to the scores: 0 where a query may attend, -inf where it may not.
+    `mask` [B, 1, T, m] is added to the scores' last m columns: 0 where a query may attend,
+    -inf where it may not (the columns before them every query may see, so they need none).
     """
     scores = (q / math.sqrt(q.shape[-1])) @ k.swapaxes(-1, -2)  # [B, H, T, hd] @ [B, H, hd, S]
-    scores += mask  # [B, H, T, S] + [B, 1, T, S]
-    return softmax(scores) @ v  # [B, H, T, S] @ [B, H, S, hd] -> [B, H, T, hd]
+    scores[..., scores.shape[-1] - mask.shape[-1] :] += mask  # [B, H, T, m] + [B, 1, T, m]
+    return softmax(scores, out=scores) @ v  # [B, H, T, S] @ [B, H, S, hd] -> [B, H, T, hd]
 
 
 def mha(
@@ -92,19 +93,19 @@ def mha(
     keys: Array,
     values: Array,
     at: tuple[NDArray[np.intp], ...],
+    span: int,
     mask: Array,
 ) -> Array:
     """Causal multi-head self-attention of T new positions over everything cached before them.
 
     The new keys and values are first written into this layer's cache `keys`/`values`
     [B, H, C, hd] at index `at` (shaped [B, H, T]); the queries then attend to the first S cached
-    positions, as far as `mask` [B, 1, T, S] allows.
+    positions (`span`), as far as `mask` (see `attention`) allows.
     """
     n_batch, n_pos, d = x.shape  # [B, T, D]
     qkv = linear(x, **c_attn).reshape(n_batch, n_pos, 3, n_head, d // n_head)  # [B, T, 3, H, hd]
     q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # 3 x [B, H, T, hd]
     keys[at], values[at] = k, v  # [B, H, C, hd] <- [B, H, T, hd]
-    span = mask.shape[-1]
     heads = attention(q, keys[:, :, :span], values[:, :, :span], mask)  # [B, H, T, hd]
     merged = heads.transpose(0, 2, 1, 3).reshape(n_batch, n_pos, d)  # [B, T, H, hd] -> [B, T, D]
     return linear(merged, **c_proj)  # [B, T, D]
@@ -124,11 +125,13 @@ def block(
     keys: Array,
     values: Array,
     at: tuple[NDArray[np.intp], ...],
+    span: int,
     mask: Array,
 ) -> Array:
     """One pre-norm transformer block: x + attention(norm(x)), then x + mlp(norm(x))."""
     attn_in = layer_norm(x, **layer["ln_1"], eps=eps)  # [B, T, D]
-    x = x + mha(attn_in, **layer["attn"], n_head=n_head, keys=keys, values=values, at=at, mask=mask)
+    cache: dict[str, Any] = {"keys": keys, "values": values, "at": at, "span": span, "mask": mask}
+    x = x + mha(attn_in, **layer["attn"], n_head=n_head, **cache)
     return x + mlp(layer_norm(x, **layer["ln_2"], eps=eps), **layer["mlp"])  # [B, T, D]
 
 
@@ -146,9 +149,10 @@ def forward(
     each attends to every cached position up to its own (earlier positions must already be there).
     """
     n_batch = ids.shape[0]
-    span = int(positions.max()) + 1
-    future = np.arange(span) > positions[:, None, :, None]  # [B, 1, T, S]: not itself or earlier
-    mask = np.where(future, np.float32(-np.inf), np.float32(0.0))  # [B, 1, T, S]
+    span = int(positions.max()) + 1  # S: positions attended to
+    seen = int(positions.min()) + 1  # every query may see these first positions: no mask there
+    future = np.arange(seen, span) > positions[:, None, :, None]  # [B, 1, T, S - seen]
+    mask = np.where(future, np.float32(-np.inf), np.float32(0.0))  # [B, 1, T, S - seen]
     at = (  # where the new positions go in a [B, H, C, hd] cache: broadcasts to [B, H, T]
         np.arange(n_batch)[:, None, None],
         np.arange(config.n_head)[None, :, None],
@@ -164,6 +168,7 @@ def forward(
             keys=keys[i],
             values=values[i],
             at=at,
+            span=span,
             mask=mask,
         )
     return layer_norm(x, **params["ln_f"], eps=config.layer_norm_epsilon)  # [B, T, D]

@@ -13,10 +13,13 @@ from numpy.typing import NDArray
 Array = NDArray[np.floating[Any]]
 
 
-def softmax(x: Array) -> Array:
-    """Probabilities along the last axis; the max is subtracted first, so exp never overflows."""
-    e: Array = x - x.max(axis=-1, keepdims=True)  # [..., n]
-    np.exp(e, out=e)  # in place, like the division: attention scores can be tens of MB
+def softmax(x: Array, *, out: Array | None = None) -> Array:
+    """Probabilities along the last axis; the max is subtracted first, so exp never overflows.
+
+    `out=x` computes them in place (attention scores can be tens of MB).
+    """
+    e: Array = np.subtract(x, x.max(axis=-1, keepdims=True), out=out)  # [..., n]
+    np.exp(e, out=e)
     e /= e.sum(axis=-1, keepdims=True)
     return e
 
