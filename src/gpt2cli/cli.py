@@ -156,7 +156,7 @@ def _load_model(name: str, revision: str | None) -> GPT2:
 @click.group(cls=_Gpt2Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="gpt2")
 def cli() -> None:
-    """GPT-2 text generation in pure NumPy: tokenize, download models, generate text."""
+    """GPT-2 in pure NumPy: tokenize, download models, generate and score text."""
 
 
 @cli.command()
