@@ -27,7 +27,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from gpt2cli.config import GPT2Config
 from gpt2cli.errors import GPT2Error
-from gpt2cli.ops import softmax
+from gpt2cli.ops import logsumexp, softmax
 
 if TYPE_CHECKING:
     from gpt2cli.tokenizer import Tokenizer
@@ -233,10 +233,7 @@ class ScoredBlock:
 
     def logsumexp(self) -> Array:
         """log of each row's sum of exp(logits) [n] float32: what a logit minus is a logprob."""
-        top = self.logits.max(axis=-1)  # [n]
-        shifted = self.logits - top[:, None]  # [n, V]
-        np.exp(shifted, out=shifted)
-        out: Array = (np.log(shifted.sum(axis=-1)) + top).astype(np.float32)
+        out: Array = logsumexp(self.logits).astype(np.float32)
         return out
 
     def logprobs(self) -> Array:
@@ -399,7 +396,7 @@ class GPT2:
         Each token is scored once, in the strided window (`score_windows`) that gives it the
         most context; windows of all sequences are run as padded batches of at most
         `batch_tokens` positions (or one window), longest first, and the output head runs only
-        for positions whose next token is scored, a prefill chunk at a time, so memory stays
+        for positions whose next token is scored, HEAD_ROWS of them at a time, so memory stays
         flat in the length of the text. Blocks of one sequence come in position order.
         """
         n_ctx = self.config.n_ctx

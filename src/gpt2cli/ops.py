@@ -24,8 +24,16 @@ def softmax(x: Array, *, out: Array | None = None) -> Array:
     return e
 
 
+def logsumexp(x: Array) -> Array:
+    """log(sum(exp(x))) along the last axis, the max taken out first so exp never overflows."""
+    top = x.max(axis=-1)  # [...]
+    shifted = x - top[..., None]  # [..., n]
+    np.exp(shifted, out=shifted)
+    out: Array = np.log(shifted.sum(axis=-1)) + top  # [...]
+    return out
+
+
 def log_softmax(x: Array) -> Array:
     """Log-probabilities along the last axis: x - logsumexp(x)."""
-    shifted: Array = x - x.max(axis=-1, keepdims=True)  # [..., V]
-    logprobs: Array = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))  # [..., V]
+    logprobs: Array = x - logsumexp(x)[..., None]  # [..., V]
     return logprobs
