@@ -266,6 +266,21 @@ class DecodeState:
         """Tokens each row may still be extended by: capacity - lengths, [B]."""
         return self.capacity - self.lengths
 
+    def rows(self, start: int, stop: int) -> DecodeState:
+        """Rows start..stop-1 as a cache of their own that shares this one's memory: running it
+        (prefill_into, step) writes straight into these rows, lengths included."""
+        return DecodeState(
+            self.keys[:, start:stop], self.values[:, start:stop], self.lengths[start:stop]
+        )
+
+    def copy_row(self, source: int, targets: Sequence[int]) -> None:
+        """Make rows `targets` hold what row `source` holds (a prompt run once, sampled n times)."""
+        n = int(self.lengths[source])
+        for target in targets:
+            self.keys[:, target, :, :n] = self.keys[:, source, :, :n]
+            self.values[:, target, :, :n] = self.values[:, source, :, :n]
+            self.lengths[target] = n
+
 
 class GPT2:
     """A GPT-2 model: its config, its float32 parameters and (lazily) its tokenizer.
@@ -307,7 +322,7 @@ class GPT2:
         rows = [self._checked(row, truncate) for row in np.atleast_2d(array)]
         batch = np.array(rows)  # [B, T]
         n_batch, n_pos = batch.shape
-        state = self._empty_state(n_batch, n_pos, logits=n_batch * n_pos)
+        state = self.empty_state(n_batch, n_pos, logits=n_batch * n_pos)
         out = np.empty((n_batch, n_pos, self.config.n_vocab), np.float32)  # [B, T, V]
         for start, x in self._run_prompts(state, batch):  # x [B, chunk, D]
             positions = np.broadcast_to(start + np.arange(x.shape[1]), x.shape[:2])  # [B, chunk]
@@ -338,13 +353,28 @@ class GPT2:
         batch = np.zeros((len(rows), int(lengths.max())), np.intp)  # [B, T], right-padded
         for b, row in enumerate(rows):
             batch[b, : len(row)] = row
-        state = self._empty_state(len(rows), capacity, logits=len(rows))
+        state = self.empty_state(len(rows), capacity, logits=len(rows))
         last = np.empty((len(rows), self.config.n_embd), np.float32)  # [B, D]
         for start, x in self._run_prompts(state, batch):  # x [B, chunk, D]
             ends = (start <= lengths - 1) & (lengths - 1 < start + x.shape[1])  # rows ending here
             last[ends] = x[ends, lengths[ends] - 1 - start]
-        state.lengths = lengths
+        state.lengths[:] = lengths
         return state, self._head(last, lengths - 1)  # [B, V]
+
+    def prefill_into(self, state: DecodeState, row: int, prompt: Ids) -> Array:
+        """Run one prompt into row `row` of an existing cache, replacing what the row held, and
+        return the logits [V] of its next token: how a request joins a batch already decoding.
+        """
+        ids = self._checked(prompt, truncate=False)
+        if len(ids) > state.capacity:
+            raise GPT2Error(
+                f"prompt is {len(ids)} tokens but the cache holds {state.capacity} positions a row"
+            )
+        state.lengths[row] = 0
+        for _, x in self._run_prompts(state.rows(row, row + 1), ids[None]):  # x [1, chunk, D]
+            last = x[:, -1]  # [1, D]: the final chunk's last position is the prompt's last
+        logits: Array = self._head(last, state.lengths[row : row + 1] - 1)[0]  # [V]
+        return logits
 
     def step(self, state: DecodeState, next_ids: ArrayLike) -> Array:
         """Feed one token per row (`next_ids` [B]) and return the logits [B, V] of the next ones.
@@ -363,7 +393,7 @@ class GPT2:
                 f"row {full[0]} already holds {state.capacity} positions, the cache's capacity; "
                 "it has finished (finish reason 'length')"
             )
-        self._check_ids(ids)
+        self.check_ids(ids)
         x = self._extend(state, ids[:, None])  # [B, 1, D]
         return self._head(x[:, 0], state.lengths - 1)  # [B, V]
 
@@ -426,7 +456,7 @@ class GPT2:
         batch = np.zeros((len(windows), width), np.intp)  # [B, T]
         for b, (row, begin, end, _) in enumerate(windows):
             batch[b, : end - begin] = rows[row][begin:end]
-        state = self._empty_state(len(windows), width, logits=HEAD_ROWS)
+        state = self.empty_state(len(windows), width, logits=HEAD_ROWS)
         for start, x in self._run_prompts(state, batch, SCORE_TOKENS):  # x [B, chunk, D]
             # the hidden state at window position p predicts the token at p + 1
             picks = [
@@ -466,7 +496,7 @@ class GPT2:
                 f"ids must be a 1-D sequence of token ids, got shape {list(array.shape)}"
             )
         if array.size:
-            self._check_ids(array)
+            self.check_ids(array)
         if array.size == 0 or (array.size == 1 and not bos):
             raise GPT2Error(
                 "nothing to score: the text is empty"
@@ -493,7 +523,7 @@ class GPT2:
         positions = state.lengths[:, None] + np.arange(ids.shape[1])  # [B, T]
         with np.errstate(all="ignore"):  # weights that overflow float32 are caught in _head
             x = forward(ids, positions, self.params, self.config, state.keys, state.values)
-        state.lengths = state.lengths + ids.shape[1]
+        state.lengths += ids.shape[1]  # in place: a `rows` view updates the whole cache's lengths
         return x
 
     def _head(self, x: Array, positions: NDArray[np.intp]) -> Array:
@@ -532,7 +562,7 @@ class GPT2:
                 "available; use fewer samples or shorter inputs"
             )
 
-    def _empty_state(self, n_batch: int, capacity: int, *, logits: int) -> DecodeState:
+    def empty_state(self, n_batch: int, capacity: int, *, logits: int) -> DecodeState:
         """A zeroed cache for n_batch rows of `capacity` positions, all rows empty, once
         `check_fits` agrees that it and `logits` rows of logits fit in memory.
 
@@ -564,10 +594,10 @@ class GPT2:
                     f"shorten it, or truncate it to its last {n_ctx} tokens"
                 )
             array = array[-n_ctx:]
-        self._check_ids(array)
+        self.check_ids(array)
         return array.astype(np.intp)
 
-    def _check_ids(self, ids: NDArray[Any]) -> None:
+    def check_ids(self, ids: NDArray[Any]) -> None:
         """Reject ids that are not integers in [0, n_vocab), naming the first bad one."""
         n_vocab = self.config.n_vocab
         if not np.issubdtype(ids.dtype, np.integer):
