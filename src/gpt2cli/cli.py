@@ -8,10 +8,12 @@ Heavy modules (numpy, rich, huggingface_hub) are imported inside the commands th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -20,7 +22,6 @@ from gpt2cli import __version__
 from gpt2cli.errors import GPT2Error
 from gpt2cli.inputs import (
     argument_text,
-    jsonl_rows,
     parse_ids,
     read_file,
     read_text,
@@ -38,6 +39,7 @@ from gpt2cli.output import (
 )
 
 if TYPE_CHECKING:
+    from gpt2cli.dataset import Engine, Task
     from gpt2cli.model import GPT2
     from gpt2cli.tokenizer import Tokenizer
 
@@ -153,6 +155,121 @@ def _load_model(name: str, revision: str | None) -> GPT2:
     return GPT2.from_pretrained(hub.resolve(name, revision, progress=sys.stderr.isatty()))
 
 
+def _dataset_options(what: str) -> Callable[[Any], Any]:
+    """`--jsonl` and the options of a data-set run, for `generate` and `score`."""
+    options = [
+        click.option(
+            "--jsonl",
+            metavar="FILE|-",
+            is_flag=False,
+            flag_value="-",
+            help=f"Read JSON Lines, one {what} per line (stdin for - or no FILE), and write one "
+            "result object per line in input order, with `index` (the 0-based line) and the "
+            "other fields passed through.",
+        ),
+        click.option(
+            "-o",
+            "--output",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="With --jsonl: write to FILE, line by line; if it holds results of an earlier "
+            "run of the same input, continue after them.",
+        ),
+        click.option(
+            "--skip-invalid",
+            is_flag=True,
+            help='With --jsonl: write {"index": i, "error": ...} for invalid lines and run the '
+            "rest (otherwise the first 10 are named and nothing runs).",
+        ),
+        click.option(
+            "--batch-size",
+            type=click.IntRange(min=1),
+            help="With --jsonl: rows run together as one batch [default: 8].",
+        ),
+        click.option(
+            "--engine",
+            type=click.Choice(["local", "ray"]),
+            default="local",
+            show_default=True,
+            help="With --jsonl: run here, or on Ray (the cluster at RAY_ADDRESS or "
+            "--ray-address, else a local one); needs gpt2cli[ray].",
+        ),
+        click.option("--ray-address", metavar="ADDRESS", help="With --engine ray: the cluster."),
+        click.option(
+            "--threads-per-actor",
+            type=click.IntRange(min=1),
+            help="With --engine ray: BLAS threads (and CPUs) per actor; a node runs its "
+            "CPUs // this many actors [default: 1].",
+        ),
+    ]
+
+    def decorate(command: Any) -> Any:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+@dataclasses.dataclass(frozen=True)
+class _DatasetOptions:
+    """The options `_dataset_options` adds, as Click passes them."""
+
+    jsonl: str | None
+    output: Path | None
+    skip_invalid: bool
+    batch_size: int | None
+    engine: str
+    ray_address: str | None
+    threads_per_actor: int | None
+
+    def checked_engine(self) -> Engine:
+        """The engine asked for (the ray extra checked before any work), or a usage error for
+        options that go with another."""
+        from gpt2cli import dataset
+
+        given = [self.output, self.skip_invalid, self.batch_size, self.engine != "local"]
+        if self.jsonl is None and any(given):
+            raise click.UsageError(
+                "-o/--output, --skip-invalid, --batch-size and --engine go with --jsonl"
+            )
+        if self.engine == "local":
+            if self.ray_address or self.threads_per_actor:
+                raise click.UsageError("--ray-address and --threads-per-actor go with --engine ray")
+            return dataset.run_local
+        from gpt2cli import ray_engine
+
+        return ray_engine.engine(self.ray_address, self.threads_per_actor or 1)
+
+    def run(self, task: Task, model: GPT2, engine: Engine, source: str, what: str) -> None:
+        """Run a data-set job: every row checked, then those -o lacks run and written in order
+        (to stdout without -o), progress on a terminal."""
+        from gpt2cli import dataset
+
+        rows = dataset.read_rows(source, read_file(source), task, model)
+        try:
+            dataset.check_rows(rows, source, skip_invalid=self.skip_invalid)
+        except dataset.InvalidRows as e:
+            for problem in e.problems:
+                _report(problem, EXIT_USAGE)
+            raise
+        out, done = None, 0
+        write: Callable[[bytes], None] = write_stdout
+        if self.output is not None:
+            out, done = dataset.open_output(self.output, source, rows, task)
+            write = dataset.file_writer(out, self.output)
+
+        def write_whole(data: bytes) -> None:  # a stop signal never tears a line
+            with _ctrl_c_deferred():
+                write(data)
+
+        with (
+            contextlib.closing(out) if out else contextlib.nullcontext(),
+            dataset.row_progress(len(rows), done, what) as progress,
+        ):
+            writer = dataset.OrderedWriter(write_whole, done)
+            dataset.run(task, model, rows, writer, engine=engine, progress=progress)
+
+
 @click.group(cls=_Gpt2Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="gpt2")
 def cli() -> None:
@@ -220,6 +337,13 @@ def cli() -> None:
     "logprobs, timings.",
 )
 @click.option("--no-stream", is_flag=True, help="Print each sample only once it is complete.")
+@_dataset_options("prompt")
+@click.option(
+    "--logprobs",
+    is_flag=True,
+    help="With --jsonl: add each sample's logprobs (left out by default: their last digits "
+    "depend on the batch, and the rest of the output does not).",
+)
 def generate(
     prompt: str | None,
     model_name: str,
@@ -235,6 +359,8 @@ def generate(
     truncate: bool,
     as_json: bool,
     no_stream: bool,
+    logprobs: bool,
+    **dataset_options: Any,
 ) -> None:
     """Continue PROMPT (or stdin, when absent or '-') with GPT-2, printing tokens as they come.
 
@@ -242,14 +368,36 @@ def generate(
     <|endoftext|>. On a terminal the prompt is shown dimmed and a summary goes to stderr; when
     stdout is not a terminal it gets the generated text only. Several samples (-n) are printed
     in order, the first one streaming; piped, they are separated by a line holding `---`.
+
+    \b
+    With --jsonl, each line is {"prompt": ...} and may set max_tokens, temperature, top_k, top_p,
+    seed, n, stop, ignore_eos or truncate for itself. Its result has the --json fields but
+    timings (and logprobs, see --logprobs); with n > 1, prompt_ids and a list `samples`. A row
+    without a seed, under --seed S, is seeded S * 2**64 + index: the same text on any batch
+    size or engine, and the same as `gpt2 generate --seed <that> --json`.
     """
     import time
 
     from gpt2cli.generate import Generation
     from gpt2cli.sampling import SamplingOptions
 
-    text = read_text(prompt, "prompt")
     stop = tuple(argument_text(s, "--stop") for s in stop)
+    options = _DatasetOptions(**dataset_options)
+    engine = options.checked_engine()
+    if options.jsonl is not None:
+        from gpt2cli.dataset import GenerateOptions, GenerateTask
+
+        if prompt is not None:
+            raise click.UsageError("--jsonl reads the prompts: give no PROMPT")
+        defaults = GenerateOptions(
+            max_tokens, temperature, top_k, top_p, seed, num_samples, stop, ignore_eos, truncate
+        )
+        task = GenerateTask(defaults, options.batch_size or 8, logprobs)
+        options.run(task, _load_model(model_name, revision), engine, options.jsonl, "generating")
+        return
+    if logprobs:
+        raise click.UsageError("--logprobs goes with --jsonl (--json always has them)")
+    text = read_text(prompt, "prompt")
     sampling = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p)
     start = time.perf_counter()
     model = _load_model(model_name, revision)
@@ -440,12 +588,7 @@ def decode(ids: tuple[str, ...], model: str | None) -> None:
     default=0,
     help="With --tokens, also the N most likely tokens at each place.",
 )
-@click.option(
-    "--jsonl",
-    is_flag=True,
-    help='Read JSON Lines ({"text": ...} per line, other fields passed through) and write one '
-    "result object per line, in order.",
-)
+@_dataset_options("text")
 def score(
     files: tuple[str, ...],
     literal: str | None,
@@ -456,7 +599,7 @@ def score(
     as_json: bool,
     tokens: bool,
     top: int,
-    jsonl: bool,
+    **dataset_options: Any,
 ) -> None:
     """Score text with GPT-2: perplexity, bits per byte and each token's surprisal.
 
@@ -478,10 +621,17 @@ def score(
 
     if top and not tokens:
         raise click.UsageError("--top goes with --tokens")
-    inputs = _score_inputs(files, literal, jsonl)
-    model = _load_model(model_name, revision)
-    if stride is not None and stride > model.config.n_ctx:
-        raise GPT2Error(f"--stride must be between 1 and the context, {model.config.n_ctx} tokens")
+    options = _DatasetOptions(**dataset_options)
+    engine = options.checked_engine()
+    if options.jsonl is not None:
+        from gpt2cli.dataset import ScoreTask
+
+        source = _jsonl_source(options.jsonl, files, literal)
+        task = ScoreTask(options.batch_size or 8, stride, not no_bos, top, tokens)
+        options.run(task, _score_model(model_name, revision, stride), engine, source, "scoring")
+        return
+    inputs = _score_inputs(files, literal)
+    model = _score_model(model_name, revision, stride)
     names = ["stdin" if name == "-" else name for name, _, _ in inputs]
     with token_progress("scoring") as progress:
         scores = score_texts(
@@ -494,7 +644,7 @@ def score(
             names=names,
         )
     tokenizer = model.tokenizer
-    if jsonl or as_json:
+    if as_json:
         for (_, fields, _), result in zip(inputs, scores, strict=True):
             write_stdout(score_json(result, tokenizer, tokens=tokens, first=fields))
     elif tokens and sys.stdout.isatty():
@@ -508,21 +658,96 @@ def score(
 
 
 def _score_inputs(
-    files: tuple[str, ...], literal: str | None, jsonl: bool
+    files: tuple[str, ...], literal: str | None
 ) -> list[tuple[str, dict[str, Any], str]]:
     """What `gpt2 score` reads, each as (name for messages, first output fields, text)."""
     if literal is not None:
-        if files or jsonl:
+        if files:
             raise click.UsageError("--text goes alone, without FILE arguments or --jsonl")
         return [("<text>", {"source": "<text>"}, argument_text(literal, "--text"))]
     sources = files or ("-",)
     if sources.count("-") > 1:
         raise click.UsageError("stdin (-) can be read only once")
-    if not jsonl:
-        return [(name, {"source": printable(name)}, read_file(name)) for name in sources]
-    if len(sources) > 1:
+    return [(name, {"source": printable(name)}, read_file(name)) for name in sources]
+
+
+def _jsonl_source(jsonl: str, files: tuple[str, ...], literal: str | None) -> str:
+    """The file `gpt2 score --jsonl` reads: its value, or the one FILE after a bare --jsonl."""
+    if literal is not None:
+        raise click.UsageError("--text goes alone, without FILE arguments or --jsonl")
+    if not files:
+        return jsonl
+    if jsonl != "-" or len(files) > 1:
         raise click.UsageError("--jsonl reads one file (or stdin)")
-    return jsonl_rows(sources[0], read_file(sources[0]))
+    return files[0]
+
+
+def _score_model(name: str, revision: str | None, stride: int | None) -> GPT2:
+    """The model to score with, once --stride is known to fit its context."""
+    model = _load_model(name, revision)
+    if stride is not None and stride > model.config.n_ctx:
+        raise GPT2Error(f"--stride must be between 1 and the context, {model.config.n_ctx} tokens")
+    return model
+
+
+@cli.command()
+@_model_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    help="Port to listen on; 0 picks a free one.",
+)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Sequences decoded together (continuous batching); also the largest n per request.",
+)
+@click.option(
+    "--max-queue",
+    type=click.IntRange(min=0),
+    default=64,
+    show_default=True,
+    help="Requests that may wait for a free sequence; beyond them the answer is 429.",
+)
+@click.option(
+    "--api-key",
+    envvar="GPT2_API_KEY",
+    help="Require `Authorization: Bearer KEY` on every endpoint but /health [env: GPT2_API_KEY].",
+)
+def serve(
+    model_name: str,
+    revision: str | None,
+    host: str,
+    port: int,
+    max_batch: int,
+    max_queue: int,
+    api_key: str | None,
+) -> None:
+    """Serve the model over HTTP with OpenAI's completions API until Ctrl-C or SIGTERM.
+
+    Endpoints: POST /v1/completions (streamed with "stream": true), GET /v1/models, GET /health,
+    POST /tokenize and /detokenize. All requests share one decode batch. The URL is printed on
+    stdout once the server listens; errors and logs go to stderr.
+    """
+    from gpt2cli.serve import APIServer  # the serve extra: a one-line error when it is missing
+
+    model = _load_model(model_name, revision)
+    server = APIServer(
+        model,
+        name=model_name,
+        host=host,
+        port=port,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        api_key=api_key,
+    )
+    write_stdout(f"Serving {model_name} at {server.url}\n")  # flushed: scripts wait for it
+    server.run()
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""How commands read their input: stdin (whole or in chunks), arguments, files and JSON Lines,
+"""How commands read their input: stdin (whole or in chunks), arguments and files,
 always as strict UTF-8, and token ids for `gpt2 decode`. Every failure is a GPT2Error naming
 where the input came from and, for a byte that is not UTF-8, its offset."""
 
@@ -94,35 +94,6 @@ def read_file(name: str) -> str:
     except OSError as e:
         raise GPT2Error(f"{name}: cannot read it ({e.strerror})") from None
     return decode_utf8(data, name)
-
-
-def jsonl_rows(name: str, content: str) -> list[tuple[str, dict[str, Any], str]]:
-    """Every non-blank line of a JSON Lines input, checked: an object with a string "text".
-
-    The other fields are passed through to the output; index is the line's number from 0.
-    """
-    import json
-
-    where = "stdin" if name == "-" else name
-    rows = []
-    for index, line in enumerate(content.split("\n")):
-        if not line.strip():
-            continue
-        line_name = f"{where} line {index + 1}"
-        row = jsonfile.mapping(jsonfile.parse(line, line_name), line_name)
-        text = jsonfile.string(jsonfile.field(row, "text", line_name), f'{line_name} "text"')
-        fields = {"index": index} | {k: v for k, v in row.items() if k != "text"}
-        try:
-            json.dumps(fields, allow_nan=False, ensure_ascii=False).encode("utf-8")
-        except ValueError:  # UnicodeEncodeError included
-            raise GPT2Error(
-                f"{line_name}: holds NaN, Infinity or a lone surrogate (\\udXXX), which JSON "
-                "output cannot carry"
-            ) from None
-        rows.append((line_name, fields, text))
-    if not rows:
-        raise GPT2Error(f"{where}: no JSON lines to score")
-    return rows
 
 
 def parse_ids(source: str, where: str) -> list[int]:

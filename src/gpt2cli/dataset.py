@@ -1,0 +1,558 @@
+"""Data sets: JSON Lines of prompts or texts, checked first, run in batches, written in order.
+
+`gpt2 generate --jsonl` and `gpt2 score --jsonl` read one JSON object per line. `read_rows` checks
+every line before any model work (a row that is not an object, lacks its string field or has a
+bad option is an invalid `Row` carrying its error). A task (`GenerateTask`, `ScoreTask`) turns
+valid rows into result lines: the same pure function on whatever engine runs it (`run_local`
+here, `gpt2cli.ray_engine` on a Ray cluster), so the output does not depend on the engine.
+`run` writes the results of the rows an output file does not hold yet (`resume` counts and checks
+those it does) through an `OrderedWriter`: input order, one flushed line at a time, so a crash
+loses only the rows in flight.
+
+Output lines hold only deterministic fields: generate's `--json` fields without `timings`, and
+without `logprobs` unless asked for (float sums whose last digits depend on the batch's shape),
+so files from any batch size or engine compare byte for byte.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol
+
+from gpt2cli import jsonfile
+from gpt2cli.errors import GPT2Error
+
+if TYPE_CHECKING:
+    from gpt2cli.model import GPT2
+    from gpt2cli.scheduler import Request
+
+SHOWN_ERRORS = 10  # invalid lines named before a run is refused
+SEED_STRIDE = 2**64  # a row without a seed, under --seed S, uses seed S * SEED_STRIDE + index
+
+
+class InvalidRows(GPT2Error):
+    """Some input lines are invalid and --skip-invalid was not given; nothing was run.
+
+    `problems` holds one message per invalid line, the first SHOWN_ERRORS of them.
+    """
+
+    def __init__(self, message: str, problems: list[str]) -> None:
+        super().__init__(message)
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Row:
+    """One non-blank input line: its 0-based line number, the fields passed through to its
+    result, and what a task runs (a `Prompt`, or a text to score), or why it is invalid."""
+
+    index: int
+    fields: dict[str, Any]
+    work: Any = None
+    error: str | None = None
+
+
+class Result(NamedTuple):
+    """One row's result: its position in the rows given to the task, the output line, and the
+    tokens it took (generated or scored), for the progress display."""
+
+    position: int
+    line: str
+    tokens: int
+
+
+class Task(Protocol):
+    """What a data-set job does with each row; picklable, so that Ray actors run it too."""
+
+    key: ClassVar[str]  # the input field holding the work: "prompt" or "text"
+    options: ClassVar[tuple[str, ...]]  # the input fields that are options, not passed through
+
+    @property
+    def batch_size(self) -> int:
+        """Rows per batch; an engine that splits the rows splits them in whole batches."""
+        ...
+
+    def parse(self, row: dict[str, Any], index: int, where: str, model: GPT2) -> Any:
+        """The work of a valid row (its other fields pass through), or a GPT2Error."""
+        ...
+
+    def run(self, model: GPT2, rows: Sequence[Row]) -> Iterator[Result]:
+        """The results of valid rows, in any order (`Result.position` says whose)."""
+        ...
+
+    def mismatch(self, row: Row, written: dict[str, Any]) -> str | None:
+        """Why `written` (a line of an earlier run's output) is not `row`'s result, or None."""
+        ...
+
+
+# generation options a row may set, and the command-line name each mirrors
+GENERATE_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "n", "stop")
+GENERATE_FLAGS = ("ignore_eos", "truncate")
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """A row's generation options: the command line's defaults, overridden by the row's fields."""
+
+    max_tokens: int = 40
+    temperature: float = 1.0
+    top_k: int = 5
+    top_p: float = 1.0
+    seed: int | None = None
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    truncate: bool = False
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A valid generate row's work: its prompt's ids and its options, seed already derived."""
+
+    prompt_ids: list[int]
+    options: GenerateOptions
+
+    def request(self) -> Request:
+        """A fresh scheduler request for this prompt."""
+        from gpt2cli.sampling import SamplingOptions
+        from gpt2cli.scheduler import Request
+
+        o = self.options
+        return Request(
+            prompt_ids=self.prompt_ids,
+            max_tokens=o.max_tokens,
+            sampling=SamplingOptions(temperature=o.temperature, top_k=o.top_k, top_p=o.top_p),
+            seed=o.seed,
+            n=o.n,
+            stop=o.stop,
+            ignore_eos=o.ignore_eos,
+            truncate=o.truncate,
+        )
+
+
+def row_seed(row: int | None, command_line: int | None, index: int) -> int | None:
+    """The seed of the row on input line `index` (from 0): its own `seed` field if it has one,
+    else `command_line * 2**64 + index` when --seed was given (a distinct stream per row and per
+    --seed, which `gpt2 generate --seed` reproduces), else None (fresh randomness)."""
+    if row is not None:
+        return row
+    return None if command_line is None else command_line * SEED_STRIDE + index
+
+
+@dataclass(frozen=True)
+class GenerateTask:
+    """`gpt2 generate --jsonl`: each row's prompt continued, `batch_size` rows decoding at once
+    (continuous batching: a finished row's place goes to the next one at once)."""
+
+    defaults: GenerateOptions = field(default_factory=GenerateOptions)
+    batch_size: int = 8
+    logprobs: bool = False
+    key: ClassVar[str] = "prompt"
+    options: ClassVar[tuple[str, ...]] = (*GENERATE_FIELDS, *GENERATE_FLAGS)
+
+    def parse(self, row: dict[str, Any], index: int, where: str, model: GPT2) -> Prompt:
+        """The row's prompt ids and options, checked as the scheduler will run them."""
+        prompt = _text(jsonfile.field(row, "prompt", where), f'{where} "prompt"')
+        options = _row_options(self.defaults, row, where)
+        own = options.seed if "seed" in row else None
+        options = replace(options, seed=row_seed(own, self.defaults.seed, index))
+        if options.n > self.batch_size:
+            raise GPT2Error(
+                f'{where} "n" is {options.n} but the batch holds {self.batch_size} rows '
+                "(--batch-size): a row's samples run in one batch"
+            )
+        work = Prompt(model.tokenizer.encode(prompt), options)
+        try:
+            work.request().prepare(model)  # the scheduler's own checks (length, ids, options)
+        except GPT2Error as e:
+            raise GPT2Error(f"{where}: {e}") from None
+        return work
+
+    def run(self, model: GPT2, rows: Sequence[Row]) -> Iterator[Result]:
+        """Decode the rows `batch_size` at a time, admitting the next as soon as one finishes."""
+        from gpt2cli.scheduler import Scheduler
+
+        scheduler = Scheduler(model, max_batch=self.batch_size)
+        pending = deque(enumerate(rows))
+        running: dict[int, tuple[int, Row, Request]] = {}  # id(request) -> position, row, request
+        while pending or running:
+            while pending and pending[0][1].work.options.n <= scheduler.free:
+                position, row = pending.popleft()
+                request = row.work.request()
+                running[id(request)] = position, row, request
+                scheduler.admit(request)
+            if scheduler.running:
+                scheduler.step()
+            for key, (position, row, request) in list(running.items()):
+                if request.finished:
+                    del running[key]
+                    tokens = sum(len(c.ids) for c in request.completions)
+                    yield Result(position, self.line(row, request), tokens)
+
+    def line(self, row: Row, request: Request) -> str:
+        """The output line of a finished row: index, passed-through fields, then the sample's
+        `--json` fields (no timings), or `prompt_ids` and a list `samples` when n > 1."""
+        samples = [self._sample(c.to_json()) for c in request.completions]
+        prompt_ids = request.completions[0].prompt_ids
+        result = samples[0] if len(samples) == 1 else {"prompt_ids": prompt_ids, "samples": samples}
+        if len(samples) > 1:
+            for sample in samples:
+                del sample["prompt_ids"]
+        return _json_line({"index": row.index} | row.fields | result)
+
+    def _sample(self, completion: dict[str, Any]) -> dict[str, Any]:
+        kept = ["text", "ids", "prompt_ids", "finish_reason"] + (["logprobs"] * self.logprobs)
+        return {k: completion[k] for k in kept}
+
+    def mismatch(self, row: Row, written: dict[str, Any]) -> str | None:
+        """Compared: the passed-through fields and the prompt's ids (all of them, or their end
+        when the prompt was truncated)."""
+        ids = written.get("prompt_ids")
+        if not (isinstance(ids, list) and ids and row.work.prompt_ids[-len(ids) :] == ids):
+            return "its prompt_ids are not the tokens of the row's prompt"
+        return _fields_mismatch(row, written)
+
+
+@dataclass(frozen=True)
+class ScoreTask:
+    """`gpt2 score --jsonl`: each row's text scored, `batch_size` rows per padded batch (rows
+    grouped in input order, so every engine runs the same batches and gets the same floats)."""
+
+    batch_size: int = 8
+    stride: int | None = None
+    bos: bool = True
+    top: int = 0
+    tokens: bool = False
+    key: ClassVar[str] = "text"
+    options: ClassVar[tuple[str, ...]] = ()
+
+    def parse(self, row: dict[str, Any], index: int, where: str, model: GPT2) -> str:
+        """The row's text, checked to have something to score."""
+        from gpt2cli.score import scoring_ids
+
+        text = _text(jsonfile.field(row, "text", where), f'{where} "text"')
+        scoring_ids(model, text, bos=self.bos, name=where)
+        return text
+
+    def run(self, model: GPT2, rows: Sequence[Row]) -> Iterator[Result]:
+        """Score the rows `batch_size` at a time, in order."""
+        from gpt2cli.output import score_json
+        from gpt2cli.score import score_texts
+
+        for start in range(0, len(rows), self.batch_size):
+            group = rows[start : start + self.batch_size]
+            scores = score_texts(
+                model, [r.work for r in group], stride=self.stride, bos=self.bos, top=self.top
+            )
+            for position, (row, s) in enumerate(zip(group, scores, strict=True), start):
+                first = {"index": row.index} | row.fields
+                line = score_json(s, model.tokenizer, tokens=self.tokens, first=first)
+                yield Result(position, line, s.n_tokens)
+
+    def mismatch(self, row: Row, written: dict[str, Any]) -> str | None:
+        """Compared: the passed-through fields and the text's bytes and words (counted as
+        `TextScore.n_words` counts them)."""
+        text = row.work
+        if [written.get("n_bytes"), written.get("n_words")] != [
+            len(text.encode("utf-8")),
+            len(re.split(r"\s+", text)),
+        ]:
+            return "its n_bytes or n_words differ from the row's text"
+        return _fields_mismatch(row, written)
+
+
+def _text(value: Any, where: str) -> str:
+    """A JSON string that UTF-8 can carry (no lone surrogate such as "\\ud800")."""
+    text = jsonfile.string(value, where)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise GPT2Error(f"{where} holds a lone surrogate (\\udXXX), which is not text") from None
+    return text
+
+
+def _row_options(defaults: GenerateOptions, row: dict[str, Any], where: str) -> GenerateOptions:
+    """`defaults` with the options the row sets, each checked (a GPT2Error names the field)."""
+    from gpt2cli.sampling import SamplingOptions
+
+    changes: dict[str, Any] = {}
+    for name in (*GENERATE_FIELDS, *GENERATE_FLAGS):
+        if name not in row:
+            continue
+        value, at = row[name], f'{where} "{name}"'
+        if name in ("temperature", "top_p"):
+            changes[name] = _number(value, at)
+        elif name == "stop":
+            stops = [value] if isinstance(value, str) else jsonfile.array(value, at)
+            changes[name] = tuple(_text(s, at) for s in stops)
+            if "" in changes[name]:
+                raise GPT2Error(f"{at}: a stop string must not be empty")
+        elif name in GENERATE_FLAGS:
+            if not isinstance(value, bool):
+                raise GPT2Error(f"{at} must be true or false, not {jsonfile.show(value)}")
+            changes[name] = value
+        else:
+            minimum = 1 if name in ("max_tokens", "n") else 0
+            changes[name] = jsonfile.integer(value, at, minimum=minimum)
+    options = replace(defaults, **changes)
+    try:
+        SamplingOptions(options.temperature, options.top_k, options.top_p)
+    except GPT2Error as e:
+        raise GPT2Error(f"{where}: {e}") from None
+    return options
+
+
+def _number(value: Any, where: str) -> float:
+    """A JSON number (not a bool), finite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise GPT2Error(f"{where} must be a number, not {jsonfile.show(value)}")
+    return float(value)
+
+
+def _fields_mismatch(row: Row, written: dict[str, Any]) -> str | None:
+    """Whether the passed-through fields of `written` are the row's (a result field of the same
+    name replaces one, so only the others are compared)."""
+    for key, value in row.fields.items():
+        if key in written and written[key] != value:
+            return f"its {key!r} differs from the row's"
+    return None
+
+
+def _json_line(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def error_line(row: Row) -> str:
+    """The output line of an invalid row under --skip-invalid: its index and error."""
+    return _json_line({"index": row.index, "error": row.error})
+
+
+def read_rows(name: str, content: str, task: Task, model: GPT2) -> list[Row]:
+    """Every non-blank line of a JSON Lines input, checked by `task` (blank lines are skipped;
+    `Row.index` is the line's number from 0). Invalid lines are rows with an error."""
+    where = "stdin" if name == "-" else name
+    rows = []
+    for index, line in enumerate(content.split("\n")):
+        if not line.strip():
+            continue
+        line_name = f"{where} line {index + 1}"
+        try:
+            obj = jsonfile.mapping(jsonfile.parse(line, line_name), line_name)
+            dropped = (task.key, "index", *task.options)
+            fields = {k: v for k, v in obj.items() if k not in dropped}
+            _check_json(fields, line_name)
+            rows.append(Row(index, fields, task.parse(obj, index, line_name, model)))
+        except GPT2Error as e:
+            rows.append(Row(index, {}, error=str(e)))
+    if not rows:
+        raise GPT2Error(f"{where}: no JSON lines")
+    return rows
+
+
+def _check_json(fields: dict[str, Any], where: str) -> None:
+    """Fields that JSON output can carry (no NaN or Infinity, no lone surrogate)."""
+    try:
+        json.dumps(fields, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    except ValueError:  # UnicodeEncodeError included
+        raise GPT2Error(
+            f"{where}: holds NaN, Infinity or a lone surrogate (\\udXXX), which JSON output "
+            "cannot carry"
+        ) from None
+
+
+def check_rows(rows: Sequence[Row], name: str, *, skip_invalid: bool) -> None:
+    """Refuse the run (InvalidRows naming the first SHOWN_ERRORS lines) if any row is invalid,
+    unless `skip_invalid`."""
+    bad = [row.error for row in rows if row.error is not None]
+    if bad and not skip_invalid:
+        where = "stdin" if name == "-" else name
+        shown = "" if len(bad) <= SHOWN_ERRORS else f", the first {SHOWN_ERRORS} above"
+        raise InvalidRows(
+            f"{where}: {len(bad)} invalid line(s) of {len(rows)}{shown}; nothing was run "
+            "(--skip-invalid runs the others and writes an error object for these)",
+            [e for e in bad[:SHOWN_ERRORS] if e],
+        )
+
+
+def resume(path: Path, rows: Sequence[Row], task: Task) -> int:
+    """How many rows the output file `path` already holds the results of (0 if it is missing or
+    empty), after checking that they are results of these rows, in order.
+
+    A last line without its newline (a crash while writing it) is cut off, to be written again.
+    A file that holds anything else (another input's results, other text) is a GPT2Error: it is
+    left as it is.
+    """
+    try:
+        f = open(path, "r+b")  # noqa: SIM115 - closed below; r+ to cut a torn last line
+    except FileNotFoundError:
+        return 0
+    except OSError as e:
+        raise GPT2Error(f"{path}: cannot open it ({e.strerror})") from None
+    with f:
+        done, good = 0, 0  # good: bytes of complete lines
+        for number, raw in enumerate(f, start=1):
+            if not raw.endswith(b"\n"):
+                break  # torn: the run writing it was killed
+            where = f"{path} line {number}"
+            if done >= len(rows):
+                raise GPT2Error(f"{path} holds more lines than the input has rows: " + _ANOTHER)
+            written = jsonfile.parse(raw, where)
+            problem = _written_mismatch(rows[done], written, task)
+            if problem:
+                raise GPT2Error(
+                    f"{where} is not the result of input line {rows[done].index + 1} "
+                    f"({problem}): " + _ANOTHER
+                )
+            done, good = done + 1, good + len(raw)
+        f.truncate(good)
+    return done
+
+
+_ANOTHER = "it holds other results; write to another file, or remove it to start again"
+
+
+def _written_mismatch(row: Row, written: Any, task: Task) -> str | None:
+    if not isinstance(written, dict) or written.get("index") != row.index:
+        return "its index differs"
+    if (row.error is None) == ("error" in written):
+        return "one is an error, the other not"
+    return None if row.error is not None else task.mismatch(row, written)
+
+
+class OrderedWriter:
+    """Writes result lines in input order, each as soon as those before it are written.
+
+    `put(position, line)` takes results in any order; lines wait only for an earlier one still
+    running. `write` gets each line's bytes once and must write them all (and flush).
+    """
+
+    def __init__(self, write: Callable[[bytes], None], start: int = 0) -> None:
+        self._write = write
+        self.next = start  # position of the next line to write
+        self._held: dict[int, str] = {}
+
+    def put(self, position: int, line: str) -> None:
+        """Take the result at `position`; write it and any held ones that follow it."""
+        self._held[position] = line
+        while self.next in self._held:
+            self._write(self._held.pop(self.next).encode("utf-8"))
+            self.next += 1
+
+
+def file_writer(f: Any, path: Path) -> Callable[[bytes], None]:
+    """A write function for OrderedWriter that writes to unbuffered binary file `f`, all of it,
+    at once (the OS has it when it returns); failures name `path`."""
+
+    def write(data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[f.write(view) :]
+        except OSError as e:
+            raise GPT2Error(f"{path}: cannot write it ({e.strerror})") from None
+
+    return write
+
+
+Engine = Callable[[Task, "GPT2", Sequence[Row]], Iterator[Result]]
+
+
+def run_local(task: Task, model: GPT2, rows: Sequence[Row]) -> Iterator[Result]:
+    """The local engine: the task's own batches, in this process."""
+    return task.run(model, rows)
+
+
+def run(
+    task: Task,
+    model: GPT2,
+    rows: Sequence[Row],
+    writer: OrderedWriter,
+    *,
+    engine: Engine = run_local,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Run the rows from `writer.next` on with `engine`, writing every result in input order:
+    an invalid row's error line at once, the others as they finish. `progress(rows, tokens)`,
+    if given, is called with each row written or finished."""
+    pending = range(writer.next, len(rows))
+    work = [p for p in pending if rows[p].error is None]
+    for position in pending:
+        if rows[position].error is not None:
+            writer.put(position, error_line(rows[position]))
+    for result in engine(task, model, [rows[p] for p in work]):
+        writer.put(work[result.position], result.line)
+        if progress is not None:
+            progress(1, result.tokens)
+
+
+@contextlib.contextmanager
+def row_progress(total: int, done: int, what: str) -> Iterator[Callable[[int, int], None]]:
+    """A `progress(rows, tokens)` callback that, when stderr is a terminal, draws rows done of
+    `total` (counting `done` already there), rows/s, tokens/s and the time left."""
+    from gpt2cli.output import terminal_console
+
+    console = terminal_console(stderr=True)
+    if console is None:
+        yield lambda rows, tokens: None
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn(what),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("rows, {task.fields[rows_s]:.2f} rows/s, {task.fields[tokens_s]:,.0f} tokens/s"),
+        TimeRemainingColumn(),
+    )
+    start, counts = time.perf_counter(), [0, 0]
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(what, total=total, completed=done, rows_s=0.0, tokens_s=0.0)
+
+        def update(rows: int, tokens: int) -> None:
+            counts[0] += rows
+            counts[1] += tokens
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            bar.update(
+                task,
+                advance=rows,
+                rows_s=counts[0] / elapsed,
+                tokens_s=counts[1] / elapsed,
+            )
+
+        yield update
+
+
+def open_output(path: Path, input_name: str, rows: Sequence[Row], task: Task) -> tuple[Any, int]:
+    """`path` opened to append results (unbuffered), and how many rows it already holds the
+    results of (see `resume`; only a regular file is resumed, a device or pipe is written to).
+    Refused when it is the input file itself; opening never waits for a pipe's reader."""
+    if input_name != "-":
+        with contextlib.suppress(OSError):
+            if os.path.samefile(path, input_name):
+                raise GPT2Error(f"{path} is the input file; write the results to another file")
+    if path.is_dir():
+        raise GPT2Error(f"{path}: is a directory, not a file")
+    done = resume(path, rows, task) if path.is_file() else 0
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NONBLOCK, 0o666)
+        os.set_blocking(fd, True)
+    except OSError as e:
+        raise GPT2Error(f"{path}: cannot write it ({e.strerror})") from None
+    return open(fd, "ab", buffering=0), done
+
+
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # opening a pipe nobody reads fails instead of waiting

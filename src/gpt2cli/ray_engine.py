@@ -1,0 +1,211 @@
+"""`--engine ray`: a data-set job on Ray Data, on a Ray cluster or a local Ray instance.
+
+The driver (the `gpt2` process) has already read, checked and tokenized the rows and opened the
+model (memory-mapped). It connects to the cluster named by `--ray-address` or `RAY_ADDRESS`, or
+starts a local instance, and puts the model in Ray's object store: its weights once, plus its
+config and tokenizer files. Each actor of a fixed pool takes the weights from the object store
+(zero-copy: actors on one node share one copy in shared memory, as they would share a
+memory-mapped file's pages) and runs the same task function as the local engine on chunks of
+rows (`ray.data.from_items` -> `map_batches`), so the output is byte for byte the local engine's.
+Workers never read the model from disk nor from the hub: a cluster needs no shared file system
+and no hub access, only gpt2cli[ray] installed on every node and room in each node's object
+store for the weights (float32: 4 bytes per parameter, 0.5 GB for gpt2).
+
+Each actor asks Ray for `threads` CPUs and runs its BLAS with that many threads; the pool has as
+many actors as fit on the nodes' CPUs (per node: CPUs // threads), so actors x threads never
+exceed the CPUs Ray offers. Ray's own logs and progress bars stay off stdout (worker output is
+not forwarded to the driver), which carries only the results.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pickle
+import tempfile
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from gpt2cli.dataset import Result, Row, Task
+from gpt2cli.errors import GPT2Error
+from gpt2cli.tokenizer import HF_FILES, OPENAI_FILES
+
+if TYPE_CHECKING:
+    from gpt2cli.config import GPT2Config
+    from gpt2cli.model import GPT2
+
+MISSING = "--engine ray needs the ray extra: pip install 'gpt2cli[ray]'"
+CHUNK_BATCHES = 4  # at most this many of the task's batches per chunk of rows sent to an actor
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def require() -> Any:
+    """The `ray` module, or a GPT2Error naming the extra to install."""
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")  # read as ray.data is imported
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise GPT2Error(MISSING) from None
+    return ray
+
+
+def engine(
+    address: str | None = None, threads: int = 1
+) -> Callable[[Task, GPT2, Sequence[Row]], Iterator[Result]]:
+    """An engine for `gpt2cli.dataset.run` that runs on Ray (`address` as `ray.init` takes it:
+    None for RAY_ADDRESS or else a new local instance), `threads` BLAS threads per actor."""
+    require()
+    if threads < 1:
+        raise GPT2Error(f"each Ray actor needs at least one thread, got {threads}")
+
+    def run(task: Task, model: GPT2, rows: Sequence[Row]) -> Iterator[Result]:
+        return run_ray(task, model, rows, address=address, threads=threads)
+
+    return run
+
+
+@dataclass(frozen=True)
+class ModelPackage:
+    """A model as the driver ships it: config, weights in the object store, small files."""
+
+    config: GPT2Config
+    params: Any  # a ray.ObjectRef of the nested dict of weight arrays
+    files: Any  # a ray.ObjectRef of {name: bytes}: config.json and the tokenizer's files
+
+
+def package(ray: Any, model: GPT2) -> ModelPackage:
+    """Put `model` in the object store; its folder's config and tokenizer files go along."""
+    names = ("config.json", *HF_FILES, *OPENAI_FILES)
+    folder = model.folder
+    files = {}
+    if folder is not None:
+        files = {name: (folder / name).read_bytes() for name in names if (folder / name).is_file()}
+    return ModelPackage(model.config, ray.put(model.params), ray.put(files))
+
+
+def unpack(ray: Any, shipped: ModelPackage) -> GPT2:
+    """The model an actor runs: weights from the object store (read-only, shared), the small
+    files in a temporary folder removed when the model is."""
+    from gpt2cli.model import GPT2
+
+    folder = tempfile.TemporaryDirectory(prefix="gpt2cli-")
+    for name, data in ray.get(shipped.files).items():
+        (Path(folder.name) / name).write_bytes(data)
+    model = GPT2(shipped.config, ray.get(shipped.params), Path(folder.name))
+    weakref.finalize(model, folder.cleanup)
+    return model
+
+
+class Actor:
+    """A Ray Data actor: loads the model once, then runs the task on each chunk of rows."""
+
+    def __init__(self, task: Task, shipped: ModelPackage) -> None:
+        import ray
+
+        self.task = task
+        self.model = unpack(ray, shipped)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Chunks (`start`, pickled rows) -> their results (global position, line, tokens)."""
+        out: dict[str, list[Any]] = {"position": [], "line": [], "tokens": []}
+        for start, payload in zip(batch["start"].tolist(), batch["rows"], strict=True):
+            for result in self.task.run(self.model, pickle.loads(payload)):
+                out["position"].append(start + result.position)
+                out["line"].append(result.line)
+                out["tokens"].append(result.tokens)
+        return {
+            "position": np.array(out["position"], np.int64),
+            "line": np.array(out["line"], dtype=object),
+            "tokens": np.array(out["tokens"], np.int64),
+        }
+
+
+def actor_count(ray: Any, threads: int) -> int:
+    """Actors of `threads` CPUs that fit on the live nodes, each node counted on its own."""
+    cpus = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]]
+    return sum(int(c) // threads for c in cpus)
+
+
+def run_ray(
+    task: Task, model: GPT2, rows: Sequence[Row], *, address: str | None, threads: int
+) -> Iterator[Result]:
+    """The results of `rows` run on Ray, as they arrive (chunk by chunk, in order)."""
+    ray = require()
+    if not rows:
+        return
+    started = _connect(ray, address)
+    try:
+        actors = actor_count(ray, threads)
+        if actors < 1:
+            raise GPT2Error(
+                f"no node of the Ray cluster has {threads} CPUs for an actor; "
+                "use fewer --threads-per-actor"
+            )
+        batches_per_chunk = min(
+            CHUNK_BATCHES, max(1, math.ceil(len(rows) / (task.batch_size * actors)))
+        )
+        size = task.batch_size * batches_per_chunk  # whole batches: the local engine's
+        chunks = [
+            {"start": start, "rows": pickle.dumps(list(rows[start : start + size]))}
+            for start in range(0, len(rows), size)
+        ]
+        data = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
+            Actor,
+            fn_constructor_kwargs={"task": task, "shipped": package(ray, model)},
+            batch_size=1,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=min(actors, len(chunks))),
+            num_cpus=threads,
+            runtime_env={"env_vars": dict.fromkeys(THREAD_VARIABLES, str(threads))},
+        )
+        try:
+            for batch in data.iter_batches(batch_size=None, batch_format="numpy"):
+                for position, line, tokens in zip(
+                    batch["position"].tolist(), batch["line"], batch["tokens"].tolist(), strict=True
+                ):
+                    yield Result(position, str(line), tokens)
+        except Exception as e:
+            raise _explain(e) from None
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _connect(ray: Any, address: str | None) -> bool:
+    """Connect to the cluster (or start a local instance) unless this process already is;
+    return whether we did (and so must shut it down)."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # ours is on stderr; Ray's would mix with it
+    context.print_on_execution_start = False
+    context.execution_options.preserve_order = True
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.ERROR,
+        )
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = address or "RAY_ADDRESS or a new local instance"
+        raise GPT2Error(f"cannot start or reach the Ray cluster ({where}): {e}") from None
+    return True
+
+
+def _explain(error: Exception) -> Exception:
+    """A failure inside the Ray job as one line: a GPT2Error an actor raised, as it is."""
+    seen: Exception | BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, GPT2Error):
+            return GPT2Error(str(seen))
+        seen = seen.__cause__ or getattr(seen, "cause", None)
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return GPT2Error(f"the Ray job failed: {first}")

@@ -1,0 +1,239 @@
+"""`gpt2 generate --jsonl` and `gpt2 score --jsonl` through the real process: order, fields,
+batch sizes, resuming a killed run, line-numbered errors, --skip-invalid and progress."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.terminal import run_on_terminal
+
+GPT2 = [sys.executable, "-m", "gpt2cli"]
+
+
+def gpt2(*args: str | Path, input: bytes = b"") -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([*GPT2, *map(str, args)], input=input, capture_output=True, timeout=180)
+    return subprocess.CompletedProcess(
+        result.args, result.returncode, result.stdout.decode(), result.stderr.decode()
+    )
+
+
+def jsonl(*rows: object) -> str:
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+@pytest.fixture
+def prompts(tmp_path: Path) -> Path:
+    """Greedy and seeded rows of mixed lengths and budgets, with fields to pass through."""
+    rows = []
+    for i in range(12):
+        row: dict[str, object] = {"prompt": "Tell me" + " more" * (i % 5), "id": f"r{i}"}
+        row["max_tokens"] = 2 + (i * 7) % 13
+        if i % 2:
+            row["temperature"] = 0
+        if i == 5:
+            row["seed"] = 123
+        rows.append(row)
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(jsonl(*rows))
+    return path
+
+
+def test_generate_rows_come_back_in_order_with_fields_and_per_row_options(
+    tiny_model_dir: Path, prompts: Path
+):
+    result = gpt2("generate", "-m", tiny_model_dir, "--jsonl", prompts, "--seed", 4)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["index"] for line in lines] == list(range(12))
+    assert [line["id"] for line in lines] == [f"r{i}" for i in range(12)]
+    assert [len(line["ids"]) for line in lines] == [2 + (i * 7) % 13 for i in range(12)]
+    assert all(set(line) == {"index", "id", "text", "ids", "prompt_ids", "finish_reason"}
+               for line in lines)  # fmt: skip
+
+
+def test_batch_size_one_and_eight_write_the_same_bytes(tiny_model_dir: Path, prompts: Path):
+    outputs = [
+        gpt2("generate", "-m", tiny_model_dir, "--jsonl", prompts, "--seed", 9, "--batch-size", n)
+        for n in (1, 8)
+    ]
+    assert outputs[0].returncode == 0, outputs[0].stderr
+    assert outputs[0].stdout == outputs[1].stdout
+
+
+def test_a_row_is_what_generate_json_gives_with_its_derived_seed(tiny_model_dir: Path):
+    rows = jsonl({"prompt": "One"}, {"prompt": "Two", "stop": "e"}, {"prompt": "Three"})
+    result = gpt2(
+        "generate", "-m", tiny_model_dir, "--jsonl", "-t", 9, "--seed", 2, input=rows.encode()
+    )
+    third = json.loads(result.stdout.splitlines()[2])
+    seed = 2 * 2**64 + 2
+    alone = gpt2("generate", "-m", tiny_model_dir, "-t", 9, "--seed", seed, "--json", "Three")
+    expected = json.loads(alone.stdout)
+    assert third["ids"] == expected["ids"] and third["text"] == expected["text"]
+
+
+@pytest.mark.parametrize("command", ["generate", "score"])
+def test_jsonl_reads_a_path_and_stdin_alike(tiny_model_dir: Path, tmp_path: Path, command: str):
+    key = "prompt" if command == "generate" else "text"
+    source = tmp_path / "in.jsonl"
+    source.write_text(jsonl(*[{key: f"Line number {i}", "k": i} for i in range(5)]))
+    base = [command, "-m", tiny_model_dir, *(["--temperature", "0"] * (command == "generate"))]
+    from_path = gpt2(*base, "--jsonl", source)
+    assert from_path.returncode == 0, from_path.stderr
+    assert len(from_path.stdout.splitlines()) == 5
+    for how in (["--jsonl", "-"], ["--jsonl"]):
+        assert gpt2(*base, *how, input=source.read_bytes()).stdout == from_path.stdout
+
+
+def test_a_killed_run_resumes_without_losing_or_repeating_a_row(
+    tiny_model_dir: Path, tmp_path: Path
+):
+    rows = [{"prompt": f"Row {i} of the file", "temperature": 0 if i % 2 else 1} for i in range(40)]
+    source = tmp_path / "in.jsonl"
+    source.write_text(jsonl(*rows))
+    args = [
+        "generate",
+        "-m",
+        str(tiny_model_dir),
+        "--jsonl",
+        str(source),
+        "-t",
+        "40",
+        "--seed",
+        "5",
+    ]
+    expected = gpt2(*args).stdout
+    out = tmp_path / "out.jsonl"
+    process = subprocess.Popen([*GPT2, *args, "--batch-size", "1", "-o", str(out)])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 3):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL
+    written = out.read_text().count("\n")
+    assert 3 <= written < len(rows)  # killed mid-file
+    result = gpt2(*args, "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    assert out.read_text() == expected  # every row once, in order
+    again = gpt2(*args, "-o", out)  # complete: nothing more to run
+    assert again.returncode == 0 and out.read_text() == expected
+
+
+def test_a_score_run_resumes_after_a_torn_last_line(tiny_model_dir: Path, tmp_path: Path):
+    source = tmp_path / "texts.jsonl"
+    source.write_text(jsonl(*[{"text": "Some words " * (1 + i), "n": i} for i in range(9)]))
+    args = ["score", "-m", str(tiny_model_dir), "--jsonl", str(source), "--batch-size", "3"]
+    expected = gpt2(*args).stdout
+    lines = expected.splitlines(keepends=True)
+    out = tmp_path / "scores.jsonl"
+    out.write_text("".join(lines[:3]) + lines[3][:20])  # as a crash mid-write leaves it
+    result = gpt2(*args, "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert out.read_text() == expected
+
+
+def test_an_output_file_of_another_input_is_refused_untouched(tiny_model_dir: Path, tmp_path: Path):
+    source = tmp_path / "in.jsonl"
+    source.write_text(jsonl({"prompt": "a"}, {"prompt": "b"}))
+    out = tmp_path / "out.jsonl"
+    out.write_text(
+        '{"index": 0, "text": "x", "ids": [1], "prompt_ids": [2], "finish_reason": "length"}\n'
+    )
+    before = out.read_bytes()
+    result = gpt2("generate", "-m", tiny_model_dir, "--jsonl", source, "-o", out)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "line 1 is not the result of input line 1" in result.stderr
+    assert out.read_bytes() == before
+
+
+def test_invalid_lines_are_named_first_ten_and_nothing_runs(tiny_model_dir: Path, tmp_path: Path):
+    rows = [{"prompt": "ok"}] + [{"prompt": i} for i in range(11)] + [{"prompt": "fine"}]
+    out = tmp_path / "out.jsonl"
+    result = gpt2(
+        "generate", "-m", tiny_model_dir, "--jsonl", "-o", out, input=jsonl(*rows).encode()
+    )
+    assert result.returncode == 2
+    errors = result.stderr.splitlines()
+    assert len(errors) == 11
+    assert errors[0] == 'gpt2: error: stdin line 2 "prompt" must be a string, not 0'
+    assert errors[9].startswith("gpt2: error: stdin line 11 ")
+    assert "11 invalid line(s) of 13, the first 10 above; nothing was run" in errors[10]
+    assert not out.exists() and result.stdout == ""
+
+
+def test_skip_invalid_writes_an_error_object_in_place(tiny_model_dir: Path):
+    rows = jsonl({"prompt": "ok"}, {"prompt": "x", "top_p": 2}) + "oops\n"
+    result = gpt2(
+        "generate", "-m", tiny_model_dir, "--jsonl", "--skip-invalid", "-t", 2, input=rows.encode()
+    )
+    assert result.returncode == 0, result.stderr
+    first, second, third = [json.loads(line) for line in result.stdout.splitlines()]
+    assert first["index"] == 0 and len(first["ids"]) == 2
+    assert second == {
+        "index": 1,
+        "error": "stdin line 2: top_p must be in (0, 1] (1 turns it off), got 2.0",
+    }
+    assert third["index"] == 2 and "not valid JSON" in third["error"]
+
+
+@pytest.mark.parametrize(
+    ("stdin", "message"),
+    [
+        (b'{"text": "ok"}\n[1]\n', "stdin line 2 must be a JSON object"),
+        (b'{"text": "ok"}\n{"txt": "x"}\n', "stdin line 2 has no 'text'"),
+        (b'{"text": 5}\n', 'stdin line 1 "text" must be a string'),
+        (b'{"text": "a", "x": NaN}\n', "line 1: holds NaN, Infinity or a lone"),
+        (b'{"text": "ok"}\n{"text": ""}\n', "stdin line 2: nothing to score"),
+        (b"[" * 100_000, "stdin line 1 nests arrays or objects"),
+        (b'{"text": "a", "x": "\\ud800"}\n', "line 1: holds NaN, Infinity or a lone"),
+    ],
+)
+def test_score_jsonl_names_each_bad_line_and_scores_nothing(
+    tiny_model_dir: Path, stdin: bytes, message: str
+):
+    result = gpt2("score", "-m", tiny_model_dir, "--jsonl", input=stdin)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == "" and "Traceback" not in result.stderr
+    problem, summary = result.stderr.splitlines()
+    assert problem.startswith("gpt2: error: ") and message in problem
+    assert "1 invalid line(s)" in summary
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["generate", "--jsonl", "-", "Hello"], "--jsonl reads the prompts: give no PROMPT"),
+        (["generate", "-o", "out.jsonl", "Hello"], "go with --jsonl"),
+        (["score", "--batch-size", "2", "--text", "Hi"], "go with --jsonl"),
+        (["generate", "--jsonl", "--ray-address", "x:1"], "go with --engine ray"),
+        (["generate", "--logprobs", "Hi"], "--logprobs goes with --jsonl"),
+        (["score", "--jsonl", "a.jsonl", "b.jsonl"], "--jsonl reads one file"),
+        (["generate", "--jsonl", "-"], "stdin: no JSON lines"),
+    ],
+)
+def test_data_set_options_out_of_place_are_usage_errors(
+    tiny_model_dir: Path, args: list[str], message: str
+):
+    result = gpt2(*args, "-m", tiny_model_dir, input=b"\n")
+    assert result.returncode == 2
+    assert message in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_progress_on_a_terminal_counts_rows_and_tokens(tiny_model_dir: Path, prompts: Path):
+    status, shown, piped = run_on_terminal(
+        ["generate", "-m", str(tiny_model_dir), "--jsonl", str(prompts), "--batch-size", "1"],
+        stream="stderr",
+    )
+    assert status == 0
+    assert "rows/s" in shown and "tokens/s" in shown and "/12" in shown
+    assert len(piped.splitlines()) == 12
