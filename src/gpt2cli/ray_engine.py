@@ -2,8 +2,8 @@
 
 The driver (the `gpt2` process) has already read, checked and tokenized the rows and opened the
 model (memory-mapped). It connects to the cluster named by `--ray-address` or `RAY_ADDRESS`, or
-starts a local instance, and puts the model in Ray's object store: its weights once, plus its
-config and tokenizer files. Each actor of a fixed pool takes the weights from the object store
+starts a local instance, and puts the model in Ray's object store: its weights once, and its
+tokenizer as loaded. Each actor of a fixed pool takes the weights from the object store
 (zero-copy: actors on one node share one copy in shared memory, as they would share a
 memory-mapped file's pages) and runs the same task function as the local engine on chunks of
 rows (`ray.data.from_items` -> `map_batches`), so the output is byte for byte the local engine's.
@@ -23,18 +23,14 @@ import logging
 import math
 import os
 import pickle
-import tempfile
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from gpt2cli.dataset import Result, Row, Task
 from gpt2cli.errors import GPT2Error
-from gpt2cli.tokenizer import HF_FILES, OPENAI_FILES
 
 if TYPE_CHECKING:
     from gpt2cli.config import GPT2Config
@@ -73,33 +69,26 @@ def engine(
 
 @dataclass(frozen=True)
 class ModelPackage:
-    """A model as the driver ships it: config, weights in the object store, small files."""
+    """A model as the driver ships it: its config, and its weights and tokenizer (as the driver
+    loaded them) in the object store."""
 
     config: GPT2Config
     params: Any  # a ray.ObjectRef of the nested dict of weight arrays
-    files: Any  # a ray.ObjectRef of {name: bytes}: config.json and the tokenizer's files
+    tokenizer: Any  # a ray.ObjectRef of the Tokenizer
 
 
 def package(ray: Any, model: GPT2) -> ModelPackage:
-    """Put `model` in the object store; its folder's config and tokenizer files go along."""
-    names = ("config.json", *HF_FILES, *OPENAI_FILES)
-    folder = model.folder
-    files = {}
-    if folder is not None:
-        files = {name: (folder / name).read_bytes() for name in names if (folder / name).is_file()}
-    return ModelPackage(model.config, ray.put(model.params), ray.put(files))
+    """Put `model` in the object store."""
+    return ModelPackage(model.config, ray.put(model.params), ray.put(model.tokenizer))
 
 
 def unpack(ray: Any, shipped: ModelPackage) -> GPT2:
-    """The model an actor runs: weights from the object store (read-only, shared), the small
-    files in a temporary folder removed when the model is."""
+    """The model an actor runs: weights from the object store (read-only, shared by the actors
+    of a node), no file read."""
     from gpt2cli.model import GPT2
 
-    folder = tempfile.TemporaryDirectory(prefix="gpt2cli-")
-    for name, data in ray.get(shipped.files).items():
-        (Path(folder.name) / name).write_bytes(data)
-    model = GPT2(shipped.config, ray.get(shipped.params), Path(folder.name))
-    weakref.finalize(model, folder.cleanup)
+    model = GPT2(shipped.config, ray.get(shipped.params))
+    model.tokenizer = ray.get(shipped.tokenizer)
     return model
 
 
