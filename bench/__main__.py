@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-SECTIONS = ["startup", "tokenizer", "weights", "model", "generate", "score"]
+SECTIONS = ["startup", "tokenizer", "weights", "model", "generate", "score", "jsonl"]
 
 
 def main(argv: list[str]) -> None:
