@@ -61,10 +61,11 @@ def test_invalid_lines_carry_their_line_number_and_reason(model: GPT2):
             json.dumps({"prompt": "\ud800"}),
             json.dumps({"prompt": "x", "note": float("nan")}),
             json.dumps({"prompt": "word " * 200}),  # over the tiny model's 128-token context
+            json.dumps({"prompt": "x", "temperature": 10**400}),
         ]
     )
     rows = dataset.read_rows("in.jsonl", content, GenerateTask(batch_size=8), model)
-    assert [r.index for r in rows] == [0, 1, 2, 3, *range(5, 14)]
+    assert [r.index for r in rows] == [0, 1, 2, 3, *range(5, 15)]
     assert rows[0].error is None
     errors = [r.error or "" for r in rows[1:]]
     assert all(
@@ -85,6 +86,7 @@ def test_invalid_lines_carry_their_line_number_and_reason(model: GPT2):
             "lone surrogate",
             "NaN",
             "context is 128 tokens",
+            "is too large",
         ],
         strict=True,
     ):
@@ -202,6 +204,19 @@ def test_resume_counts_written_rows_and_cuts_a_torn_last_line(model: GPT2, tmp_p
     out.write_bytes(full)
     assert dataset.resume(out, rows, task) == 5
     assert dataset.resume(tmp_path / "missing.jsonl", rows, task) == 0
+
+
+def test_resume_compares_passed_fields_but_not_those_a_result_replaces(model: GPT2, tmp_path: Path):
+    task = GenerateTask(GenerateOptions(max_tokens=2, temperature=0))
+    content = jsonl({"prompt": "a", "text": "mine", "id": 1}, {"prompt": "b", "id": 2})
+    rows, full = written_rows(model, task, content)
+    assert json.loads(full.splitlines()[0])["text"] != "mine"  # the result's text won
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(full)
+    assert dataset.resume(out, rows, task) == 2
+    other = dataset.read_rows("in", content.replace('"id": 2', '"id": 3'), task, model)
+    with pytest.raises(GPT2Error, match="its 'id' is not the row's"):
+        dataset.resume(out, other, task)
 
 
 @pytest.mark.parametrize(

@@ -74,6 +74,7 @@ class Task(Protocol):
 
     key: ClassVar[str]  # the input field holding the work: "prompt" or "text"
     options: ClassVar[tuple[str, ...]]  # the input fields that are options, not passed through
+    results: ClassVar[tuple[str, ...]]  # the output fields a result sets (over passed-through ones)
 
     @property
     def batch_size(self) -> int:
@@ -93,7 +94,7 @@ class Task(Protocol):
         ...
 
 
-# generation options a row may set, and the command-line name each mirrors
+# the generation options a row may set (as `gpt2 generate`'s options, -n as "n"), then its flags
 GENERATE_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "n", "stop")
 GENERATE_FLAGS = ("ignore_eos", "truncate")
 
@@ -157,6 +158,9 @@ class GenerateTask:
     logprobs: bool = False
     key: ClassVar[str] = "prompt"
     options: ClassVar[tuple[str, ...]] = (*GENERATE_FIELDS, *GENERATE_FLAGS)
+    results: ClassVar[tuple[str, ...]] = (
+        "text", "ids", "prompt_ids", "finish_reason", "logprobs", "samples",
+    )  # fmt: skip
 
     def parse(self, row: dict[str, Any], index: int, where: str, model: GPT2) -> Prompt:
         """The row's prompt ids and options, checked as the scheduler will run them."""
@@ -200,17 +204,16 @@ class GenerateTask:
     def line(self, row: Row, request: Request) -> str:
         """The output line of a finished row: index, passed-through fields, then the sample's
         `--json` fields (no timings), or `prompt_ids` and a list `samples` when n > 1."""
-        samples = [self._sample(c.to_json()) for c in request.completions]
-        prompt_ids = request.completions[0].prompt_ids
-        result = samples[0] if len(samples) == 1 else {"prompt_ids": prompt_ids, "samples": samples}
-        if len(samples) > 1:
-            for sample in samples:
-                del sample["prompt_ids"]
-        return _json_line({"index": row.index} | row.fields | result)
-
-    def _sample(self, completion: dict[str, Any]) -> dict[str, Any]:
         kept = ["text", "ids", "prompt_ids", "finish_reason"] + (["logprobs"] * self.logprobs)
-        return {k: completion[k] for k in kept}
+        samples = [{k: c.to_json()[k] for k in kept} for c in request.completions]
+        result = samples[0]
+        if len(samples) > 1:
+            kept.remove("prompt_ids")
+            result = {
+                "prompt_ids": request.completions[0].prompt_ids,
+                "samples": [{k: sample[k] for k in kept} for sample in samples],
+            }
+        return _json_line({"index": row.index} | row.fields | result)
 
     def mismatch(self, row: Row, written: dict[str, Any]) -> str | None:
         """Compared: the passed-through fields and the prompt's ids (all of them, or their end
@@ -218,7 +221,7 @@ class GenerateTask:
         ids = written.get("prompt_ids")
         if not (isinstance(ids, list) and ids and row.work.prompt_ids[-len(ids) :] == ids):
             return "its prompt_ids are not the tokens of the row's prompt"
-        return _fields_mismatch(row, written)
+        return _fields_mismatch(row, written, self.results)
 
 
 @dataclass(frozen=True)
@@ -233,6 +236,10 @@ class ScoreTask:
     tokens: bool = False
     key: ClassVar[str] = "text"
     options: ClassVar[tuple[str, ...]] = ()
+    results: ClassVar[tuple[str, ...]] = (  # TextScore.totals()' keys, and --tokens' list
+        *("n_tokens", "n_bytes", "n_words", "nll", "mean_nll", "nll_stderr", "perplexity"),
+        *("bits_per_byte", "byte_perplexity", "word_perplexity", "tokens"),
+    )
 
     def parse(self, row: dict[str, Any], index: int, where: str, model: GPT2) -> str:
         """The row's text, checked to have something to score."""
@@ -266,7 +273,7 @@ class ScoreTask:
             len(re.split(r"\s+", text)),
         ]:
             return "its n_bytes or n_words differ from the row's text"
-        return _fields_mismatch(row, written)
+        return _fields_mismatch(row, written, self.results)
 
 
 def _text(value: Any, where: str) -> str:
@@ -311,18 +318,21 @@ def _row_options(defaults: GenerateOptions, row: dict[str, Any], where: str) -> 
 
 
 def _number(value: Any, where: str) -> float:
-    """A JSON number (not a bool), finite."""
+    """A JSON number (not a bool) as a float; its range is the option's to check."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise GPT2Error(f"{where} must be a number, not {jsonfile.show(value)}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        raise GPT2Error(f"{where} is too large, {jsonfile.show(value)}") from None
 
 
-def _fields_mismatch(row: Row, written: dict[str, Any]) -> str | None:
-    """Whether the passed-through fields of `written` are the row's (a result field of the same
-    name replaces one, so only the others are compared)."""
+def _fields_mismatch(row: Row, written: dict[str, Any], results: Sequence[str]) -> str | None:
+    """Why the passed-through fields of `written` are not the row's, or None (a field named like
+    a result field is the result's, so it is not compared)."""
     for key, value in row.fields.items():
-        if key in written and written[key] != value:
-            return f"its {key!r} differs from the row's"
+        if key not in results and (key not in written or written[key] != value):
+            return f"its {key!r} is not the row's"
     return None
 
 
