@@ -507,41 +507,22 @@ def run(
 def row_progress(total: int, done: int, what: str) -> Iterator[Callable[[int, int], None]]:
     """A `progress(rows, tokens)` callback that, when stderr is a terminal, draws rows done of
     `total` (counting `done` already there), rows/s, tokens/s and the time left."""
-    from gpt2cli.output import terminal_console
+    from gpt2cli.output import progress_bar
 
-    console = terminal_console(stderr=True)
-    if console is None:
-        yield lambda rows, tokens: None
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (
-        TextColumn(what),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("rows, {task.fields[rows_s]:.2f} rows/s, {task.fields[tokens_s]:,.0f} tokens/s"),
-        TimeRemainingColumn(),
-    )
+    rates = "rows, {task.fields[rows_s]:.2f} rows/s, {task.fields[tokens_s]:,.0f} tokens/s"
     start, counts = time.perf_counter(), [0, 0]
-    with Progress(*columns, console=console, transient=True) as bar:
+    with progress_bar(what, rates) as bar:
+        if bar is None:
+            yield lambda rows, tokens: None
+            return
         task = bar.add_task(what, total=total, completed=done, rows_s=0.0, tokens_s=0.0)
 
         def update(rows: int, tokens: int) -> None:
             counts[0] += rows
             counts[1] += tokens
             elapsed = max(time.perf_counter() - start, 1e-9)
-            bar.update(
-                task,
-                advance=rows,
-                rows_s=counts[0] / elapsed,
-                tokens_s=counts[1] / elapsed,
-            )
+            rows_s, tokens_s = counts[0] / elapsed, counts[1] / elapsed
+            bar.update(task, advance=rows, rows_s=rows_s, tokens_s=tokens_s)
 
         yield update
 

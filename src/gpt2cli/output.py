@@ -332,12 +332,12 @@ PROGRESS_MIN_TOKENS = 4096  # smaller inputs are scored before a bar would be wo
 
 
 @contextlib.contextmanager
-def token_progress(what: str) -> Iterator[Callable[[int, int], None]]:
-    """A `progress(done, total)` callback that draws a rich progress bar on stderr (tokens done
-    of total, tokens/s, time left) when stderr is a terminal and the total is large enough."""
+def progress_bar(what: str, rates: str) -> Iterator[Any]:
+    """A transient rich Progress on stderr (None when stderr is not a terminal) with the columns
+    `what`, a bar, done/total, `rates` (a format string over its task's fields) and time left."""
     console = terminal_console(stderr=True)
     if console is None:
-        yield lambda done, total: None
+        yield None
         return
     from rich.progress import (
         BarColumn,
@@ -351,11 +351,22 @@ def token_progress(what: str) -> Iterator[Callable[[int, int], None]]:
         TextColumn(what),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("tokens, {task.fields[rate]:,.0f} tokens/s"),
+        TextColumn(rates),
         TimeRemainingColumn(),
     )
-    start = time.perf_counter()
     with Progress(*columns, console=console, transient=True) as bar:
+        yield bar
+
+
+@contextlib.contextmanager
+def token_progress(what: str) -> Iterator[Callable[[int, int], None]]:
+    """A `progress(done, total)` callback that draws a rich progress bar on stderr (tokens done
+    of total, tokens/s, time left) when stderr is a terminal and the total is large enough."""
+    start = time.perf_counter()
+    with progress_bar(what, "tokens, {task.fields[rate]:,.0f} tokens/s") as bar:
+        if bar is None:
+            yield lambda done, total: None
+            return
         task = bar.add_task(what, total=None, visible=False, rate=0.0)
 
         def update(done: int, total: int) -> None:
