@@ -136,14 +136,40 @@ def score_texts(
     block with the tokens scored so far and the total to score. `names` name the texts in
     errors (default: "text N").
     """
-    if top < 0:
-        raise GPT2Error(f"top must be >= 0, got {top}")
-    top = min(top, model.config.n_vocab)
     names = names or [f"text {i} (counting from 0)" for i in range(len(texts))]
     sequences = [
         scoring_ids(model, text, bos=bos, name=name)
         for text, name in zip(texts, names, strict=True)
     ]
+    return _score(
+        model, sequences, texts, stride=stride, top=top, first=1 if bos else 0, progress=progress
+    )
+
+
+def score_ids(model: GPT2, ids: Sequence[int], *, top: int = 0) -> TextScore:
+    """Score token ids as they are, with nothing put before them (the first is not scored):
+    `gpt2 score --no-bos` for callers that hold ids rather than text, such as `gpt2 serve`
+    scoring a prompt sent as ids for `echo` and `logprobs`. Ids longer than the context are
+    scored in windows, as texts are."""
+    sequence = model.scoring_sequence(ids, bos=False)
+    return _score(model, [sequence], [model.tokenizer.decode(ids)], top=top, first=0)[0]
+
+
+def _score(
+    model: GPT2,
+    sequences: Sequence[NDArray[np.intp]],
+    texts: Sequence[str],
+    *,
+    stride: int | None = None,
+    top: int,
+    first: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[TextScore]:
+    """Score checked sequences (`scoring_ids`); `first` is the position of each text's first
+    token in its sequence (1 after `<|endoftext|>`)."""
+    if top < 0:
+        raise GPT2Error(f"top must be >= 0, got {top}")
+    top = min(top, model.config.n_vocab)
     collected: list[list[_Block]] = [[] for _ in texts]
     total, done = sum(len(s) - 1 for s in sequences), 0
     for block in model.scored_logits(sequences, stride=stride):
@@ -152,7 +178,7 @@ def score_texts(
         if progress is not None:
             progress(done, total)
     return [
-        _text_score(blocks, text, top, first=1 if bos else 0)
+        _text_score(blocks, text, top, first=first)
         for blocks, text in zip(collected, texts, strict=True)
     ]
 

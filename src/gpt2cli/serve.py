@@ -1,0 +1,698 @@
+"""`gpt2 serve`: the OpenAI completions API over HTTP, all requests decoded in one shared batch.
+
+Three thin layers. Starlette routes read a request (at most 1 MB, checked field by field by
+`gpt2cli.openai_api`), tokenize it and hand it to the `Engine` as a `Job`. The engine's one worker
+thread owns the model and a `gpt2cli.scheduler.Scheduler`, which decodes every running request
+as one batch (continuous batching): between decode steps the worker cancels the requests whose
+clients went away, takes new ones from a bounded queue (full: 429), scores prompts for `echo` with
+`gpt2cli.score`, admits them into free rows, runs one step, and hands each job its events through
+the event loop (`call_soon_threadsafe`). uvicorn serves the app; on Ctrl-C or SIGTERM it stops
+accepting, open requests end with a `server_shutdown` error, and `APIServer.run` returns.
+
+Starlette and uvicorn are the `serve` extra: importing this module without them raises the
+GPT2Error that names it, and no other module imports this one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from gpt2cli import openai_api
+from gpt2cli.errors import GPT2Error
+from gpt2cli.openai_api import APIError, Completion, Fields, Top
+from gpt2cli.scheduler import Event, Request, Scheduler
+
+try:
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request as HTTPRequest
+    from starlette.responses import Response, StreamingResponse
+    from starlette.routing import Route
+except ModuleNotFoundError:
+    raise GPT2Error("gpt2 serve needs the serve extra: pip install 'gpt2cli[serve]'") from None
+
+if TYPE_CHECKING:
+    from gpt2cli.model import GPT2
+
+MAX_QUEUE = 64  # requests that may wait for rows before the server answers 429
+RETRY_AFTER = "1"  # seconds a client told 429 should wait
+SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+GRACE_S = 10.0  # seconds open connections get to finish once the server is stopping
+
+
+def _log(message: str) -> None:
+    """One line on the server's stderr."""
+    print(f"gpt2 serve: {message}", file=sys.stderr, flush=True)
+
+
+class Echo(NamedTuple):
+    """A prompt's own tokens, which start its choices with `echo`; logprobs when asked."""
+
+    prompt: int
+    logprobs: list[float | None] | None
+    tops: list[Top | None] | None
+
+
+class Token(NamedTuple):
+    """A scheduler event, with the prompt it belongs to and its sample's OpenAI finish reason."""
+
+    prompt: int
+    event: Event
+    finish_reason: str | None
+
+
+Item = Echo | Token | Exception  # what a job's inbox gets; an exception (APIError) ends it
+
+
+class Job:
+    """One completions request's work on the worker: its prompts, one scheduler `Request` per
+    prompt (none with max_tokens 0), and the inbox where the route awaits the results."""
+
+    def __init__(
+        self,
+        prompts: list[list[int]],
+        requests: list[Request],
+        *,
+        echo: bool,
+        score: bool,
+        top: int,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.prompts = prompts
+        self.requests = requests
+        self.echo = echo
+        self.score = score  # echo + logprobs: score each prompt before it generates
+        self.top = top
+        self.loop = loop
+        self.inbox: asyncio.Queue[list[Item]] = asyncio.Queue()
+        self.started = 0  # prompts the worker has taken
+        self.cancelled = False
+
+
+class Engine:
+    """The worker thread that owns the model and its scheduler, and the queue that feeds it.
+
+    `submit`, `cancel` and `close` are called from the event loop; everything that touches the
+    model runs on the worker, so the model is never used by two threads at once.
+    """
+
+    def __init__(self, model: GPT2, max_batch: int = 8, max_queue: int = MAX_QUEUE) -> None:
+        self.model = model
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self._scheduler = Scheduler(model, max_batch)
+        self._lock = threading.Condition()
+        self._waiting: deque[Job] = deque()  # jobs with prompts not yet taken by the worker
+        self._cancelled: list[Job] = []
+        self._free = max_batch  # rows free after the worker's last step: they take jobs at once
+        self._closing = False
+        self._owners: dict[Request, tuple[Job, int]] = {}  # admitted request -> job, prompt
+        self._thread = threading.Thread(target=self._run, name="gpt2-serve-worker", daemon=True)
+
+    def start(self) -> None:
+        """Start the worker."""
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue a job: 429 when `max_queue` jobs already wait beyond the free rows, 503 once
+        the server is stopping."""
+        with self._lock:
+            if self._closing:
+                raise _shutting_down()
+            if len(self._waiting) >= self.max_queue + self._free:
+                raise APIError(
+                    429,
+                    f"The server is busy: {len(self._waiting)} requests are waiting for the "
+                    f"{self.max_batch} sequences it decodes at once. Retry after a moment.",
+                    code="queue_full",
+                    headers={"Retry-After": RETRY_AFTER},
+                )
+            self._waiting.append(job)
+            self._lock.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Drop a job whose client went away: its rows are free before the next step."""
+        with self._lock:
+            if not job.cancelled:
+                job.cancelled = True
+                self._cancelled.append(job)
+                self._lock.notify()
+
+    def close(self) -> None:
+        """Stop: refuse new jobs (503) and end every open one with a `server_shutdown` error."""
+        with self._lock:
+            self._closing = True
+            self._lock.notify()
+
+    def join(self, timeout: float = GRACE_S) -> None:
+        """Wait for the worker to finish its step and stop (after `close`)."""
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        """The worker: cancel, admit, step, until closed."""
+        while True:
+            with self._lock:
+                while not (
+                    self._closing or self._cancelled or self._waiting or self._scheduler.running
+                ):
+                    self._lock.wait()
+                if self._closing:
+                    break
+                cancelled, self._cancelled = self._cancelled, []
+            for job in cancelled:
+                self._drop(job)
+            self._admit()
+            if self._scheduler.running:
+                self._step()
+            with self._lock:
+                self._free = self._scheduler.free
+        with self._lock:
+            jobs = [*self._waiting, *(job for job, _ in self._owners.values())]
+            self._waiting.clear()
+        for job in dict.fromkeys(jobs):  # each once, in order
+            self._post(job, [_shutting_down()])
+
+    def _admit(self) -> None:
+        """Start waiting prompts, oldest first, while their samples find free rows."""
+        while True:
+            with self._lock:
+                self._free = self._scheduler.free
+                if not self._waiting:
+                    return
+                job = self._waiting[0]
+                if job.cancelled:
+                    self._waiting.popleft()
+                    continue
+                prompt = job.started
+                if job.requests and job.requests[prompt].n > self._scheduler.free:
+                    return
+                job.started += 1
+                if job.started == len(job.prompts):
+                    self._waiting.popleft()
+            try:
+                self._start(job, prompt)
+            except Exception as e:
+                self._fail([job], e)
+
+    def _start(self, job: Job, prompt: int) -> None:
+        """Echo (and score) one prompt of a job, then admit it to the batch."""
+        if job.echo:
+            logprobs, tops = (
+                self._score(job.prompts[prompt], job.top) if job.score else (None, None)
+            )
+            self._post(job, [Echo(prompt, logprobs, tops)])
+        if job.requests:
+            request = job.requests[prompt]
+            self._owners[request] = (job, prompt)
+            self._deliver(self._scheduler.admit(request))
+
+    def _score(self, ids: list[int], top: int) -> tuple[list[float | None], list[Top | None]]:
+        """Each prompt token's logprob given those before it and its `top` alternatives, with
+        `gpt2 score --no-bos`'s numbers; the first token has none (null)."""
+        from gpt2cli.score import score_ids
+
+        if len(ids) < 2:
+            return [None], [None]
+        s = score_ids(self.model, ids, top=top)
+        tops = [
+            list(zip(t.tolist(), lp.tolist(), strict=True))
+            for t, lp in zip(s.top_ids, s.top_logprobs, strict=True)
+        ]
+        return [None, *s.logprobs.tolist()], [None, *tops]
+
+    def _step(self) -> None:
+        """One decode step for the batch. If it fails, its state is unknown: every request in it
+        gets the error, and a fresh scheduler takes over."""
+        try:
+            events = self._scheduler.step()
+        except Exception as e:
+            jobs = [job for job, _ in self._owners.values()]
+            self._owners.clear()
+            self._scheduler = Scheduler(self.model, self.max_batch)
+            self._fail(jobs, e)
+            return
+        self._deliver(events)
+
+    def _deliver(self, events: list[Event]) -> None:
+        """Hand each job its events of this step, in one call to its event loop."""
+        batches: dict[Job, list[Item]] = {}
+        for event in events:
+            job, prompt = self._owners[event.request]
+            reason = event.request.completions[event.sample].finish_reason if event.done else None
+            batches.setdefault(job, []).append(Token(prompt, event, reason))
+        for request in [r for r in self._owners if r.finished]:
+            del self._owners[request]
+        for job, items in batches.items():
+            self._post(job, items)
+
+    def _drop(self, job: Job) -> None:
+        """Take a cancelled job out of the queue and its requests out of the batch."""
+        with self._lock:
+            if job in self._waiting:
+                self._waiting.remove(job)
+        for request in job.requests:
+            if self._owners.pop(request, None) is not None:
+                self._scheduler.cancel(request)
+
+    def _fail(self, jobs: Sequence[Job], error: Exception) -> None:
+        """End jobs with an error: a GPT2Error's own message (a model fault, such as logits
+        that are not finite), or for anything else a 500 that says nothing of it to the client
+        while the traceback goes to the server's stderr."""
+        if isinstance(error, GPT2Error):
+            _log(f"error: {error}")
+            failure = APIError(500, str(error))
+        else:
+            _log("internal error:\n" + "".join(traceback.format_exception(error)).rstrip())
+            failure = openai_api.internal_error()
+        for job in dict.fromkeys(jobs):
+            self._drop(job)
+            self._post(job, [failure])
+
+    @staticmethod
+    def _post(job: Job, items: list[Item]) -> None:
+        """Put items in a job's inbox, from the worker, through the job's event loop."""
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
+            job.loop.call_soon_threadsafe(job.inbox.put_nowait, items)
+
+
+def _shutting_down() -> APIError:
+    return APIError(503, "The server is shutting down.", code="server_shutdown")
+
+
+class _ClientGone(Exception):
+    """The client of a non-streamed request disconnected before its answer."""
+
+
+Endpoint = Callable[[HTTPRequest], Awaitable[Response]]
+
+
+class App:
+    """The HTTP endpoints over one engine and model: OpenAI's `/v1/models` and
+    `/v1/completions`, llama.cpp's `/tokenize` and `/detokenize`, and `/health`."""
+
+    def __init__(
+        self, engine: Engine, names: Sequence[str], folder: str, api_key: str | None
+    ) -> None:
+        self.engine = engine
+        self.model = engine.model
+        self.tokenizer = engine.model.tokenizer
+        self.names = list(dict.fromkeys(names))  # the served name first, then its aliases
+        self.folder = folder
+        self.api_key = api_key
+        self.created = int(time.time())
+
+    def starlette(self) -> Starlette:
+        """The ASGI application."""
+        every = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+        routes = [
+            Route("/health", self._endpoint(self.health, public=True), methods=["GET"]),
+            Route("/v1/models", self._endpoint(self.models), methods=["GET"]),
+            Route("/v1/models/{model:path}", self._endpoint(self.model_info), methods=["GET"]),
+            Route("/v1/completions", self._endpoint(self.completions), methods=["POST"]),
+            Route("/tokenize", self._endpoint(self.tokenize), methods=["POST"]),
+            Route("/detokenize", self._endpoint(self.detokenize), methods=["POST"]),
+            Route("/v1/chat/completions", self._endpoint(self.chat), methods=every),
+        ]
+        return Starlette(
+            routes=routes,
+            exception_handlers={HTTPException: self._http_error, Exception: self._crash},
+        )
+
+    def _endpoint(
+        self, handler: Callable[[HTTPRequest], Awaitable[Response]], public: bool = False
+    ) -> Endpoint:
+        """A handler with the API key checked (unless public) and every failure answered with
+        OpenAI's error body: an APIError as it says, anything else as a 500 that tells the
+        client nothing more (the traceback goes to the server's stderr)."""
+
+        async def endpoint(request: HTTPRequest) -> Response:
+            try:
+                if not public:
+                    self._authorize(request)
+                return await handler(request)
+            except APIError as e:
+                return error_response(e)
+            except _ClientGone:
+                return Response(status_code=499)  # nobody reads it; for the record
+            except Exception:
+                _log("internal error:\n" + traceback.format_exc().rstrip())
+                return error_response(openai_api.internal_error())
+
+        return endpoint
+
+    def _authorize(self, request: HTTPRequest) -> None:
+        """With an API key set, the request must carry `Authorization: Bearer KEY` (401)."""
+        if self.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = token.strip().encode("latin-1")  # HTTP headers are bytes, read as latin-1
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given, self.api_key.encode()):
+            raise APIError(
+                401,
+                "Incorrect API key provided: send it as the header `Authorization: Bearer KEY`.",
+                code="invalid_api_key",
+            )
+
+    async def _http_error(self, request: HTTPRequest, exc: Exception) -> Response:
+        """Starlette's own 404 (no such path) and 405 (wrong method), in OpenAI's error body."""
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        headers = dict(exc.headers or {}) if isinstance(exc, HTTPException) else {}
+        what = "no such path" if status == 404 else "method not allowed"
+        message = f"{request.method} {request.url.path}: {what}"
+        code = "unknown_url" if status == 404 else None
+        return error_response(APIError(status, message, code=code, headers=headers))
+
+    async def _crash(self, request: HTTPRequest, exc: Exception) -> Response:
+        """Anything that escaped the endpoints (a bug): a 500 with nothing of it in the body."""
+        return error_response(openai_api.internal_error())
+
+    async def health(self, request: HTTPRequest) -> Response:
+        """`GET /health`: the server is up (no key needed)."""
+        return json_response({"status": "ok"})
+
+    async def models(self, request: HTTPRequest) -> Response:
+        """`GET /v1/models`: OpenAI's list object holding the one model."""
+        return json_response({"object": "list", "data": [self._model_card()]})
+
+    async def model_info(self, request: HTTPRequest) -> Response:
+        """`GET /v1/models/{model}`: the model, under its name or an alias; 404 otherwise."""
+        openai_api.check_model(request.path_params["model"], self.names)
+        return json_response(self._model_card())
+
+    def _model_card(self) -> dict[str, Any]:
+        return {
+            "id": self.names[0],
+            "object": "model",
+            "created": self.created,
+            "owned_by": "gpt2cli",
+            "root": self.folder,
+            "parent": None,
+            "max_model_len": self.model.config.n_ctx,
+        }
+
+    async def chat(self, request: HTTPRequest) -> Response:
+        """`/v1/chat/completions`: GPT-2 is not a chat model (404 pointing to completions)."""
+        raise APIError(
+            404,
+            "GPT-2 is not a chat model, so there is no /v1/chat/completions: send a prompt to "
+            "/v1/completions instead.",
+            code="unknown_url",
+        )
+
+    async def completions(self, request: HTTPRequest) -> Response:
+        """`POST /v1/completions`: checked, tokenized, queued, then answered whole or streamed."""
+        body = openai_api.parse_body(await read_body(request))
+        params = openai_api.completion_params(
+            body, max_batch=self.engine.max_batch, names=self.names
+        )
+        ids = openai_api.prompt_ids(params.prompts, self.tokenizer)
+        openai_api.check_lengths(ids, params.max_tokens, self.model.config.n_ctx)
+        requests = [
+            Request(
+                prompt_ids=prompt,
+                max_tokens=params.max_tokens,
+                sampling=params.sampling,
+                seed=params.seed,
+                n=params.n,
+                stop=params.stop,
+                ignore_eos=params.ignore_eos,
+                top_logprobs=params.logprobs or 0,
+            )
+            for prompt in ids
+            if params.max_tokens > 0
+        ]
+        job = Job(
+            ids,
+            requests,
+            echo=params.echo,
+            score=params.echo and params.logprobs is not None,
+            top=params.logprobs or 0,
+            loop=asyncio.get_running_loop(),
+        )
+        completion = Completion(params, ids, self.tokenizer, self.names[0])
+        self.engine.submit(job)
+        if params.stream:
+            return StreamingResponse(
+                self._stream(job, completion),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+        return json_response(await self._collect(request, job, completion))
+
+    async def _collect(
+        self, request: HTTPRequest, job: Job, completion: Completion
+    ) -> dict[str, Any]:
+        """Wait for a job's results and build its response; a client that disconnects meanwhile
+        has its job cancelled."""
+        watch = asyncio.ensure_future(_watch_disconnect(request, job))
+        try:
+            while not completion.finished:
+                _apply(completion, await job.inbox.get())
+        finally:
+            watch.cancel()
+            if not completion.finished:
+                self.engine.cancel(job)
+        return completion.response()
+
+    async def _stream(self, job: Job, completion: Completion) -> AsyncIterator[str]:
+        """Server-Sent Events: a chunk per token (and per echoed prompt), the usage chunk when
+        asked, then `[DONE]`; a failure is a final error event before `[DONE]`. A client that
+        disconnects (Starlette then cancels this generator) has its job cancelled."""
+        try:
+            while not completion.finished:
+                items = await job.inbox.get()
+                try:
+                    chunks = _apply(completion, items)
+                except APIError as e:
+                    yield _event(e.body())
+                    break
+                yield "".join(_event(chunk) for chunk in chunks)
+            else:
+                if completion.params.include_usage:
+                    yield _event(completion.usage_chunk())
+            yield "data: [DONE]\n\n"
+        except Exception:
+            _log("internal error in a stream:\n" + traceback.format_exc().rstrip())
+            yield _event(openai_api.internal_error().body()) + "data: [DONE]\n\n"
+        finally:
+            if not completion.finished:
+                self.engine.cancel(job)
+
+    async def tokenize(self, request: HTTPRequest) -> Response:
+        """`POST /tokenize` (llama.cpp's): `{"content"}` -> `{"tokens": [ids]}`, or with
+        `with_pieces` `[{"id", "piece"}]` (a piece that is not UTF-8 is a list of its bytes).
+        `parse_special` (default true) reads `<|endoftext|>` as the special token;
+        `add_special` is accepted and adds nothing: GPT-2 puts no BOS token first."""
+        fields = Fields(openai_api.parse_body(await read_body(request)))
+        content = fields.get("content")
+        if not isinstance(content, str):
+            raise APIError(400, "content must be a string", param="content")
+        openai_api.text(content, "content")
+        fields.boolean("add_special")
+        parse_special = fields.boolean("parse_special", True)
+        with_pieces = fields.boolean("with_pieces")
+        fields.done()
+        ids = self.tokenizer.encode(content, allowed_special=parse_special)
+        if not with_pieces:
+            return json_response({"tokens": ids})
+        pieces = [{"id": i, "piece": _piece(self.tokenizer.token_bytes(i))} for i in ids]
+        return json_response({"tokens": pieces})
+
+    async def detokenize(self, request: HTTPRequest) -> Response:
+        """`POST /detokenize` (llama.cpp's): `{"tokens": [ids]}` -> `{"content": text}`."""
+        fields = Fields(openai_api.parse_body(await read_body(request)))
+        tokens = fields.get("tokens")
+        fields.done()
+        n_vocab = self.tokenizer.n_vocab
+        if not isinstance(tokens, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n_vocab for i in tokens
+        ):
+            raise APIError(
+                400, f"tokens must be a list of token ids from 0 to {n_vocab - 1}", "tokens"
+            )
+        return json_response({"content": self.tokenizer.decode(tokens)})
+
+
+def _piece(raw: bytes) -> str | list[int]:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(raw)
+
+
+def _apply(completion: Completion, items: list[Item]) -> list[dict[str, Any]]:
+    """Add the worker's items to a completion and return their stream chunks; an error item
+    (or the client going away) is raised."""
+    chunks = []
+    for item in items:
+        if isinstance(item, Exception):
+            raise item
+        if isinstance(item, Echo):
+            chunks += completion.echo(item.prompt, item.logprobs, item.tops)
+            continue
+        e = item.event
+        chunks.append(
+            completion.token(
+                item.prompt, e.sample, e.id, e.text, e.logprob, e.top, item.finish_reason
+            )
+        )
+    return chunks
+
+
+async def _watch_disconnect(request: HTTPRequest, job: Job) -> None:
+    """Wait until the client disconnects (the body has been read, so `receive` says nothing else
+    before the response), then end the job's wait."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.inbox.put_nowait([_ClientGone()])
+
+
+async def read_body(request: HTTPRequest) -> bytes:
+    """The request body, read at most MAX_BODY bytes far whatever Content-Length says (413)."""
+    too_large = APIError(
+        413,
+        f"The request body is larger than {openai_api.MAX_BODY} bytes (1 MB), the limit.",
+        code="request_too_large",
+    )
+    declared = request.headers.get("content-length", "")
+    if (
+        declared.isascii()
+        and declared.isdigit()
+        and (len(declared) > 9 or int(declared) > openai_api.MAX_BODY)
+    ):
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > openai_api.MAX_BODY:
+            raise too_large
+    return bytes(body)
+
+
+def render(value: Any) -> bytes:
+    """JSON as UTF-8 bytes; NaN or Infinity (which JSON cannot hold) is an error (a bug)."""
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
+def json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A JSON response."""
+    return Response(render(value), status, headers, media_type="application/json")
+
+
+def error_response(error: APIError) -> Response:
+    """OpenAI's error body with the error's status (and headers, e.g. Retry-After)."""
+    return json_response(error.body(), error.status, error.headers)
+
+
+def _event(value: Any) -> str:
+    """One Server-Sent Event holding a JSON value."""
+    return f"data: {render(value).decode()}\n\n"
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn, stopped by Ctrl-C, SIGTERM or SIGHUP without re-raising the signal afterwards
+    (so the command exits 0), and ending the engine's open jobs before it waits on connections."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine) -> None:
+        super().__init__(config)
+        self.engine = engine
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Our stop signals call `handle_exit` while serving; the previous handlers come back
+        after (a signal that was ignored, as nohup ignores SIGHUP, stays ignored)."""
+        previous = {
+            s: signal.signal(s, self.handle_exit)
+            for s in SHUTDOWN_SIGNALS
+            if signal.getsignal(s) is not signal.SIG_IGN
+        }
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """End open jobs (streams get a final error event and `[DONE]`), then uvicorn's own
+        shutdown: stop accepting, let connections finish."""
+        self.engine.close()
+        await super().shutdown(sockets)
+
+
+class APIServer:
+    """`gpt2 serve`'s server: the listening socket (bound at once, so `url` is known), the
+    engine and the app; `run` serves until a stop signal."""
+
+    def __init__(
+        self,
+        model: GPT2,
+        *,
+        name: str,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        max_batch: int = 8,
+        max_queue: int = MAX_QUEUE,
+        api_key: str | None = None,
+    ) -> None:
+        from gpt2cli import hub
+
+        folder = str(model.folder) if model.folder is not None else name
+        aliases = [name, folder]
+        with contextlib.suppress(GPT2Error):  # a folder has no hub repo
+            aliases.append(hub.repo_id_for(name))
+        self.engine = Engine(model, max_batch, max_queue)
+        self.app = App(self.engine, aliases, folder, api_key or None)
+        model.tokenizer.decode(model.tokenizer.encode("warm"))  # build lazy tables on this thread
+        self.socket = _listen(host, port)
+        bound_host, bound_port = self.socket.getsockname()[:2]
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        self.url = f"http://{shown}:{bound_port}"
+
+    def run(self) -> None:
+        """Serve until Ctrl-C, SIGTERM or SIGHUP, then stop cleanly and return."""
+        config = uvicorn.Config(
+            self.app.starlette(),
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=int(GRACE_S),
+        )
+        self.engine.start()
+        try:
+            _Uvicorn(config, self.engine).run(sockets=[self.socket])
+        finally:
+            self.engine.close()
+            self.engine.join()
+            self.socket.close()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket listening on host:port (port 0: a free one), or a GPT2Error saying why not."""
+    sock = None
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(1024)
+    except OSError as e:
+        if sock is not None:
+            sock.close()
+        raise GPT2Error(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock

@@ -1,0 +1,724 @@
+"""`gpt2 serve`: a real server process on 127.0.0.1, driven by the official `openai` client and
+httpx, against `gpt2 generate --json` and `gpt2 score --json` run as processes on the same model.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from gpt2cli.config import GPT2Config
+from gpt2cli.openai_api import token_text
+from gpt2cli.tokenizer import Tokenizer
+from tests.factory import TINY, write_random_gpt2
+from tests.serve_process import ServeProcess, serve_env
+
+GPT2 = [sys.executable, "-m", "gpt2cli"]
+TIMEOUT = 60.0  # seconds for any one HTTP call or subprocess
+PROMPT = "The quick brown fox jumps over the lazy dog because"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return serve_env(tmp_path_factory.mktemp("serve-env"))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path, env: dict[str, str]) -> Iterator[ServeProcess]:
+    """The tiny model served with 8 rows."""
+    with ServeProcess(tiny_model_dir, "--max-batch", "8", env=env) as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def slow_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Wide enough that a token takes about 10 ms: requests that are still running seconds
+    later, for the tests that act while one is in flight."""
+    config = GPT2Config(n_ctx=1024, n_embd=256, n_head=4, n_layer=4)
+    return write_random_gpt2(tmp_path_factory.mktemp("slow-gpt2"), config, seed=4)
+
+
+@pytest.fixture
+def client(server: ServeProcess) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT
+    )
+
+
+@pytest.fixture
+def complete(client: openai.OpenAI, tiny_model_dir: Path) -> Any:
+    """`client.completions.create` naming the served model (the client needs one)."""
+    return functools.partial(client.completions.create, model=str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir: Path) -> Tokenizer:
+    return Tokenizer.from_dir(tiny_model_dir)
+
+
+def post(url: str, body: Any, **kwargs: Any) -> httpx.Response:
+    return httpx.post(url + "/v1/completions", json=body, timeout=TIMEOUT, **kwargs)
+
+
+def events(response: httpx.Response) -> list[Any]:
+    """A Server-Sent Events body's data: JSON values, and the final "[DONE]"."""
+    data = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    return [d if d == "[DONE]" else json.loads(d) for d in data]
+
+
+def stream(url: str, body: dict[str, Any]) -> list[Any]:
+    with httpx.stream(
+        "POST", url + "/v1/completions", json=body | {"stream": True}, timeout=TIMEOUT
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        return events(response)
+
+
+def gpt2(*args: str | Path) -> str:
+    """Run a `gpt2` command; its stdout."""
+    return subprocess.run(
+        [*GPT2, *map(str, args)], capture_output=True, text=True, timeout=TIMEOUT, check=True
+    ).stdout
+
+
+def generate_json(model: Path, prompt: str, *args: str) -> list[dict[str, Any]]:
+    out = gpt2("generate", "-m", model, "--json", *args, prompt)
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def openai_reason(reason: str) -> str:
+    return {"eos": "stop", "stop": "stop", "length": "length"}[reason]
+
+
+# --- start, models, health ---------------------------------------------------------------------
+
+
+def test_prints_one_line_with_its_url_and_health_needs_nothing(
+    server: ServeProcess, tiny_model_dir: Path
+):
+    assert server.line == f"Serving {tiny_model_dir} at {server.url}\n"
+    assert server.url.startswith("http://127.0.0.1:")
+    response = httpx.get(server.url + "/health", timeout=TIMEOUT)
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+
+
+def test_models_lists_the_one_model_and_accepts_its_folder_as_alias(
+    client: openai.OpenAI, tiny_model_dir: Path
+):
+    models = client.models.list().data
+    assert [m.id for m in models] == [str(tiny_model_dir)]
+    assert models[0].object == "model" and models[0].to_dict()["max_model_len"] == TINY.n_ctx
+    assert client.models.retrieve(str(tiny_model_dir)).id == str(tiny_model_dir)
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+
+
+# --- generation against `gpt2 generate` -------------------------------------------------------
+
+
+def test_greedy_completion_equals_gpt2_generate_whole_and_streamed(
+    complete: Any, tiny_model_dir: Path
+):
+    [expected] = generate_json(tiny_model_dir, PROMPT, "--temperature", "0", "-t", "24")
+    whole = complete(
+        prompt=PROMPT,
+        max_tokens=24,
+        temperature=0,
+        extra_body={"return_token_ids": True},
+    )
+    [choice] = whole.choices
+    assert whole.object == "text_completion" and whole.id.startswith("cmpl-")
+    assert choice.text == expected["text"]
+    assert choice.to_dict()["token_ids"] == expected["ids"]
+    assert choice.to_dict()["prompt_token_ids"] == expected["prompt_ids"]
+    assert choice.finish_reason == openai_reason(expected["finish_reason"])
+    assert whole.usage is not None
+    assert whole.usage.prompt_tokens == len(expected["prompt_ids"])
+    assert whole.usage.completion_tokens == len(expected["ids"])
+
+    chunks = list(
+        complete(
+            prompt=PROMPT,
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"return_token_ids": True},
+        )
+    )
+    tokens, usage = chunks[:-1], chunks[-1]
+    assert [c.choices[0].to_dict()["token_ids"][0] for c in tokens] == expected["ids"]
+    assert "".join(c.choices[0].text for c in tokens) == expected["text"]
+    assert [c.choices[0].finish_reason for c in tokens[:-1]] == [None] * (len(tokens) - 1)
+    assert tokens[-1].choices[0].finish_reason == choice.finish_reason
+    assert usage.choices == [] and usage.usage == whole.usage
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_a_stop_string_across_tokens_is_never_streamed_in_part(
+    complete: Any, server: ServeProcess, tiny_model_dir: Path
+):
+    whole = complete(prompt=PROMPT, max_tokens=12, temperature=0, logprobs=0)
+    logprobs = whole.choices[0].logprobs
+    assert logprobs is not None and logprobs.text_offset is not None
+    text, offsets = whole.choices[0].text, logprobs.text_offset
+
+    def straddles(stop: str) -> bool:  # its first place in the text spans two tokens
+        start = text.find(stop)
+        return len(stop) == 4 and any(start < offset < start + 4 for offset in offsets)
+
+    stop = next(text[b - 2 : b + 2] for b in offsets[1:] if straddles(text[b - 2 : b + 2]))
+    [expected] = generate_json(
+        tiny_model_dir, PROMPT, "--temperature", "0", "-t", "12", "--stop", stop
+    )
+    data = stream(server.url, {"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "stop": stop})
+    assert data[-1] == "[DONE]"
+    pieces = [d["choices"][0]["text"] for d in data[:-1]]
+    assert "".join(pieces) == expected["text"] == text[: text.index(stop)]
+    assert (
+        data[-2]["choices"][0]["finish_reason"]
+        == "stop"
+        == openai_reason(expected["finish_reason"])
+    )
+
+
+def test_n3_seeded_samples_of_a_list_of_prompts_equal_gpt2_generate(
+    complete: Any, tiny_model_dir: Path, tokenizer: Tokenizer
+):
+    prompts = ["Once upon a time", "In the beginning"]
+    options = {"max_tokens": 10, "temperature": 1.0, "seed": 7, "n": 3}
+    result = complete(prompt=prompts, **options, extra_body={"top_k": 0, "return_token_ids": True})
+    assert [c.index for c in result.choices] == list(range(6))
+    for i, prompt in enumerate(prompts):
+        expected = generate_json(
+            tiny_model_dir, prompt, "-n", "3", "--seed", "7", "--top-k", "0", "-t", "10"
+        )
+        got = result.choices[3 * i : 3 * i + 3]
+        assert [c.to_dict()["token_ids"] for c in got] == [e["ids"] for e in expected]
+        assert [c.text for c in got] == [e["text"] for e in expected]
+    as_ids = complete(
+        prompt=[tokenizer.encode(p) for p in prompts], **options, extra_body={"top_k": 0}
+    )
+    assert [c.text for c in as_ids.choices] == [c.text for c in result.choices]
+    one = complete(prompt=tokenizer.encode(prompts[1]), **options, extra_body={"top_k": 0})
+    assert [c.text for c in one.choices] == [c.text for c in result.choices[3:]]
+
+
+def test_logprobs_of_generated_tokens_equal_gpt2_generates_with_top_alternatives(
+    complete: Any, tiny_model_dir: Path, tokenizer: Tokenizer
+):
+    [expected] = generate_json(tiny_model_dir, PROMPT, "--temperature", "0", "-t", "8")
+    result = complete(prompt=PROMPT, max_tokens=8, temperature=0, logprobs=3)
+    logprobs = result.choices[0].logprobs
+    assert logprobs is not None
+    assert logprobs.tokens == [token_text(tokenizer, i) for i in expected["ids"]]
+    np.testing.assert_allclose(logprobs.token_logprobs, expected["logprobs"], atol=1e-4)
+    assert logprobs.top_logprobs is not None
+    for token, chosen, top in zip(
+        logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=True
+    ):
+        assert len(top) == 3 and top[token] == chosen == max(top.values())  # greedy: the best
+
+
+# --- scoring: echo + logprobs + max_tokens 0 ---------------------------------------------------
+
+
+def test_echo_logprobs_of_the_prompt_equal_gpt2_score_no_bos(
+    complete: Any, tiny_model_dir: Path, tokenizer: Tokenizer
+):
+    text = "Scoring text over HTTP, the way lm-evaluation-harness does: 🤖 ok."
+    out = gpt2(
+        "score",
+        "-m",
+        tiny_model_dir,
+        "--tokens",
+        "--no-bos",
+        "--json",
+        "--top",
+        "5",
+        "--text",
+        text,
+    )
+    expected = json.loads(out)["tokens"]
+    ids = tokenizer.encode(text)
+    for prompt in (text, ids):
+        result = complete(prompt=prompt, max_tokens=0, echo=True, logprobs=5, temperature=0)
+        [choice] = result.choices
+        assert choice.text == text and choice.finish_reason == "length"
+        assert result.usage is not None and result.usage.completion_tokens == 0
+        lp = choice.logprobs
+        assert lp is not None and lp.token_logprobs is not None and lp.top_logprobs is not None
+        assert lp.tokens == [token_text(tokenizer, i) for i in ids]
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        np.testing.assert_allclose(
+            lp.token_logprobs[1:], [t["logprob"] for t in expected], atol=2e-6
+        )
+        for top, want in zip(lp.top_logprobs[1:], expected, strict=True):
+            alternatives = {token_text(tokenizer, a["id"]): a["logprob"] for a in want["top"]}
+            assert set(alternatives) <= set(top) and len(top) <= 6  # top 5 and the actual token
+            for token, logprob in alternatives.items():
+                assert top[token] == pytest.approx(logprob, abs=2e-6)
+        assert lp.text_offset is not None
+        # each token's offset: the characters complete before it (a token that ends a
+        # character split across tokens starts where that character does)
+        before = [
+            tokenizer.decode_bytes(ids[:i]).decode("utf-8", "ignore") for i in range(len(ids))
+        ]
+        assert lp.text_offset == [len(b) for b in before]
+
+
+def test_echo_with_one_generated_token_is_the_prompt_scored_then_the_token(
+    complete: Any, tokenizer: Tokenizer
+):
+    ids = tokenizer.encode(PROMPT)
+    alone = complete(prompt=ids, max_tokens=0, echo=True, logprobs=1)
+    both = complete(
+        prompt=ids, max_tokens=1, echo=True, logprobs=1, temperature=0
+    )  # what lm-evaluation-harness's local-completions sends for loglikelihood
+    first, then = alone.choices[0].logprobs, both.choices[0].logprobs
+    assert first is not None and then is not None and then.token_logprobs is not None
+    assert then.token_logprobs[:-1] == first.token_logprobs
+    assert len(then.tokens or []) == len(ids) + 1 and then.token_logprobs[-1] is not None
+    greedy = complete(prompt=ids, max_tokens=1, temperature=0)
+    assert both.choices[0].text == PROMPT + greedy.choices[0].text
+
+
+# --- concurrency -------------------------------------------------------------------------------
+
+
+def test_16_concurrent_streams_each_get_exactly_what_they_get_alone(server: ServeProcess):
+    bodies = [
+        {
+            "prompt": f"Request {i}: " + "word " * (i % 7) + "and so",
+            "max_tokens": 20 + 5 * i,
+            "return_token_ids": True,
+        }
+        | ({"temperature": 0} if i % 3 == 0 else {"temperature": 0.9, "top_k": 50, "seed": i})
+        | ({"n": 2} if i % 4 == 1 else {})
+        for i in range(16)
+    ]
+    alone = [post(server.url, body).json()["choices"] for body in bodies]
+
+    def streamed(body: dict[str, Any]) -> list[dict[str, Any]]:
+        data = stream(server.url, body)
+        assert data[-1] == "[DONE]"
+        choices: dict[int, dict[str, Any]] = {}
+        for chunk in data[:-1]:
+            [c] = chunk["choices"]
+            got = choices.setdefault(c["index"], {"text": "", "token_ids": []})
+            got["text"] += c["text"]
+            got["token_ids"] += c["token_ids"]
+            got["finish_reason"] = c["finish_reason"]
+        return [choices[i] for i in sorted(choices)]
+
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(streamed, bodies))
+    for want, got in zip(alone, together, strict=True):
+        assert [{k: c[k] for k in ("text", "token_ids", "finish_reason")} for c in want] == got
+
+
+KILLED_CLIENT = """
+import sys, httpx
+body = {"prompt": "A client that goes away", "max_tokens": 900, "temperature": 0,
+        "ignore_eos": True, "stream": True}
+with httpx.stream("POST", sys.argv[1] + "/v1/completions", json=body, timeout=60) as r:
+    for line in r.iter_lines():
+        print(line, flush=True)
+"""
+
+
+def test_a_killed_client_frees_its_row_for_the_next_request_and_disturbs_no_one(
+    slow_model_dir: Path, env: dict[str, str]
+):
+    body = {"prompt": PROMPT, "max_tokens": 250, "temperature": 0, "ignore_eos": True}
+    with ServeProcess(slow_model_dir, "--max-batch", "2", env=env) as server:
+        alone = post(server.url, body).json()["choices"][0]["text"]
+        first_token, finished = threading.Event(), threading.Event()
+        pieces: list[str] = []
+
+        def long_stream() -> None:
+            with httpx.stream(
+                "POST",
+                server.url + "/v1/completions",
+                json=body | {"stream": True},
+                timeout=TIMEOUT,
+            ) as response:
+                for chunk in json_events(response):
+                    pieces.append(chunk["choices"][0]["text"])
+                    first_token.set()
+            finished.set()
+
+        runner = threading.Thread(target=long_stream)
+        runner.start()
+        assert first_token.wait(TIMEOUT)
+        killed = subprocess.Popen(
+            [sys.executable, "-c", KILLED_CLIENT, server.url], stdout=subprocess.PIPE, text=True
+        )
+        assert killed.stdout is not None
+        received = 0
+        for line in killed.stdout:
+            received += line.startswith("data: ")
+            if received == 3:
+                break
+        killed.kill()
+        killed.wait(TIMEOUT)
+        assert received == 3  # it was decoding in the second row when it died
+        # both rows were taken (the long stream and the killed one): this short request runs
+        # only once the dead client's row is free, and must end while the long stream still runs
+        short = post(server.url, {"prompt": "short", "max_tokens": 3, "temperature": 0})
+        assert short.status_code == 200 and not finished.is_set()
+        runner.join(TIMEOUT)
+        assert finished.is_set()
+        assert "".join(pieces) == alone
+
+
+def json_events(response: httpx.Response) -> Iterator[dict[str, Any]]:
+    """A stream's JSON events as they arrive (not `[DONE]`)."""
+    for line in response.iter_lines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield json.loads(line[6:])
+
+
+def test_a_full_queue_is_429_with_retry_after_and_the_server_recovers(
+    slow_model_dir: Path, env: dict[str, str]
+):
+    long = {"prompt": PROMPT, "max_tokens": 900, "ignore_eos": True, "stream": True}
+    with ServeProcess(slow_model_dir, "--max-batch", "1", "--max-queue", "1", env=env) as server:
+        url = server.url + "/v1/completions"
+        with (
+            httpx.Client(timeout=TIMEOUT) as first,
+            first.stream("POST", url, json=long) as running,
+        ):
+            tokens = json_events(running)  # kept: dropping it would close the connection
+            next(tokens)  # it has the only row
+            with (
+                httpx.Client(timeout=TIMEOUT) as second,
+                second.stream("POST", url, json=long) as waiting,
+            ):
+                assert waiting.status_code == 200  # queued behind it
+                full = post(server.url, {"prompt": "one more"})
+                assert full.status_code == 429 and full.headers["retry-after"] == "1"
+                assert full.json()["error"]["code"] == "queue_full"
+                client = openai.OpenAI(
+                    base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=TIMEOUT
+                )
+                with pytest.raises(openai.RateLimitError):
+                    client.completions.create(model=str(slow_model_dir), prompt="and more")
+        # both clients went away: their rows and queue place are free again
+        after = post(server.url, {"prompt": "after", "max_tokens": 2})
+        assert after.status_code == 200 and after.json()["choices"][0]["finish_reason"]
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+def assert_error(response: httpx.Response, status: int, param: str | None = None) -> str:
+    """The response is OpenAI's error body with this status (and param); return its message."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param
+    assert error["message"] and "Traceback" not in error["message"]
+    return str(error["message"])
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"prompt": 5}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [1, "a"]}, "prompt"),
+        ({"prompt": [[]]}, "prompt"),
+        ({"prompt": [-1]}, "prompt"),
+        ({"prompt": [50257]}, "prompt"),
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"max_tokens": "16"}, "max_tokens"),
+        ({"max_tokens": 1.5}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": -0.5}, "temperature"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"temperature": 1e39}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"n": 0}, "n"),
+        ({"n": 9}, "n"),
+        ({"stop": ""}, "stop"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stop": [1]}, "stop"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**64}, "seed"),
+        ({"stream": "yes"}, "stream"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"stream": True, "stream_options": {"include_usage": 1}}, "stream_options"),
+        ({"stream": True, "stream_options": {"other": True}}, "stream_options"),
+        ({"echo": 1}, "echo"),
+        ({"logprobs": 6}, "logprobs"),
+        ({"logprobs": True}, "logprobs"),
+        ({"best_of": 3}, "best_of"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"frequency_penalty": 1}, "frequency_penalty"),
+        ({"logit_bias": {"50256": -100}}, "logit_bias"),
+        ({"suffix": "the end"}, "suffix"),
+        ({"user": 5}, "user"),
+        ({"ignore_eos": "no"}, "ignore_eos"),
+        ({"return_token_ids": 1}, "return_token_ids"),
+        ({"frobnicate": 1}, "frobnicate"),
+        ({"model": 5}, "model"),
+    ],
+)
+def test_each_invalid_field_is_400_naming_it(
+    server: ServeProcess, fields: dict[str, Any], param: str
+):
+    assert_error(post(server.url, {"prompt": "Hi"} | fields), 400, param)
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (b'{"prompt": "Hi",', "not valid JSON"),
+        (b"", "not valid JSON"),
+        (b'{"prompt": "\xff"}', "not UTF-8"),
+        (b'{"prompt": "Hi", "max_tokens": ' + b"9" * 5000 + b"}", "digits"),
+        (b"[" * 100 + b"]" * 100, "levels deep"),
+        (b'["Hi"]', "must be a JSON object"),
+    ],
+)
+def test_a_body_that_is_not_a_json_object_is_400(server: ServeProcess, body: bytes, says: str):
+    response = httpx.post(server.url + "/v1/completions", content=body, timeout=TIMEOUT)
+    assert says in assert_error(response, 400)
+
+
+def test_a_lone_surrogate_escape_in_a_prompt_is_400(server: ServeProcess):
+    body = b'{"prompt": "lone \\ud800 surrogate"}'
+    response = httpx.post(server.url + "/v1/completions", content=body, timeout=TIMEOUT)
+    assert "surrogate" in assert_error(response, 400, "prompt")
+
+
+def test_nan_and_infinity_are_refused_where_they_stand(server: ServeProcess):
+    for value in (b"NaN", b"Infinity", b"1e400"):
+        body = b'{"prompt": "Hi", "temperature": ' + value + b"}"
+        response = httpx.post(server.url + "/v1/completions", content=body, timeout=TIMEOUT)
+        assert_error(response, 400, "temperature")
+
+
+def test_a_prompt_beyond_the_context_and_max_tokens_beyond_its_rest_are_400_with_lengths(
+    server: ServeProcess, tokenizer: Tokenizer
+):
+    message = assert_error(post(server.url, {"prompt": [1] * 200}), 400, "prompt")
+    assert "128" in message and "200" in message
+    response = post(server.url, {"prompt": [1] * 100, "max_tokens": 50})
+    message = assert_error(response, 400, "max_tokens")
+    assert "128" in message and "150" in message and "100" in message and "50" in message
+    assert response.json()["error"]["code"] == "context_length_exceeded"
+    assert post(server.url, {"prompt": [1] * 100, "max_tokens": 28}).status_code == 200
+
+
+def test_unknown_model_path_and_method_and_the_chat_endpoint_are_openai_errors(
+    server: ServeProcess,
+):
+    assert "nope" in assert_error(post(server.url, {"prompt": "Hi", "model": "nope"}), 404, "model")
+    assert_error(httpx.get(server.url + "/v2/nothing", timeout=TIMEOUT), 404)
+    response = httpx.get(server.url + "/v1/completions", timeout=TIMEOUT)
+    assert_error(response, 405)
+    assert response.headers["allow"] == "POST"
+    chat = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "Hi"}]},
+        timeout=TIMEOUT,
+    )
+    assert "/v1/completions" in assert_error(chat, 404)
+
+
+def test_the_openai_client_raises_the_matching_exception(client: openai.OpenAI, complete: Any):
+    with pytest.raises(openai.BadRequestError) as bad:
+        complete(prompt="Hi", max_tokens=-1)
+    assert bad.value.param == "max_tokens"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="davinci-002", prompt="Hi")
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt2", messages=[{"role": "user", "content": "Hi"}])
+    with pytest.raises(openai.APIStatusError) as too_large:
+        complete(prompt="x" * (1 << 20))
+    assert too_large.value.status_code == 413
+
+
+def test_a_body_over_1_mb_is_413_even_without_content_length(server: ServeProcess):
+    big = json.dumps({"prompt": "x" * (1 << 20)}).encode()
+    assert_error(httpx.post(server.url + "/v1/completions", content=big, timeout=TIMEOUT), 413)
+
+    def chunks() -> Iterator[bytes]:  # sent chunked: no Content-Length to go by
+        for i in range(0, len(big), 65536):
+            yield big[i : i + 65536]
+
+    response = httpx.post(server.url + "/v1/completions", content=chunks(), timeout=TIMEOUT)
+    assert "content-length" not in response.request.headers
+    assert_error(response, 413)
+
+
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_with_an_api_key_every_endpoint_but_health_needs_it(
+    tiny_model_dir: Path, env: dict[str, str], how: str
+):
+    args, extra = (
+        (["--api-key", "s3cret"], {}) if how == "option" else ([], {"GPT2_API_KEY": "s3cret"})
+    )
+    with ServeProcess(tiny_model_dir, *args, env=env | extra) as server:
+        assert httpx.get(server.url + "/health", timeout=TIMEOUT).status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            response = httpx.get(server.url + "/v1/models", headers=headers, timeout=TIMEOUT)
+            assert_error(response, 401)
+            assert response.json()["error"]["code"] == "invalid_api_key"
+        wrong = openai.OpenAI(
+            base_url=server.url + "/v1", api_key="wrong", max_retries=0, timeout=TIMEOUT
+        )
+        with pytest.raises(openai.AuthenticationError):
+            wrong.completions.create(model=str(tiny_model_dir), prompt="Hi")
+        right = openai.OpenAI(
+            base_url=server.url + "/v1", api_key="s3cret", max_retries=0, timeout=TIMEOUT
+        )
+        assert right.completions.create(model=str(tiny_model_dir), prompt="Hi", max_tokens=2)
+
+
+# --- failures of the model, shutdown -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nan_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with NaN in position 6's embedding: prompts of 7+ tokens fail at once,
+    shorter ones when generation reaches position 6."""
+    folder = write_random_gpt2(tmp_path_factory.mktemp("nan-gpt2"), TINY, seed=0)
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["wpe.weight"][6] = np.nan
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def test_a_model_failure_is_500_or_a_final_error_event_and_never_a_traceback(
+    nan_model_dir: Path, env: dict[str, str]
+):
+    with ServeProcess(nan_model_dir, env=env) as server:
+        client = openai.OpenAI(
+            base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=TIMEOUT
+        )
+        with pytest.raises(openai.InternalServerError) as failed:
+            client.completions.create(model=str(nan_model_dir), prompt=PROMPT)
+        assert "not finite" in str(failed.value) and "Traceback" not in str(failed.value)
+        data = stream(server.url, {"prompt": "Hi", "max_tokens": 20, "temperature": 0})
+        assert data[-1] == "[DONE]" and "not finite" in data[-2]["error"]["message"]
+        # "Hi" is position 0; the tokens fed at positions 1-5 give 5 more, feeding 6 fails
+        assert [len(d["choices"]) for d in data[:-2]] == [1] * 6
+        assert post(server.url, {"prompt": "Hi", "max_tokens": 4}).status_code == 200
+    log = "".join(server.stderr)
+    assert "not finite" in log and "Traceback" not in log
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_ends_open_streams_cleanly_and_exits_0(
+    slow_model_dir: Path, env: dict[str, str], signum: int
+):
+    body = {"prompt": PROMPT, "max_tokens": 900, "ignore_eos": True, "stream": True}
+    server = ServeProcess(slow_model_dir, env=env)
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=TIMEOUT) as r:
+        lines = (line for line in r.iter_lines() if line.startswith("data: "))
+        next(lines)
+        server.proc.send_signal(signum)
+        rest = list(lines)
+    assert rest[-1] == "data: [DONE]"
+    assert json.loads(rest[-2][6:])["error"]["code"] == "server_shutdown"
+    assert server.stop() == 0
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(server.url + "/health", timeout=TIMEOUT)
+    assert "Traceback" not in "".join(server.stderr)
+
+
+# --- the extra, the command line, tokenize -----------------------------------------------------
+
+
+def test_without_the_serve_extra_it_is_one_line_naming_it(tiny_model_dir: Path):
+    code = (
+        "import sys; sys.modules['uvicorn'] = None; from gpt2cli.cli import main; "
+        f"sys.argv = ['gpt2', 'serve', '-m', {str(tiny_model_dir)!r}]; main()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (
+        "gpt2: error: gpt2 serve needs the serve extra: pip install 'gpt2cli[serve]'\n"
+    )
+
+
+def test_no_other_command_imports_the_http_stack(tiny_model_dir: Path):
+    code = f"""
+import sys
+from gpt2cli.cli import cli
+for args in (["--help"], ["encode", "hi"], ["score", "-m", {str(tiny_model_dir)!r}, "--text", "hi"],
+             ["generate", "-m", {str(tiny_model_dir)!r}, "-t", "2", "hi"], ["serve", "--help"]):
+    cli.main(args, standalone_mode=False)
+stack = ("starlette", "uvicorn", "gpt2cli.serve")
+print(sorted(m for m in sys.modules if m.startswith(stack)), file=sys.stderr)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines()[-1] == "[]"
+
+
+def test_a_port_in_use_is_one_line_and_exit_2(tiny_model_dir: Path, env: dict[str, str]):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [*GPT2, "serve", "-m", str(tiny_model_dir), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            env=env,
+        )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"gpt2: error: cannot listen on 127.0.0.1:{port}: ")
+    assert result.stderr.count("\n") == 1
+
+
+def test_tokenize_and_detokenize_round_trip_in_llama_cpp_shapes(
+    server: ServeProcess, tokenizer: Tokenizer
+):
+    text = "Hello <|endoftext|> 🤖"
+    tokens = httpx.post(server.url + "/tokenize", json={"content": text}, timeout=TIMEOUT).json()
+    assert tokens == {"tokens": tokenizer.encode(text)}
+    plain = httpx.post(
+        server.url + "/tokenize",
+        json={"content": text, "parse_special": False, "with_pieces": True},
+        timeout=TIMEOUT,
+    ).json()["tokens"]
+    assert [p["id"] for p in plain] == tokenizer.encode(text, allowed_special=False)
+    assert any(isinstance(p["piece"], list) for p in plain)  # the emoji's bytes, split
+    back = httpx.post(
+        server.url + "/detokenize", json={"tokens": tokens["tokens"]}, timeout=TIMEOUT
+    )
+    assert back.json() == {"content": text}
+    bad = httpx.post(server.url + "/detokenize", json={"tokens": [-1]}, timeout=TIMEOUT)
+    assert_error(bad, 400, "tokens")
+    missing = httpx.post(server.url + "/tokenize", json={"text": text}, timeout=TIMEOUT)
+    assert_error(missing, 400, "content")
