@@ -6,18 +6,23 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from safetensors.numpy import load_file, save_file
 
 from gpt2cli import dataset
+from gpt2cli.config import GPT2Config
 from gpt2cli.dataset import GenerateOptions, GenerateTask, OrderedWriter, ScoreTask
 from gpt2cli.errors import GPT2Error
 from gpt2cli.model import GPT2
+from tests.factory import write_random_gpt2
 
 ray = pytest.importorskip("ray")
 ray_engine = pytest.importorskip("gpt2cli.ray_engine")
@@ -108,6 +113,18 @@ def test_an_actor_larger_than_every_node_is_refused(cluster: str, model: GPT2):
         run_with(ray_engine.engine(threads=2), GenerateTask(), model, jsonl({"prompt": "x"}))
 
 
+def test_a_failure_inside_an_actor_is_its_one_line_error(cluster: str, tmp_path: Path):
+    folder = write_random_gpt2(
+        tmp_path / "nan", GPT2Config(n_ctx=64, n_embd=32, n_head=4, n_layer=2)
+    )
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["h.1.mlp.c_fc.weight"][:, :5] = np.nan
+    save_file(tensors, str(folder / "model.safetensors"))
+    broken = GPT2.from_pretrained(folder)
+    with pytest.raises(GPT2Error, match=r"^the model's logits at position \d+ are not finite"):
+        run_with(ray_engine.engine(), GenerateTask(), broken, jsonl({"prompt": "Hello"}))
+
+
 def test_the_cli_on_ray_writes_the_local_bytes_and_nothing_else_on_stdout(
     cluster: str, tiny_model_dir: Path, tmp_path: Path
 ):
@@ -171,6 +188,22 @@ def test_no_other_command_imports_ray(tiny_model_dir: Path, args: list[str]):
     )
     assert result.returncode == 0, result.stderr.decode()
     assert result.stderr.decode().endswith("ray imported: False\n")
+
+
+def test_an_address_nobody_answers_is_one_line_at_once(tiny_model_dir: Path):
+    with socket.socket() as probe:  # a port just freed: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    result = subprocess.run(
+        [*GPT2_CMD, "score", "-m", str(tiny_model_dir), "--jsonl", "--engine", "ray",
+         "--ray-address", address],
+        input=b'{"text": "a b"}\n', capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2 and result.stdout == b""
+    assert result.stderr.decode() == (
+        f"gpt2: error: cannot reach the Ray cluster at {address} (Connection refused): start one "
+        "with `ray start --head`, or check --ray-address / RAY_ADDRESS\n"
+    )
 
 
 def test_without_the_extra_the_ray_engine_is_one_line_naming_it(tiny_model_dir: Path):

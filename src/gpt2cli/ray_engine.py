@@ -23,6 +23,8 @@ import logging
 import math
 import os
 import pickle
+import re
+import socket
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -38,6 +40,8 @@ if TYPE_CHECKING:
 
 MISSING = "--engine ray needs the ray extra: pip install 'gpt2cli[ray]'"
 CHUNK_BATCHES = 4  # at most this many of the task's batches per chunk of rows sent to an actor
+CONNECT_TIMEOUT = 10.0  # seconds to wait for a cluster's address to answer
+FAILED = -1  # the position of an actor's row that carries a GPT2Error's message
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -102,13 +106,17 @@ class Actor:
         self.model = unpack(ray, shipped)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Chunks (`start`, pickled rows) -> their results (global position, line, tokens)."""
+        """Chunks (`start`, pickled rows) -> their results (global position, line, tokens). A
+        GPT2Error comes back as one row of position FAILED with its message as the line."""
         out: dict[str, list[Any]] = {"position": [], "line": [], "tokens": []}
-        for start, payload in zip(batch["start"].tolist(), batch["rows"], strict=True):
-            for result in self.task.run(self.model, pickle.loads(payload)):
-                out["position"].append(start + result.position)
-                out["line"].append(result.line)
-                out["tokens"].append(result.tokens)
+        try:
+            for start, payload in zip(batch["start"].tolist(), batch["rows"], strict=True):
+                for result in self.task.run(self.model, pickle.loads(payload)):
+                    out["position"].append(start + result.position)
+                    out["line"].append(result.line)
+                    out["tokens"].append(result.tokens)
+        except GPT2Error as e:  # Ray would pass on its text only, inside its own report
+            out = {"position": [FAILED], "line": [str(e)], "tokens": [0]}
         return {
             "position": np.array(out["position"], np.int64),
             "line": np.array(out["line"], dtype=object),
@@ -159,7 +167,11 @@ def run_ray(
                 for position, line, tokens in zip(
                     batch["position"].tolist(), batch["line"], batch["tokens"].tolist(), strict=True
                 ):
+                    if position == FAILED:
+                        raise GPT2Error(str(line))
                     yield Result(position, str(line), tokens)
+        except GPT2Error:
+            raise
         except Exception as e:
             raise _explain(e) from None
     finally:
@@ -176,6 +188,9 @@ def _connect(ray: Any, address: str | None) -> bool:
     context.execution_options.preserve_order = True
     if ray.is_initialized():
         return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        _probe(address)
     try:
         ray.init(
             address=address,
@@ -189,12 +204,27 @@ def _connect(ray: Any, address: str | None) -> bool:
     return True
 
 
-def _explain(error: Exception) -> Exception:
-    """A failure inside the Ray job as one line: a GPT2Error an actor raised, as it is."""
-    seen: Exception | BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, GPT2Error):
-            return GPT2Error(str(seen))
-        seen = seen.__cause__ or getattr(seen, "cause", None)
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return GPT2Error(f"the Ray job failed: {first}")
+def _probe(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
+    """A GPT2Error unless the cluster's `host:port` takes a TCP connection within `timeout`
+    seconds (ray.init would retry an unreachable one for minutes). Other forms (`auto`,
+    `ray://...`) are left to Ray."""
+    host, _, port = address.rpartition(":")
+    if not host or "://" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise GPT2Error(
+            f"cannot reach the Ray cluster at {address} ({e.strerror or e}): start one with "
+            "`ray start --head`, or check --ray-address / RAY_ADDRESS"
+        ) from None
+
+
+def _explain(error: Exception) -> GPT2Error:
+    """A failure of the Ray job (not a GPT2Error, which actors return as a row) as one line: the
+    last line of Ray's report, which names the exception and its message."""
+    lines = [line.strip() for line in _ANSI.sub("", str(error)).splitlines() if line.strip()]
+    return GPT2Error(f"the Ray job failed: {lines[-1] if lines else type(error).__name__}")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the names in its reports
