@@ -419,7 +419,8 @@ class App:
         params = openai_api.completion_params(
             body, max_batch=self.engine.max_batch, names=self.names
         )
-        ids = openai_api.prompt_ids(params.prompts, self.tokenizer)
+        # a thread: a long prompt's tokenization must not hold up the streams the loop serves
+        ids = await asyncio.to_thread(openai_api.prompt_ids, params.prompts, self.tokenizer)
         openai_api.check_lengths(ids, params.max_tokens, self.model.config.n_ctx)
         requests = [
             Request(
@@ -506,7 +507,7 @@ class App:
         parse_special = fields.boolean("parse_special", True)
         with_pieces = fields.boolean("with_pieces")
         fields.done()
-        ids = self.tokenizer.encode(content, allowed_special=parse_special)
+        ids = await asyncio.to_thread(self.tokenizer.encode, content, allowed_special=parse_special)
         if not with_pieces:
             return json_response({"tokens": ids})
         pieces = [{"id": i, "piece": _piece(self.tokenizer.token_bytes(i))} for i in ids]
@@ -656,7 +657,7 @@ class APIServer:
             aliases.append(hub.repo_id_for(name))
         self.engine = Engine(model, max_batch, max_queue)
         self.app = App(self.engine, aliases, folder, api_key or None)
-        model.tokenizer.decode(model.tokenizer.encode("warm"))  # build lazy tables on this thread
+        model.tokenizer.decode(model.tokenizer.encode("warm"))  # lazy tables built before threads
         self.socket = _listen(host, port)
         bound_host, bound_port = self.socket.getsockname()[:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
