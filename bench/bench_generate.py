@@ -18,8 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import print_table
-from tests.factory import GPT2_124M, write_random_gpt2
+from bench.common import print_table, random_124m
 
 NEW_TOKENS = 256
 RUNS = 3
@@ -93,7 +92,7 @@ def measure(cmd: list[str]) -> tuple[float, float]:
 
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gpt2-bench-generate-") as tmp:
-        folder = write_random_gpt2(Path(tmp) / "gpt2-124M", GPT2_124M, seed=0)
+        folder = random_124m(Path(tmp) / "gpt2-124M")
         ours = measure(
             [
                 sys.executable,

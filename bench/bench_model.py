@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import print_table, verdict
-from tests.factory import GPT2_124M, write_random_gpt2
+from bench.common import print_table, random_124m, verdict
+from tests.factory import GPT2_124M
 
 THREADS = 2
 REPEAT = 3
@@ -47,7 +47,7 @@ def main() -> None:
     """Measure every workload on both sides and print one table."""
     bandwidth = copy_bandwidth()
     with tempfile.TemporaryDirectory() as tmp:
-        folder = write_random_gpt2(Path(tmp), GPT2_124M, seed=0, tokenizer=False)
+        folder = random_124m(Path(tmp), tokenizer=False)
         results = {
             (side, name): _run_worker(side, name, folder)
             for name in WORKLOADS

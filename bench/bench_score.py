@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from bench.bench_model import THREADS, _peak_rss
-from bench.common import print_table, verdict
-from tests.factory import GPT2_124M, write_random_gpt2
+from bench.common import print_table, random_124m, verdict
+from tests.factory import GPT2_124M
 
 TOKENS = 20_000
 STRIDE = 512
@@ -39,7 +39,7 @@ MIB = 2**20
 def main() -> None:
     """Run both workloads and print one table."""
     with tempfile.TemporaryDirectory() as tmp:
-        folder = write_random_gpt2(Path(tmp), GPT2_124M, seed=0)
+        folder = random_124m(Path(tmp))
         ref = _run_worker("transformers", folder)
         ours = _run_worker("gpt2cli", folder)
         docs = _run_worker("jsonl", folder)

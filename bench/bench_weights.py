@@ -45,6 +45,20 @@ LOADERS = {
         checksum = sum(float(a.sum(dtype=np.float32)) for a in arrays)  # read every page
         touched = rss_mb()
     """,
+    "gpt2cli GPT2.from_pretrained": """
+        import numpy as np
+        from gpt2cli.model import GPT2
+        before = rss_mb(); start = time.perf_counter()
+        model = GPT2.from_pretrained(folder)  # the transposed head from the cache, mapped
+        seconds = time.perf_counter() - start; after = rss_mb()
+        params = model.params
+        arrays = [model.head_t, params["wpe"], params["ln_f"]["g"], params["ln_f"]["b"]]
+        arrays += [t for b in params["blocks"] for layer in b.values()
+                   for t in (layer.values() if "g" in layer else
+                             [x for sub in layer.values() for x in sub.values()])]
+        checksum = sum(float(a.sum(dtype=np.float32)) for a in arrays)  # what a forward reads
+        touched = rss_mb()
+    """,
     "safetensors safe_open numpy": """
         from safetensors import safe_open
         before = rss_mb(); start = time.perf_counter()
@@ -82,17 +96,17 @@ def measure(code: str, folder: Path) -> dict[str, float]:
 
 def main() -> None:
     """Write a random 124M checkpoint, then time and measure each loader REPEAT times."""
-    from tests.factory import GPT2_124M, write_random_gpt2
+    from bench.common import random_124m
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = write_random_gpt2(Path(tmp) / "gpt2-124M", GPT2_124M, tokenizer=False)
+        folder = random_124m(Path(tmp) / "gpt2-124M", tokenizer=False)
         file_mb = (folder / "model.safetensors").stat().st_size / 2**20
         (folder / "model.safetensors").read_bytes()  # warm the page cache for everyone
         runs = {
             name: [measure(code, folder) for _ in range(REPEAT)] for name, code in LOADERS.items()
         }
     median = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for n, rs in runs.items()}
-    ours = median["gpt2cli weights.load"]
+    ours = median["gpt2cli GPT2.from_pretrained"]
     rows = [
         [
             name,

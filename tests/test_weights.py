@@ -703,3 +703,69 @@ def test_gpt2_refuses_a_hostile_folder_in_one_line(
     assert result.stderr.startswith("gpt2: error: ") and result.stderr.count("\n") == 1
     assert message in result.stderr
     assert "Traceback" not in result.stderr and "Warning" not in result.stderr
+
+
+# the transposed output head, cached in the user's cache (weights.head_transposed)
+
+
+def _head_entries() -> list[Path]:
+    return sorted(Path(os.environ["XDG_CACHE_HOME"], "gpt2cli").glob("head-*.npy"))
+
+
+def _head_t(folder: Path) -> tuple[weights.Params, np.ndarray | None]:
+    """The folder's params and its cached transposed head, as GPT2.from_pretrained gets them."""
+    _, params = weights.load(folder)
+    head = params.get("lm_head", params["wte"])
+    return params, weights.head_transposed(head, weights.weight_files(folder))
+
+
+def test_the_transposed_head_is_made_once_then_memory_mapped_from_the_cache(tmp_path: Path):
+    folder = write_random_gpt2(tmp_path / "m", TINY, seed=11)
+    before = set(_head_entries())
+    params, first = _head_t(folder)
+    assert isinstance(first, np.memmap)  # the one just stored, mapped
+    (entry,) = set(_head_entries()) - before
+    made = entry.stat().st_mtime_ns
+    _, again = _head_t(folder)
+    assert isinstance(again, np.memmap) and again.flags.c_contiguous
+    np.testing.assert_array_equal(again, params["wte"].T)
+    assert set(_head_entries()) - before == {entry}  # the second load made nothing new
+    assert entry.stat().st_mtime_ns == made  # nor rewrote it
+
+
+def test_rewritten_weights_get_a_new_head_not_the_stale_one(tmp_path: Path):
+    folder = write_random_gpt2(tmp_path / "m", TINY, seed=12)
+    _head_t(folder)
+    write_random_gpt2(folder, TINY, seed=13)  # same file, same size, other values
+    params, head_t = _head_t(folder)
+    np.testing.assert_array_equal(head_t, params["wte"].T)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "fifo"])
+def test_a_damaged_head_entry_is_rebuilt_not_used(tmp_path: Path, damage: str):
+    folder = write_random_gpt2(tmp_path / "m", TINY, seed=14)
+    before = set(_head_entries())
+    _head_t(folder)
+    (entry,) = set(_head_entries()) - before
+    if damage == "truncate":
+        os.truncate(entry, entry.stat().st_size - 4)
+    elif damage == "flip":  # right size and header, wrong values
+        np.save(entry, -np.load(entry))
+    else:
+        entry.unlink()
+        os.mkfifo(entry)
+    params, head_t = within(10, lambda: _head_t(folder))  # type: ignore[misc]
+    np.testing.assert_array_equal(head_t, params["wte"].T)
+
+
+def test_an_unwritable_cache_leaves_the_head_as_it_is(tmp_path: Path, monkeypatch):
+    folder = write_random_gpt2(tmp_path / "m", TINY, seed=15)
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not-a-folder"))
+    assert _head_t(folder)[1] is None
+
+
+def test_an_untied_head_is_the_one_transposed(tmp_path: Path):
+    folder = write_save_pretrained_gpt2(tmp_path / "m", TINY, seed=16, tied=False)
+    params, head_t = _head_t(folder)
+    np.testing.assert_array_equal(head_t, params["lm_head"].T)

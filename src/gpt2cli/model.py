@@ -53,15 +53,31 @@ _GELU_C = math.sqrt(2.0 / math.pi)  # a Python float: it keeps float32 arrays fl
 
 
 def gelu(x: Array) -> Array:
-    """GPT-2's GELU, the tanh approximation (transformers' `gelu_new`)."""
-    return 0.5 * x * (1.0 + np.tanh(_GELU_C * (x + 0.044715 * x * x * x)))  # [...] -> [...]
+    """GPT-2's GELU, the tanh approximation (transformers' `gelu_new`):
+    0.5 x (1 + tanh(u)) with u = c (x + 0.044715 x^3), computed as x / (1 + exp(-2u)), the same
+    function, because exp is much cheaper than tanh in NumPy on AVX2, in one temporary."""
+    t = x * x  # [...]
+    t *= -2.0 * _GELU_C * 0.044715
+    t -= 2.0 * _GELU_C
+    t *= x  # -2u
+    with np.errstate(over="ignore"):  # inf for very negative x, where GELU is -0.0: x / inf
+        np.exp(t, out=t)
+    t += 1.0
+    return np.divide(x, t, out=t)  # [...]
 
 
 def layer_norm(x: Array, g: Array, b: Array, eps: float = 1e-5) -> Array:
-    """Normalize each vector to mean 0 and variance 1, then scale by g and shift by b."""
-    mean = x.mean(axis=-1, keepdims=True)  # [..., 1]
-    variance = x.var(axis=-1, keepdims=True)  # [..., 1]
-    out: Array = g * (x - mean) / np.sqrt(variance + eps) + b  # [..., D], [D], [D] -> [..., D]
+    """Normalize each vector to mean 0 and variance 1, then scale by g and shift by b.
+
+    In one temporary: the centred vectors, normalized, scaled and shifted in place.
+    """
+    out: Array = x - x.mean(axis=-1, keepdims=True)  # [..., D]
+    variance = np.einsum("...i,...i->...", out, out)[..., None]  # [..., 1]: sum of squares
+    variance /= x.shape[-1]
+    variance += eps
+    out /= np.sqrt(variance, out=variance)
+    out *= g  # [D]
+    out += b  # [D]
     return out
 
 
@@ -142,11 +158,13 @@ def forward(
     config: GPT2Config,
     keys: Array,
     values: Array,
+    head_t: Array | None = None,
 ) -> Array:
     """Final hidden states [B, T, D] of tokens `ids` [B, T] at `positions` [B, T].
 
     Their keys and values are cached in `keys`/`values` [L, B, H, C, hd] at those positions, and
     each attends to every cached position up to its own (earlier positions must already be there).
+    `head_t`, a [D, V] copy of a tied head, is where the embeddings are read (`embed`).
     """
     n_batch = ids.shape[0]
     span = int(positions.max()) + 1  # S: positions attended to
@@ -158,7 +176,7 @@ def forward(
         np.arange(config.n_head)[None, :, None],
         positions[:, None, :],
     )
-    x = params["wte"][ids] + params["wpe"][positions]  # [B, T, D]
+    x = embed(ids, params, head_t) + params["wpe"][positions]  # [B, T, D]
     for i, layer in enumerate(params["blocks"]):
         x = block(
             x,
@@ -174,8 +192,21 @@ def forward(
     return layer_norm(x, **params["ln_f"], eps=config.layer_norm_epsilon)  # [B, T, D]
 
 
-def output_head(x: Array, params: Params) -> Array:
-    """Logits over the vocabulary: the hidden state against every token's embedding (tied head)."""
+def embed(ids: NDArray[np.intp], params: Params, head_t: Array | None = None) -> Array:
+    """Token embeddings [..., D] of ids [...]: rows of wte, or columns of its transposed copy
+    `head_t` [D, V] when the head is tied to it (so only one of the two tables is ever read)."""
+    if head_t is not None and "lm_head" not in params:
+        return np.moveaxis(head_t[:, ids], 0, -1)  # [D, ...] -> [..., D]
+    rows: Array = params["wte"][ids]
+    return rows
+
+
+def output_head(x: Array, params: Params, head_t: Array | None = None) -> Array:
+    """Logits over the vocabulary: the hidden state against every token's embedding (tied head),
+    by `head_t`, the head as a contiguous [D, V] matrix, when there is one (faster in BLAS)."""
+    if head_t is not None:
+        by_copy: Array = x @ head_t  # [..., D] @ [D, V] -> [..., V]
+        return by_copy
     head: Array = params["lm_head"] if "lm_head" in params else params["wte"]  # [V, D]
     logits: Array = x @ head.T  # [..., D] @ [D, V] -> [..., V]
     return logits
@@ -289,10 +320,17 @@ class GPT2:
     with a KV cache; `generate` yields a continuation (greedy by default) one id at a time.
     """
 
-    def __init__(self, config: GPT2Config, params: Params, folder: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: GPT2Config,
+        params: Params,
+        folder: Path | None = None,
+        head_t: Array | None = None,
+    ) -> None:
         self.config = config
         self.params = params
         self.folder = folder  # where the tokenizer files are looked for
+        self.head_t = head_t  # the output head as a [D, V] copy (`weights.head_transposed`)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None) -> GPT2:
@@ -301,7 +339,9 @@ class GPT2:
 
         folder = hub.resolve(str(name_or_path), revision)
         config, params = weights.load(folder)
-        return cls(config, params, folder)
+        head = params["lm_head"] if "lm_head" in params else params["wte"]
+        head_t = weights.head_transposed(head, weights.weight_files(folder))
+        return cls(config, params, folder, head_t)
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
@@ -522,7 +562,9 @@ class GPT2:
         """Run ids [B, T] at each row's next T positions; return their final hidden states."""
         positions = state.lengths[:, None] + np.arange(ids.shape[1])  # [B, T]
         with np.errstate(all="ignore"):  # weights that overflow float32 are caught in _head
-            x = forward(ids, positions, self.params, self.config, state.keys, state.values)
+            x = forward(
+                ids, positions, self.params, self.config, state.keys, state.values, self.head_t
+            )
         state.lengths += ids.shape[1]  # in place: a `rows` view updates the whole cache's lengths
         return x
 
@@ -533,7 +575,7 @@ class GPT2:
         Inf, or values so large that float32 overflows, so the error names the first position.
         """
         with np.errstate(all="ignore"):
-            logits = output_head(x, self.params)  # [..., V]
+            logits = output_head(x, self.params, self.head_t)  # [..., V]
         finite = np.isfinite(logits).all(axis=-1)  # [...]
         if not finite.all():
             first = tuple(np.argwhere(~finite)[0])

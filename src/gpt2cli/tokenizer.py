@@ -11,21 +11,19 @@ merged in O(n log n) rather than O(n^2), and a long text can be encoded as a str
 from __future__ import annotations
 
 import array
-import contextlib
 import functools
 import hashlib
 import heapq
 import marshal
 import operator
 import os
-import stat
 import sys
 from collections.abc import Iterable, Iterator
 from itertools import chain, islice, pairwise
 from pathlib import Path
 from typing import Any
 
-from gpt2cli import jsonfile
+from gpt2cli import cache, jsonfile
 from gpt2cli.errors import GPT2Error
 
 # GPT-2's pre-tokenizer, as tiktoken writes it (`\s++$` and `\s` are equivalent to OpenAI's
@@ -485,7 +483,6 @@ def _layout(folder: Path) -> tuple[str, str]:
 Tables = tuple[dict[str, int], dict[tuple[int, int], int], list[int]]  # Tokenizer's arguments
 TABLES_FORMAT = 1  # change it when the tables change, so older cached ones are not used
 MAX_CACHED = 64 << 20  # bytes of a cache file: GPT-2's tables take 1.9 MB
-_BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
 
 
 def _tables(vocab_path: Path, merges_path: Path) -> Tables:
@@ -498,16 +495,15 @@ def _tables(vocab_path: Path, merges_path: Path) -> Tables:
     vocab, merges = _read_bytes(vocab_path), _read_bytes(merges_path)
     key = hashlib.sha256(f"{TABLES_FORMAT} {sys.implementation.cache_tag}".encode())
     key.update(hashlib.sha256(vocab).digest() + hashlib.sha256(merges).digest())
-    # with no home the folder is relative, and not used: it would land in the working directory
-    folder = Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gpt2cli")
-    cached = folder / f"tokenizer-{key.hexdigest()[:32]}.marshal"
-    tables = _load_cached(cached) if folder.is_absolute() else None
+    folder = cache.folder()
+    cached = folder / f"tokenizer-{key.hexdigest()[:32]}.marshal" if folder else None
+    tables = _load_cached(cached) if cached else None
     if tables is None:
         encoder = _parse_vocab(vocab_path, _utf8(vocab_path, vocab))
         pairs = _parse_merges(merges_path, _utf8(merges_path, merges), encoder)
         ranks = {(encoder[a], encoder[b]): rank for rank, (a, b) in enumerate(pairs)}
         tables = (encoder, ranks, [encoder[a + b] for a, b in pairs])
-        if folder.is_absolute():
+        if cached:
             _store_cached(cached, tables)
     return tables
 
@@ -515,19 +511,14 @@ def _tables(vocab_path: Path, merges_path: Path) -> Tables:
 def _load_cached(path: Path) -> Tables | None:
     """Tables stored by `_store_cached`, or None (a miss, so they are rebuilt) for anything else.
 
-    The file is opened without blocking (a FIFO would wait forever for a writer) and read only if
-    it is a regular file of a plausible size; its checksum, then the shape of what it holds, are
-    checked, and any surprise is a miss.
+    The file is read only if it is a regular file of a plausible size; its checksum, then the
+    shape of what it holds, are checked, and any surprise is a miss.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | _BINARY | getattr(os, "O_NONBLOCK", 0))
-    except OSError:
+    f = cache.open_entry(path, MAX_CACHED)
+    if f is None:
         return None
     try:
-        with os.fdopen(fd, "rb") as f:
-            info = os.fstat(f.fileno())
-            if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_CACHED:
-                return None
+        with f:
             data = f.read(MAX_CACHED + 1)
     except OSError:
         return None
@@ -563,22 +554,10 @@ def _well_formed(tables: object) -> bool:
 
 
 def _store_cached(path: Path, tables: Tables) -> None:
-    """Write the tables atomically (a reader sees the old file or the whole new one); a cache
-    that cannot be written only costs the next run its speed. The partial file is always created
-    anew (O_EXCL), never opened through something already there under its name."""
+    """Store the tables with a checksum (`gpt2cli.cache.store`: atomic, failures ignored)."""
     payload = marshal.dumps(tables)
-    if 32 + len(payload) > MAX_CACHED:
-        return  # it would never be loaded
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _BINARY, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(hashlib.sha256(payload).digest() + payload)
-        os.replace(partial, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            partial.unlink()
+    if 32 + len(payload) <= MAX_CACHED:  # else it would never be loaded
+        cache.store(path, lambda f: f.write(hashlib.sha256(payload).digest() + payload))
 
 
 def _read_bytes(path: Path) -> bytes:
