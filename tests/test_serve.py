@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -386,6 +387,21 @@ def test_a_killed_client_frees_its_row_for_the_next_request_and_disturbs_no_one(
         runner.join(TIMEOUT)
         assert finished.is_set()
         assert "".join(pieces) == alone
+
+
+def test_a_client_that_gives_up_on_a_whole_answer_frees_its_row(
+    slow_model_dir: Path, env: dict[str, str]
+):
+    long = {"prompt": PROMPT, "max_tokens": 1000, "ignore_eos": True}  # 5-10 s of decoding
+    with ServeProcess(slow_model_dir, "--max-batch", "1", "--max-queue", "0", env=env) as server:
+        with pytest.raises(httpx.ReadTimeout):  # gives up after 0.5 s, closing the connection
+            httpx.post(server.url + "/v1/completions", json=long, timeout=0.5)
+        # no queue: a request gets in only while the row is free (429 while the long one holds it)
+        deadline = time.monotonic() + 2  # the long one would hold the row for seconds more
+        while (status := post(server.url, {"prompt": "Hi", "max_tokens": 2}).status_code) == 429:
+            assert time.monotonic() < deadline, "the abandoned request still holds the row"
+            time.sleep(0.05)
+        assert status == 200
 
 
 def json_events(response: httpx.Response) -> Iterator[dict[str, Any]]:
