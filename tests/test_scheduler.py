@@ -55,23 +55,33 @@ def _alone(model: GPT2, request: Request) -> list[list[int]]:
     return [c.ids for c in generation.completions]
 
 
-def _run_all(scheduler: Scheduler, requests: list[Request]) -> list[Event]:
-    """Admit requests as rows free up, stepping in between; every event, in order."""
+def _run_all(
+    scheduler: Scheduler, requests: list[Request], *, together: bool = False
+) -> list[Event]:
+    """Admit requests as rows free up (one at a time, or all that fit in one call), stepping in
+    between; every event, in order."""
     pending, events = deque(requests), []
     for _ in range(10_000):  # bounded: every step finishes a token of every running sample
-        while pending and pending[0].n <= scheduler.free:
-            events += scheduler.admit(pending.popleft())
+        joining: list[Request] = []
+        while pending and pending[0].n <= scheduler.free - sum(r.n for r in joining):
+            joining.append(pending.popleft())
+            if not together:
+                events += scheduler.admit(joining.pop())
+        events += scheduler.admit(*joining)
         if not pending and not scheduler.running:
             return events
         events += scheduler.step()
     raise AssertionError("the scheduler did not finish")
 
 
+@pytest.mark.parametrize("together", [False, True], ids=["one-by-one", "together"])
 @pytest.mark.parametrize("max_batch", [3, 4, 8])
-def test_each_request_gets_what_it_gets_alone_whatever_joins_the_batch(tiny: GPT2, max_batch: int):
+def test_each_request_gets_what_it_gets_alone_whatever_joins_the_batch(
+    tiny: GPT2, max_batch: int, together: bool
+):
     requests = _requests()
     expected = [_alone(tiny, r) for r in _requests()]
-    _run_all(Scheduler(tiny, max_batch=max_batch), requests)
+    _run_all(Scheduler(tiny, max_batch=max_batch), requests, together=together)
     assert [[c.ids for c in r.completions] for r in requests] == expected
     assert all(r.finished and not r.cancelled for r in requests)
 

@@ -299,18 +299,10 @@ class DecodeState:
 
     def rows(self, start: int, stop: int) -> DecodeState:
         """Rows start..stop-1 as a cache of their own that shares this one's memory: running it
-        (prefill_into, step) writes straight into these rows, lengths included."""
+        (`GPT2.step`) writes straight into these rows, lengths included."""
         return DecodeState(
             self.keys[:, start:stop], self.values[:, start:stop], self.lengths[start:stop]
         )
-
-    def copy_row(self, source: int, targets: Sequence[int]) -> None:
-        """Make rows `targets` hold what row `source` holds (a prompt run once, sampled n times)."""
-        n = int(self.lengths[source])
-        for target in targets:
-            self.keys[:, target, :, :n] = self.keys[:, source, :, :n]
-            self.values[:, target, :, :n] = self.values[:, source, :, :n]
-            self.lengths[target] = n
 
 
 class GPT2:
@@ -401,19 +393,26 @@ class GPT2:
         state.lengths[:] = lengths
         return state, self._head(last, lengths - 1)  # [B, V]
 
-    def prefill_into(self, state: DecodeState, row: int, prompt: Ids) -> Array:
-        """Run one prompt into row `row` of an existing cache, replacing what the row held, and
-        return the logits [V] of its next token: how a request joins a batch already decoding.
+    def prefill_into(
+        self, state: DecodeState, prompts: Sequence[Ids], rows: Sequence[Sequence[int]]
+    ) -> Array:
+        """Run prompts into rows of an existing cache, replacing what those rows held, and
+        return the logits [B, V] of each prompt's next token: how requests join a batch that is
+        already decoding. The prompts run once, as one padded batch (`prefill`); prompt i's keys
+        and values then fill each of its rows `rows[i]` (one per sample drawn from it).
         """
-        ids = self._checked(prompt, truncate=False)
-        if len(ids) > state.capacity:
+        longest = max(len(p) for p in prompts)
+        if longest > state.capacity:
             raise GPT2Error(
-                f"prompt is {len(ids)} tokens but the cache holds {state.capacity} positions a row"
+                f"prompt is {longest} tokens but the cache holds {state.capacity} positions a row"
             )
-        state.lengths[row] = 0
-        for _, x in self._run_prompts(state.rows(row, row + 1), ids[None]):  # x [1, chunk, D]
-            last = x[:, -1]  # [1, D]: the final chunk's last position is the prompt's last
-        logits: Array = self._head(last, state.lengths[row : row + 1] - 1)[0]  # [V]
+        fresh, logits = self.prefill(prompts, longest)
+        for i, targets in enumerate(rows):
+            n = int(fresh.lengths[i])
+            for row in targets:
+                state.keys[:, row, :, :n] = fresh.keys[:, i, :, :n]
+                state.values[:, row, :, :n] = fresh.values[:, i, :, :n]
+                state.lengths[row] = n
         return logits
 
     def step(self, state: DecodeState, next_ids: ArrayLike) -> Array:

@@ -1,10 +1,10 @@
 """Continuous batching: many requests share one decode batch, joining and leaving between steps.
 
 A `Request` is one prompt with its options: `n` samples drawn together from one random
-generator. A `Scheduler` owns one KV cache of `max_batch` rows. `admit` runs a request's prompt
-once into free rows and samples each sample's first token; `step` feeds every running sample
-its last token and samples the next. A request leaves the batch as soon as all its samples have
-finished (or it is cancelled), and its rows are free for the next `admit`.
+generator. A `Scheduler` owns one KV cache of `max_batch` rows. `admit` runs requests' prompts
+once (one padded batch) into free rows and samples each sample's first token; `step` feeds
+every running sample its last token and samples the next. A request leaves the batch as soon as
+all its samples have finished (or it is cancelled), and its rows are free for the next `admit`.
 
 A request's samples do not depend on what else is in the batch or when it joined: its rows'
 logits are those it gets alone (rows never see each other), and its generator draws for its
@@ -274,32 +274,44 @@ class Scheduler:
                 f"need {needed} positions, but this batch holds {capacity} per row"
             )
 
-    def admit(self, request: Request) -> list[Event]:
-        """Run `request`'s prompt into free rows and sample each sample's first token.
+    def admit(self, *requests: Request) -> list[Event]:
+        """Run the requests' prompts into free rows and sample each sample's first token.
 
-        Needs `request.n <= free`. Returns one event per sample (a sample may already be done).
+        Needs their samples to fit the free rows. The prompts run as one padded batch (one
+        forward pass for all, about as fast as one) and each is copied to its n rows. Returns
+        one event per sample (a sample may already be done).
         """
-        self.check(request)
-        rows = [row for row, owner in enumerate(self._owner) if owner is None][: request.n]
-        if len(rows) < request.n:
-            raise GPT2Error(f"{request.n} rows needed, {len(rows)} free")
-        request.open()
+        for request in requests:
+            self.check(request)
+        free = [row for row, owner in enumerate(self._owner) if owner is None]
+        needed = sum(r.n for r in requests)
+        if needed > len(free):
+            raise GPT2Error(f"{needed} rows needed, {len(free)} free")
+        if not requests:
+            return []
+        groups = []
+        for request in requests:
+            groups.append(free[: request.n])
+            free = free[request.n :]
         start = time.perf_counter()
-        logits = self.model.prefill_into(self.state, rows[0], request.prompt_ids)  # [V]
-        self.state.copy_row(rows[0], rows[1:])
+        logits = self.model.prefill_into(self.state, [r.prompt_ids for r in requests], groups)
         tokenizer = self.model.tokenizer
-        running = _Running(
-            request,
-            rows,
-            np.random.default_rng(request.seed),
-            [TextStream(tokenizer, request.stop) for _ in rows],
-            np.broadcast_to(logits, (len(rows), len(logits))),
-            start,
-        )
-        for row in rows:
-            self._owner[row] = running
-        self._running.append(running)
-        return self._sample([running])
+        admitted = []
+        for request, rows, first in zip(requests, groups, logits, strict=True):
+            request.open()
+            running = _Running(
+                request,
+                rows,
+                np.random.default_rng(request.seed),
+                [TextStream(tokenizer, request.stop) for _ in rows],
+                np.broadcast_to(first, (len(rows), len(first))),
+                start,
+            )
+            for row in rows:
+                self._owner[row] = running
+            self._running.append(running)
+            admitted.append(running)
+        return self._sample(admitted)
 
     def step(self) -> list[Event]:
         """One decode step for every running request: an event per unfinished sample."""

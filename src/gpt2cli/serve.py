@@ -187,38 +187,48 @@ class Engine:
             self._post(job, [_shutting_down()])
 
     def _admit(self) -> None:
-        """Start waiting prompts, oldest first, while their samples find free rows."""
-        while True:
-            with self._lock:
-                self._free = self._scheduler.free
-                if not self._waiting:
-                    return
+        """Start waiting prompts, oldest first, while their samples find free rows: each is
+        echoed (and scored) first, then all join the batch in one padded prefill."""
+        starting: list[tuple[Job, int]] = []
+        with self._lock:
+            free = self._scheduler.free
+            while self._waiting:
                 job = self._waiting[0]
                 if job.cancelled:
                     self._waiting.popleft()
                     continue
                 prompt = job.started
-                if job.requests and job.requests[prompt].n > self._scheduler.free:
-                    return
+                if job.requests and job.requests[prompt].n > free:
+                    break
+                free -= job.requests[prompt].n if job.requests else 0
+                starting.append((job, prompt))
                 job.started += 1
                 if job.started == len(job.prompts):
                     self._waiting.popleft()
+        admitted: list[tuple[Job, Request]] = []
+        for job, prompt in starting:
             try:
-                self._start(job, prompt)
+                self._echo(job, prompt)
             except Exception as e:
                 self._fail([job], e)
+                continue
+            if job.requests:
+                admitted.append((job, job.requests[prompt]))
+                self._owners[job.requests[prompt]] = (job, prompt)
+        if not admitted:
+            return
+        try:
+            self._deliver(self._scheduler.admit(*(request for _, request in admitted)))
+        except Exception as e:  # a model fault: every job in this prefill gets it
+            self._fail([job for job, _ in admitted], e)
 
-    def _start(self, job: Job, prompt: int) -> None:
-        """Echo (and score) one prompt of a job, then admit it to the batch."""
+    def _echo(self, job: Job, prompt: int) -> None:
+        """Echo (and score) one prompt of a job, when it asks for that."""
         if job.echo:
             logprobs, tops = (
                 self._score(job.prompts[prompt], job.top) if job.score else (None, None)
             )
             self._post(job, [Echo(prompt, logprobs, tops)])
-        if job.requests:
-            request = job.requests[prompt]
-            self._owners[request] = (job, prompt)
-            self._deliver(self._scheduler.admit(request))
 
     def _score(self, ids: list[int], top: int) -> tuple[list[float | None], list[Top | None]]:
         """Each prompt token's logprob given those before it and its `top` alternatives, with
