@@ -72,6 +72,22 @@ def test_a_closed_stdout_is_one_error_line_not_silently_lost_output(
     assert_one_error_line(result.stderr, "stdout is closed")
 
 
+@pytest.mark.parametrize("command", ["generate", "score"])
+def test_a_closed_stdout_does_not_stop_a_data_set_run_that_writes_to_a_file(
+    tiny_model_dir: Path, tmp_path: Path, command: str
+):
+    rows = tmp_path / "rows.jsonl"
+    key = "prompt" if command == "generate" else "text"
+    rows.write_text(f'{{"{key}": "Hello there"}}\n{{"{key}": "and more"}}\n')
+    out = tmp_path / "out.jsonl"
+    args = [command, "-m", str(tiny_model_dir), "--jsonl", str(rows), "-o", str(out)]
+    result = subprocess.run(
+        [*GPT2, *args], stderr=subprocess.PIPE, timeout=60, preexec_fn=lambda: os.close(1)
+    )
+    assert result.returncode == 0, result.stderr
+    assert [line.startswith('{"index": ') for line in out.read_text().splitlines()] == [True] * 2
+
+
 @pytest.mark.parametrize("args", [["encode"], ["decode"], ["generate", "-m", "MODEL"]])
 def test_a_closed_stdin_is_one_error_line(tiny_model_dir: Path, args: list[str]):
     args = [str(tiny_model_dir) if a == "MODEL" else a for a in args]

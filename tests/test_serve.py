@@ -441,6 +441,68 @@ def test_a_full_queue_is_429_with_retry_after_and_the_server_recovers(
         assert after.status_code == 200 and after.json()["choices"][0]["finish_reason"]
 
 
+def test_the_queue_counts_sequences_so_one_request_of_many_prompts_cannot_starve_others(
+    slow_model_dir: Path, env: dict[str, str]
+):
+    long = {"prompt": PROMPT, "max_tokens": 900, "ignore_eos": True, "stream": True}
+    args = ("--max-batch", "1", "--max-queue", "3")
+    with ServeProcess(slow_model_dir, *args, env=env) as server:
+        too_many = post(server.url, {"prompt": ["a"] * 5, "max_tokens": 1})
+        assert "5 sequences" in assert_error(too_many, 400, "prompt")
+        url = server.url + "/v1/completions"
+        with (
+            httpx.Client(timeout=TIMEOUT) as first,
+            first.stream("POST", url, json=long) as running,
+        ):
+            tokens = json_events(running)
+            next(tokens)  # it holds the only row
+            many = {"prompt": ["x", "y"], "n": 1, "max_tokens": 900, "ignore_eos": True}
+            with (
+                httpx.Client(timeout=TIMEOUT) as second,
+                second.stream("POST", url, json=many | {"stream": True}) as waiting,
+            ):
+                assert waiting.status_code == 200  # 2 of the queue's 3 places
+                busy = post(server.url, {"prompt": ["p", "q"], "max_tokens": 1})
+                assert busy.status_code == 429  # 2 more would not fit beside 2 waiting
+        assert "Traceback" not in "".join(server.stderr)
+
+
+def test_a_client_that_hangs_up_while_sending_its_body_is_not_an_error(server: ServeProcess):
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    before = len(server.stderr)
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT) as sock:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"prompt"'
+        )
+    assert post(server.url, {"prompt": "still here", "max_tokens": 1}).status_code == 200
+    assert not any("Traceback" in line or "internal" in line for line in server.stderr[before:])
+
+
+def test_a_stop_signal_cuts_off_a_body_still_arriving_with_a_503(
+    tiny_model_dir: Path, env: dict[str, str]
+):
+    server = ServeProcess(tiny_model_dir, env=env)
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT) as sock:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"prompt"'
+        )
+        time.sleep(0.5)  # the body read has begun
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert server.stop() == 0
+    assert time.monotonic() - started < 5  # not the 10 s grace period
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503")
+    assert json.loads(body)["error"]["code"] == "server_shutdown"
+    assert "Traceback" not in "".join(server.stderr)
+
+
 # --- errors ------------------------------------------------------------------------------------
 
 

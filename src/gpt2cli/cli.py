@@ -71,6 +71,14 @@ def _stop(signum: int, frame: object) -> None:
     raise Stopped(signum)
 
 
+def _stdout_for_output_file(args: list[str]) -> None:
+    """With stdout closed, a command that writes its results to `-o FILE` still runs (stdout
+    then goes to /dev/null); any other is refused, since every command prints."""
+    if not any(a in ("-o", "--output") or a.startswith(("-o", "--output=")) for a in args):
+        raise GPT2Error("stdout is closed (>&-): nowhere to write the output")
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+
+
 class _Gpt2Group(click.Group):
     """A Click group whose failures are one line on stderr, never a traceback."""
 
@@ -80,8 +88,8 @@ class _Gpt2Group(click.Group):
         if sys.stderr is None:  # `2>&-`: errors have nowhere to go, but the command still runs
             sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
         try:
-            if sys.stdout is None:  # every command prints: refuse before doing any work
-                raise GPT2Error("stdout is closed (>&-): nowhere to write the output")
+            if sys.stdout is None:  # `>&-`: refuse before doing any work, unless -o FILE
+                _stdout_for_output_file(sys.argv[1:] if args is None else list(args))
             code = super().main(args, standalone_mode=False, **extra)
             if settle_stdout() is not None:  # a buffered write that failed only now
                 raise GPT2Error("cannot write the output to stdout")

@@ -38,6 +38,7 @@ try:
     import uvicorn
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
     from starlette.requests import Request as HTTPRequest
     from starlette.responses import Response, StreamingResponse
     from starlette.routing import Route
@@ -51,6 +52,7 @@ MAX_QUEUE = 64  # requests that may wait for rows before the server answers 429
 RETRY_AFTER = "1"  # seconds a client told 429 should wait
 SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 GRACE_S = 10.0  # seconds open connections get to finish once the server is stopping
+BODY_TIMEOUT_S = 30.0  # seconds a client has to send its whole request body
 
 
 def _log(message: str) -> None:
@@ -101,6 +103,12 @@ class Job:
         self.started = 0  # prompts the worker has taken
         self.cancelled = False
 
+    @property
+    def waiting(self) -> int:
+        """Sequences (rows, or prompts to echo) of the prompts the worker has not taken yet."""
+        rest = range(self.started, len(self.prompts))
+        return sum(self.requests[i].n for i in rest) if self.requests else len(rest)
+
 
 class Engine:
     """The worker thread that owns the model and its scheduler, and the queue that feeds it.
@@ -127,16 +135,28 @@ class Engine:
         self._thread.start()
 
     def submit(self, job: Job) -> None:
-        """Queue a job: 429 when `max_queue` jobs already wait beyond the free rows, 503 once
-        the server is stopping."""
+        """Queue a job. The queue counts sequences (a prompt's n samples), not requests, so one
+        request of many prompts cannot hold up every other: 400 for a job larger than the whole
+        queue, 429 when it does not fit beside those already waiting beyond the free rows, 503
+        once the server is stopping."""
+        room = self.max_queue + self.max_batch
+        if job.waiting > room:
+            raise APIError(
+                400,
+                f"This request asks for {job.waiting} sequences (prompts x n), more than the "
+                f"server queues at once ({room}: --max-queue {self.max_queue} plus --max-batch "
+                f"{self.max_batch}); send fewer prompts per request.",
+                param="prompt",
+            )
         with self._lock:
             if self._closing:
                 raise _shutting_down()
-            if len(self._waiting) >= self.max_queue + self._free:
+            waiting = sum(j.waiting for j in self._waiting)
+            if waiting + job.waiting > self.max_queue + self._free:
                 raise APIError(
                     429,
-                    f"The server is busy: {len(self._waiting)} requests are waiting for the "
-                    f"{self.max_batch} sequences it decodes at once. Retry after a moment.",
+                    f"The server is busy: {waiting} sequences are waiting for the "
+                    f"{self.max_batch} it decodes at once. Retry after a moment.",
                     code="queue_full",
                     headers={"Retry-After": RETRY_AFTER},
                 )
@@ -304,7 +324,8 @@ def _shutting_down() -> APIError:
 
 
 class _ClientGone(Exception):
-    """The client of a non-streamed request disconnected before its answer."""
+    """The client disconnected before its answer (while sending its body, or while a
+    non-streamed request ran)."""
 
 
 Endpoint = Callable[[HTTPRequest], Awaitable[Response]]
@@ -324,6 +345,7 @@ class App:
         self.folder = folder
         self.api_key = api_key
         self.created = int(time.time())
+        self.stopping = asyncio.Event()  # set when the server starts stopping: body reads end
 
     def starlette(self) -> Starlette:
         """The ASGI application."""
@@ -425,7 +447,7 @@ class App:
 
     async def completions(self, request: HTTPRequest) -> Response:
         """`POST /v1/completions`: checked, tokenized, queued, then answered whole or streamed."""
-        body = openai_api.parse_body(await read_body(request))
+        body = openai_api.parse_body(await read_body(request, self.stopping))
         params = openai_api.completion_params(
             body, max_batch=self.engine.max_batch, names=self.names
         )
@@ -508,7 +530,7 @@ class App:
         `with_pieces` `[{"id", "piece"}]` (a piece that is not UTF-8 is a list of its bytes).
         `parse_special` (default true) reads `<|endoftext|>` as the special token;
         `add_special` is accepted and adds nothing: GPT-2 puts no BOS token first."""
-        fields = Fields(openai_api.parse_body(await read_body(request)))
+        fields = Fields(openai_api.parse_body(await read_body(request, self.stopping)))
         content = fields.get("content")
         if not isinstance(content, str):
             raise APIError(400, "content must be a string", param="content")
@@ -525,7 +547,7 @@ class App:
 
     async def detokenize(self, request: HTTPRequest) -> Response:
         """`POST /detokenize` (llama.cpp's): `{"tokens": [ids]}` -> `{"content": text}`."""
-        fields = Fields(openai_api.parse_body(await read_body(request)))
+        fields = Fields(openai_api.parse_body(await read_body(request, self.stopping)))
         tokens = fields.get("tokens")
         fields.done()
         n_vocab = self.tokenizer.n_vocab
@@ -572,8 +594,36 @@ async def _watch_disconnect(request: HTTPRequest, job: Job) -> None:
     job.inbox.put_nowait([_ClientGone()])
 
 
-async def read_body(request: HTTPRequest) -> bytes:
-    """The request body, read at most MAX_BODY bytes far whatever Content-Length says (413)."""
+async def read_body(request: HTTPRequest, stopping: asyncio.Event) -> bytes:
+    """The request body, read at most MAX_BODY bytes far whatever Content-Length says (413),
+    within BODY_TIMEOUT_S (408: a client that trickles its body cannot hold a connection), and
+    cut off with a 503 when the server starts stopping. A client that disconnects while sending
+    it is gone: nothing is logged."""
+    reading = asyncio.ensure_future(_read_body(request))
+    stop = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait(
+            {reading, stop}, timeout=BODY_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        stop.cancel()
+        if not reading.done():
+            reading.cancel()
+    if not reading.done() or reading.cancelled():
+        raise (
+            _shutting_down()
+            if stopping.is_set()
+            else APIError(
+                408,
+                f"The request body did not arrive within {BODY_TIMEOUT_S:g} s.",
+                code="request_timeout",
+            )
+        )
+    return reading.result()
+
+
+async def _read_body(request: HTTPRequest) -> bytes:
+    """The body, at most MAX_BODY bytes (413); _ClientGone if the client disconnects."""
     too_large = APIError(
         413,
         f"The request body is larger than {openai_api.MAX_BODY} bytes (1 MB), the limit.",
@@ -587,10 +637,13 @@ async def read_body(request: HTTPRequest) -> bytes:
     ):
         raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > openai_api.MAX_BODY:
-            raise too_large
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > openai_api.MAX_BODY:
+                raise too_large
+    except ClientDisconnect:
+        raise _ClientGone from None
     return bytes(body)
 
 
@@ -618,9 +671,9 @@ class _Uvicorn(uvicorn.Server):
     """uvicorn, stopped by Ctrl-C, SIGTERM or SIGHUP without re-raising the signal afterwards
     (so the command exits 0), and ending the engine's open jobs before it waits on connections."""
 
-    def __init__(self, config: uvicorn.Config, engine: Engine) -> None:
+    def __init__(self, config: uvicorn.Config, app: App) -> None:
         super().__init__(config)
-        self.engine = engine
+        self.app = app
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -640,7 +693,8 @@ class _Uvicorn(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """End open jobs (streams get a final error event and `[DONE]`), then uvicorn's own
         shutdown: stop accepting, let connections finish."""
-        self.engine.close()
+        self.app.stopping.set()
+        self.app.engine.close()
         await super().shutdown(sockets)
 
 
@@ -684,7 +738,7 @@ class APIServer:
         )
         self.engine.start()
         try:
-            _Uvicorn(config, self.engine).run(sockets=[self.socket])
+            _Uvicorn(config, self.app).run(sockets=[self.socket])
         finally:
             self.engine.close()
             self.engine.join()
