@@ -62,10 +62,23 @@ def test_generate_rows_come_back_in_order_with_fields_and_per_row_options(
 def test_batch_size_one_and_eight_write_the_same_bytes(tiny_model_dir: Path, prompts: Path):
     outputs = [
         gpt2("generate", "-m", tiny_model_dir, "--jsonl", prompts, "--seed", 9, "--batch-size", n)
-        for n in (1, 8)
+        for n in (1, 8, 10**15)  # a batch larger than the rows is sized to them
     ]
     assert outputs[0].returncode == 0, outputs[0].stderr
-    assert outputs[0].stdout == outputs[1].stdout
+    assert outputs[0].stdout == outputs[1].stdout == outputs[2].stdout
+
+
+def test_a_byte_order_mark_is_skipped_and_dash_o_dash_is_stdout(
+    tiny_model_dir: Path, tmp_path: Path
+):
+    rows = tmp_path / "bom.jsonl"
+    rows.write_bytes(b"\xef\xbb\xbf" + jsonl({"prompt": "Hi"}, {"prompt": "there"}).encode())
+    args = ("generate", "-m", tiny_model_dir, "--jsonl", rows, "--seed", 2, "-t", 3)
+    plain = gpt2(*args)
+    assert plain.returncode == 0, plain.stderr
+    assert [json.loads(line)["index"] for line in plain.stdout.splitlines()] == [0, 1]
+    assert gpt2(*args, "-o", "-").stdout == plain.stdout
+    assert not (tmp_path / "-").exists() and not Path("-").exists()
 
 
 def test_a_row_is_what_generate_json_gives_with_its_derived_seed(tiny_model_dir: Path):

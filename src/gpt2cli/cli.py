@@ -74,7 +74,10 @@ def _stop(signum: int, frame: object) -> None:
 def _stdout_for_output_file(args: list[str]) -> None:
     """With stdout closed, a command that writes its results to `-o FILE` still runs (stdout
     then goes to /dev/null); any other is refused, since every command prints."""
-    if not any(a in ("-o", "--output") or a.startswith(("-o", "--output=")) for a in args):
+    files = [b for a, b in zip(args, [*args[1:], ""], strict=True) if a in ("-o", "--output")]
+    files += [a.removeprefix("--output=") for a in args if a.startswith("--output=")]
+    files += [a[2:] for a in args if a.startswith("-o") and a != "-o"]
+    if not any(f and f != "-" for f in files):
         raise GPT2Error("stdout is closed (>&-): nowhere to write the output")
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
 
@@ -179,8 +182,8 @@ def _dataset_options(what: str) -> Callable[[Any], Any]:
             "-o",
             "--output",
             type=click.Path(dir_okay=False, path_type=Path),
-            help="With --jsonl: write to FILE, line by line; if it holds results of an earlier "
-            "run of the same input, continue after them.",
+            help="With --jsonl: write to FILE (- for stdout), line by line; if it holds results "
+            "of an earlier run of the same input, continue after them.",
         ),
         click.option(
             "--skip-invalid",
@@ -262,7 +265,7 @@ class _DatasetOptions:
             raise
         out, done = None, 0
         write: Callable[[bytes], None] = write_stdout
-        if self.output is not None:
+        if self.output is not None and str(self.output) != "-":  # -o -: stdout, as no -o
             out, done = dataset.open_output(self.output, source, rows, task)
             write = dataset.file_writer(out, self.output)
 

@@ -184,15 +184,23 @@ class GenerateTask:
         """Decode the rows `batch_size` at a time, admitting the next as soon as one finishes."""
         from gpt2cli.scheduler import Scheduler
 
-        scheduler = Scheduler(model, max_batch=self.batch_size)
+        if not rows:
+            return
+        # no more rows than the rows' samples could fill: a huge --batch-size costs nothing
+        size = min(self.batch_size, sum(row.work.options.n for row in rows))
+        scheduler = Scheduler(model, max_batch=size)
         pending = deque(enumerate(rows))
         running: dict[int, tuple[int, Row, Request]] = {}  # id(request) -> position, row, request
         while pending or running:
-            while pending and pending[0][1].work.options.n <= scheduler.free:
+            joining = []  # admitted together: their prompts run as one padded prefill
+            free = scheduler.free
+            while pending and pending[0][1].work.options.n <= free:
                 position, row = pending.popleft()
                 request = row.work.request()
                 running[id(request)] = position, row, request
-                scheduler.admit(request)
+                joining.append(request)
+                free -= request.n
+            scheduler.admit(*joining)
             if scheduler.running:
                 scheduler.step()
             for key, (position, row, request) in list(running.items()):
@@ -350,6 +358,7 @@ def read_rows(name: str, content: str, task: Task, model: GPT2) -> list[Row]:
     `Row.index` is the line's number from 0). Invalid lines are rows with an error."""
     where = "stdin" if name == "-" else name
     rows = []
+    content = content.removeprefix("\ufeff")  # a UTF-8 byte order mark, as some editors write
     for index, line in enumerate(content.split("\n")):
         if not line.strip():
             continue
