@@ -15,7 +15,7 @@ from transformers.generation.logits_process import (
 )
 
 from gpt2cli.errors import GPT2Error
-from gpt2cli.sampling import SamplingOptions, distribution, sample, token_logprobs
+from gpt2cli.sampling import SamplingOptions, distribution, sample
 
 OPTIONS = [
     SamplingOptions(temperature=1.0, top_k=5, top_p=1.0),
@@ -130,16 +130,6 @@ def test_temperature_zero_and_top_k_one_are_the_argmax():
     rng = np.random.default_rng(0)
     assert np.array_equal(sample(x, rng, SamplingOptions(temperature=0.0)), argmax)
     assert np.array_equal(sample(x, rng, SamplingOptions(temperature=1.7, top_k=1)), argmax)
-
-
-def test_token_logprobs_equal_torch_log_softmax_of_the_raw_logits():
-    x = gpt2_like_logits(9, batch=4)
-    ids = np.array([0, 17, 50256, 12345])
-    exact = torch.log_softmax(torch.from_numpy(x).double(), dim=-1)  # see reference_probs
-    expected = exact[torch.arange(4), ids].numpy()
-    got = token_logprobs(x, ids)
-    assert got.dtype == np.float32
-    np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
 @pytest.mark.parametrize(

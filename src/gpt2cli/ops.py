@@ -1,4 +1,5 @@
-"""Normalising logits: the softmax the model's attention and sampling share, and its log.
+"""Normalising logits: the softmax the model's attention and sampling share, its log, and the
+largest entries of a row (the top alternatives scoring and serving report).
 
 Below both `model` and `sampling`, so neither imports the other. float32 in, float32 out.
 """
@@ -37,3 +38,17 @@ def log_softmax(x: Array) -> Array:
     """Log-probabilities along the last axis: x - logsumexp(x)."""
     logprobs: Array = x - logsumexp(x)[..., None]  # [..., V]
     return logprobs
+
+
+def top_ids(x: Array, k: int) -> NDArray[np.intp]:
+    """Ids of the k largest entries of each row of x [n, V] -> [n, k], largest first; among
+    equal values the lower id first, so ties at the edge of the top k are chosen the same way
+    whatever the batch or the machine."""
+    out = np.zeros((len(x), k), np.intp)  # [n, k]
+    if k:
+        kth = -np.partition(-x, k - 1, axis=-1)[:, k - 1]  # [n]: each row's k-th largest
+        for row, values in enumerate(x):
+            candidates = np.flatnonzero(values >= kth[row])  # >= k of them, edge ties too
+            # by value descending, then id (lexsort's last key is the primary one)
+            out[row] = candidates[np.lexsort((candidates, -values[candidates]))[:k]]
+    return out

@@ -14,7 +14,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gpt2cli.errors import GPT2Error
-from gpt2cli.ops import log_softmax, softmax
+from gpt2cli.ops import softmax
 
 Array = NDArray[np.float32]
 Ids = NDArray[np.int64]
@@ -111,14 +111,4 @@ def sample(logits: Array, rng: np.random.Generator, options: SamplingOptions) ->
         cdf = np.cumsum(probs, dtype=np.float32)  # [m]
         u = rng.random(dtype=np.float32) * cdf[-1]
         chosen[row] = ids[min(int(np.searchsorted(cdf, u, side="right")), len(ids) - 1)]
-    return chosen
-
-
-def token_logprobs(logits: Array, ids: Ids) -> Array:
-    """Log-probability of ids [B] under the model's own distribution of logits [B, V] -> [B].
-
-    This is the unfiltered distribution (temperature 1, no top-k/top-p): how likely the model
-    finds each chosen token, comparable across sampling options.
-    """
-    chosen: Array = log_softmax(logits)[np.arange(logits.shape[0]), ids]  # [B]
     return chosen

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import numpy as np
 
 from gpt2cli.errors import GPT2Error
-from gpt2cli.ops import log_softmax
+from gpt2cli.ops import log_softmax, top_ids
 from gpt2cli.sampling import SamplingOptions, sample
 
 if TYPE_CHECKING:
@@ -345,17 +345,30 @@ class Scheduler:
             request = r.request
             ids = sample(r.logits, r.rng, request.sampling)  # [n]: all n drawn, as alone
             logprobs = log_softmax(np.asarray(r.logits))  # [n, V]
+            chosen = logprobs[np.arange(len(ids)), ids]  # [n]
+            best = top_ids(logprobs, request.top_logprobs)  # [n, top]
             for i, c in enumerate(request.completions):
                 if c.finish_reason is None:
-                    events.append(self._advance(r, i, int(ids[i]), logprobs[i], now - r.start))
+                    top = [(int(t), float(logprobs[i, t])) for t in best[i]]
+                    events.append(
+                        self._advance(r, i, int(ids[i]), float(chosen[i]), top, now - r.start)
+                    )
         self._release()
         return events
 
-    def _advance(self, r: _Running, i: int, id: int, logprobs: Any, elapsed: float) -> Event:
+    def _advance(
+        self,
+        r: _Running,
+        i: int,
+        id: int,
+        logprob: float,
+        top: list[tuple[int, float]],
+        elapsed: float,
+    ) -> Event:
         """Append one sampled id to sample i of a running request, finishing it if due."""
         request, c, stream = r.request, r.request.completions[i], r.streams[i]
         c.ids.append(id)
-        c.logprobs.append(float(logprobs[id]))
+        c.logprobs.append(logprob)
         if len(c.ids) == 1:
             c.timings.prefill_s = elapsed
         else:
@@ -366,12 +379,7 @@ class Scheduler:
             c.finish_reason = "eos" if eos else "stop" if stream.stopped else "length"
             text += stream.finish()
         c.text += text
-        top: list[tuple[int, float]] = []
-        if request.top_logprobs:
-            best = np.argpartition(-logprobs, request.top_logprobs)[: request.top_logprobs]
-            best = best[np.argsort(-logprobs[best], kind="stable")]
-            top = [(int(t), float(logprobs[t])) for t in best]
-        return Event(i, id, text, c.finish_reason is not None, float(logprobs[id]), top, request)
+        return Event(i, id, text, c.finish_reason is not None, logprob, top, request)
 
     def _release(self) -> None:
         """Free the rows of every finished or cancelled request."""

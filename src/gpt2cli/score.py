@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
+from gpt2cli import ops
 from gpt2cli.errors import GPT2Error
 
 if TYPE_CHECKING:
@@ -227,13 +228,7 @@ def _reduce(block: ScoredBlock, top: int) -> _Block:
     ties = (logits == chosen[:, None]).sum(axis=-1) > 1  # [n]: rows where another id ties
     for i in np.flatnonzero(ties):  # ties are ordered by id: count the tied ids below the target
         ranks[i] = ranks[i] + np.count_nonzero(logits[i, : targets[i]] == chosen[i])
-    top_ids = np.zeros((len(targets), top), np.intp)  # [n, top]
-    if top:
-        kth = -np.partition(-logits, top - 1, axis=-1)[:, top - 1]  # [n]: the top-th largest
-        for row, x in enumerate(logits):
-            candidates = np.flatnonzero(x >= kth[row])  # >= top of them, ties at the edge too
-            # by logit descending, then id (lexsort's last key is the primary one)
-            top_ids[row] = candidates[np.lexsort((candidates, -x[candidates]))[:top]]
+    top_ids = ops.top_ids(logits, top)  # [n, top]
     top_logprobs = (np.take_along_axis(logits, top_ids, axis=-1) - lse[:, None]).astype(np.float32)
     return _Block(
         positions=block.positions,
