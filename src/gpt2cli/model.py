@@ -309,7 +309,8 @@ class GPT2:
     """A GPT-2 model: its config, its float32 parameters and (lazily) its tokenizer.
 
     `model(ids)` gives logits for every position; `prefill` and `step` decode incrementally
-    with a KV cache; `generate` yields a continuation (greedy by default) one id at a time.
+    with a KV cache (`prefill_into` adds prompts to one already decoding); `score` gives each
+    token's logprob. Generation loops live above it, in `gpt2cli.scheduler` and `generate`.
     """
 
     def __init__(
