@@ -199,6 +199,47 @@ def test_skip_invalid_writes_an_error_object_in_place(tiny_model_dir: Path):
     assert third["index"] == 2 and "not valid JSON" in third["error"]
 
 
+@pytest.mark.parametrize("command", ["generate", "score"])
+def test_a_line_that_is_not_utf8_is_named_or_skipped_like_any_invalid_line(
+    tiny_model_dir: Path, tmp_path: Path, command: str
+):
+    key = "prompt" if command == "generate" else "text"
+    lines = [json.dumps({key: f"Line number {i}", "k": i}).encode() for i in range(4)]
+    lines[2] = b'{"%s": "caf\xe9 au lait", "k": 2}' % key.encode()  # Latin-1, not UTF-8
+    offset = lines[2].index(b"\xe9")
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")
+    base = [command, "-m", tiny_model_dir, *(["-t", 2, "--seed", 3] * (command == "generate"))]
+
+    refused = gpt2(*base, "--jsonl", source)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.splitlines() == [
+        f"gpt2: error: {source} line 3 is not valid UTF-8: byte 0xe9 at offset {offset}",
+        f"gpt2: error: {source}: 1 invalid line(s) of 4; nothing was run "
+        "(--skip-invalid runs the others and writes an error object for these)",
+    ]
+
+    out = tmp_path / "out.jsonl"
+    skipped = gpt2(*base, "--jsonl", "--skip-invalid", "-o", out, input=source.read_bytes())
+    assert skipped.returncode == 0, skipped.stderr
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert written[2] == {
+        "index": 2,
+        "error": f"stdin line 3 is not valid UTF-8: byte 0xe9 at offset {offset}",
+    }
+    result = "ids" if command == "generate" else "n_tokens"
+    assert [(x["index"], x["k"], bool(x[result])) for x in written[:2] + written[3:]] == [
+        (0, 0, True),
+        (1, 1, True),
+        (3, 3, True),
+    ]
+    full = out.read_bytes()
+    out.write_bytes(b"".join(full.splitlines(keepends=True)[:2]))  # as if stopped before line 3
+    resumed = gpt2(*base, "--jsonl", "--skip-invalid", "-o", out, input=source.read_bytes())
+    assert resumed.returncode == 0, resumed.stderr
+    assert out.read_bytes() == full
+
+
 @pytest.mark.parametrize(
     ("stdin", "message"),
     [

@@ -93,6 +93,41 @@ def test_invalid_lines_carry_their_line_number_and_reason(model: GPT2):
         assert words in error
 
 
+def test_a_line_that_is_not_utf8_is_an_invalid_row_and_the_others_are_read(model: GPT2):
+    bad = b'{"prompt": "caf\xe9"}'  # Latin-1, as a legacy editor writes it
+    cut = b'{"prompt": "x", "note": "\xe2\x82"}'  # a character cut short by the line's end
+    content = b"\n".join(
+        [
+            b"\xef\xbb\xbf" + jsonl({"prompt": "first"}).strip().encode(),  # byte order mark
+            bad,
+            b"",
+            jsonl({"prompt": "caf\u00e9 \u20ac"}).strip().encode(),
+            cut,
+            b"\xff" * 100_000,  # a long line that is nothing but bad bytes
+            jsonl({"prompt": "last"}).encode(),
+        ]
+    )
+    rows = dataset.read_rows("in.jsonl", content, GenerateTask(), model)
+    assert [r.index for r in rows] == [0, 1, 3, 4, 5, 6]
+    assert [r.error for r in rows] == [
+        None,
+        "in.jsonl line 2 is not valid UTF-8: byte 0xe9 at offset 15",
+        None,
+        "in.jsonl line 5 is not valid UTF-8: byte 0xe2 at offset 25",
+        "in.jsonl line 6 is not valid UTF-8: byte 0xff at offset 0",
+        None,
+    ]
+    valid = [r for r in rows if r.error is None]
+    text = content.replace(bad, b"").replace(cut, b"").replace(b"\xff", b"").decode()
+    assert [(r.index, r.work) for r in valid] == [
+        (r.index, r.work) for r in dataset.read_rows("in.jsonl", text, GenerateTask(), model)
+    ]  # the bytes of the valid lines read as their text does, byte order mark skipped alike
+    with pytest.raises(dataset.InvalidRows) as refused:
+        dataset.check_rows(rows, "in.jsonl", skip_invalid=False)
+    assert refused.value.problems == [rows[1].error, rows[3].error, rows[4].error]
+    assert "3 invalid line(s) of 6;" in str(refused.value)
+
+
 def test_check_rows_names_the_first_ten_and_refuses_unless_skipping(model: GPT2):
     content = jsonl(*[{"prompt": 1}] * 12, {"prompt": "ok"})
     rows = dataset.read_rows("-", content, GenerateTask(), model)
@@ -186,7 +221,7 @@ def test_ordered_writer_holds_a_result_until_those_before_it_are_written():
     assert out.getvalue() == b"two\nthree\nfour\n" and writer.next == 5
 
 
-def written_rows(model: GPT2, task: dataset.Task, content: str) -> tuple[list[Row], bytes]:
+def written_rows(model: GPT2, task: dataset.Task, content: bytes | str) -> tuple[list[Row], bytes]:
     rows = dataset.read_rows("in", content, task, model)
     out = io.BytesIO()
     dataset.run(task, model, rows, OrderedWriter(out.write))
@@ -217,6 +252,24 @@ def test_resume_compares_passed_fields_but_not_those_a_result_replaces(model: GP
     other = dataset.read_rows("in", content.replace('"id": 2', '"id": 3'), task, model)
     with pytest.raises(GPT2Error, match="its 'id' is not the row's"):
         dataset.resume(out, other, task)
+
+
+def test_resume_takes_a_line_that_is_not_utf8_as_any_invalid_row(model: GPT2, tmp_path: Path):
+    task = GenerateTask(GenerateOptions(max_tokens=2, temperature=0))
+    content = b'{"prompt": "a"}\n{"prompt": "\xff"}\n{"prompt": "b"}\n'
+    rows, full = written_rows(model, task, content)
+    lines = full.splitlines(keepends=True)
+    assert json.loads(lines[1]) == {
+        "index": 1,
+        "error": "in line 2 is not valid UTF-8: byte 0xff at offset 12",
+    }
+    out = tmp_path / "out.jsonl"
+    for kept in (1, 2, 3):
+        out.write_bytes(b"".join(lines[:kept]) + b'{"ind')
+        assert dataset.resume(out, rows, task) == kept
+    fixed = dataset.read_rows("in", content.replace(b"\xff", b"c"), task, model)
+    with pytest.raises(GPT2Error, match="one is an error, the other not"):
+        dataset.resume(out, fixed, task)  # the line was mended since: its error is not its result
 
 
 @pytest.mark.parametrize(

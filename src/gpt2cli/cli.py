@@ -23,6 +23,7 @@ from gpt2cli.errors import GPT2Error
 from gpt2cli.inputs import (
     argument_text,
     parse_ids,
+    read_bytes,
     read_file,
     read_text,
     stdin_chunks,
@@ -256,7 +257,7 @@ class _DatasetOptions:
         (to stdout without -o), progress on a terminal."""
         from gpt2cli import dataset
 
-        rows = dataset.read_rows(source, read_file(source), task, model)
+        rows = dataset.read_rows(source, read_bytes(source), task, model)
         try:
             dataset.check_rows(rows, source, skip_invalid=self.skip_invalid)
         except dataset.InvalidRows as e:

@@ -1,13 +1,13 @@
 """Data sets: JSON Lines of prompts or texts, checked first, run in batches, written in order.
 
 `gpt2 generate --jsonl` and `gpt2 score --jsonl` read one JSON object per line. `read_rows` checks
-every line before any model work (a row that is not an object, lacks its string field or has a
-bad option is an invalid `Row` carrying its error). A task (`GenerateTask`, `ScoreTask`) turns
-valid rows into result lines: the same pure function on whatever engine runs it (`run_local`
-here, `gpt2cli.ray_engine` on a Ray cluster), so the output does not depend on the engine.
-`run` writes the results of the rows an output file does not hold yet (`resume` counts and checks
-those it does) through an `OrderedWriter`: input order, one flushed line at a time, so a crash
-loses only the rows in flight.
+every line before any model work (a line that is not UTF-8, a row that is not an object, lacks its
+string field or has a bad option is an invalid `Row` carrying its error). A task (`GenerateTask`,
+`ScoreTask`) turns valid rows into result lines: the same pure function on whatever engine runs it
+(`run_local` here, `gpt2cli.ray_engine` on a Ray cluster), so the output does not depend on the
+engine. `run` writes the results of the rows an output file does not hold yet (`resume` counts and
+checks those it does) through an `OrderedWriter`: input order, one flushed line at a time, so a
+crash loses only the rows in flight.
 
 Output lines hold only deterministic fields: generate's `--json` fields without `timings`, and
 without `logprobs` unless asked for (float sums whose last digits depend on the batch's shape),
@@ -25,10 +25,11 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, AnyStr, ClassVar, NamedTuple, Protocol
 
 from gpt2cli import jsonfile
 from gpt2cli.errors import GPT2Error
+from gpt2cli.inputs import decode_utf8
 
 if TYPE_CHECKING:
     from gpt2cli.model import GPT2
@@ -353,27 +354,52 @@ def error_line(row: Row) -> str:
     return _json_line({"index": row.index, "error": row.error})
 
 
-def read_rows(name: str, content: str, task: Task, model: GPT2) -> list[Row]:
+def read_rows(name: str, content: bytes | str, task: Task, model: GPT2) -> list[Row]:
     """Every non-blank line of a JSON Lines input, checked by `task` (blank lines are skipped;
-    `Row.index` is the line's number from 0). Invalid lines are rows with an error."""
+    `Row.index` is the line's number from 0). Invalid lines are rows with an error.
+
+    `content` is the input as read (each line decoded as strict UTF-8 on its own, so a byte that
+    is not UTF-8 makes only its line invalid) or as text.
+    """
     where = "stdin" if name == "-" else name
     rows = []
-    content = content.removeprefix("\ufeff")  # a UTF-8 byte order mark, as some editors write
-    for index, line in enumerate(content.split("\n")):
-        if not line.strip():
-            continue
+    for index, line in enumerate(_lines(content)):
         line_name = f"{where} line {index + 1}"
         try:
-            obj = jsonfile.mapping(jsonfile.parse(line, line_name), line_name)
-            dropped = (task.key, "index", *task.options)
-            fields = {k: v for k, v in obj.items() if k not in dropped}
-            _check_json(fields, line_name)
-            rows.append(Row(index, fields, task.parse(obj, index, line_name, model)))
+            text = decode_utf8(line, line_name) if isinstance(line, bytes) else line
+            if text.strip():
+                rows.append(_row(text, index, line_name, task, model))
         except GPT2Error as e:
             rows.append(Row(index, {}, error=str(e)))
     if not rows:
         raise GPT2Error(f"{where}: no JSON lines")
     return rows
+
+
+def _lines(content: bytes | str) -> Iterator[bytes | str]:
+    """The lines of `content` (as `split("\\n")` gives them), after a UTF-8 byte order mark at
+    its start (as some editors write)."""
+    if isinstance(content, bytes):
+        return _split(content, b"\n", b"\xef\xbb\xbf")
+    return _split(content, "\n", "\ufeff")
+
+
+def _split(content: AnyStr, newline: AnyStr, mark: AnyStr) -> Iterator[AnyStr]:
+    """`content`'s lines one at a time (no list of them all: a huge input is not held twice)."""
+    start = len(mark) if content.startswith(mark) else 0
+    while (end := content.find(newline, start)) >= 0:
+        yield content[start:end]
+        start = end + 1
+    yield content[start:]
+
+
+def _row(line: str, index: int, where: str, task: Task, model: GPT2) -> Row:
+    """The row of non-blank line `line`, or a GPT2Error saying why it is invalid."""
+    obj = jsonfile.mapping(jsonfile.parse(line, where), where)
+    dropped = (task.key, "index", *task.options)
+    fields = {k: v for k, v in obj.items() if k not in dropped}
+    _check_json(fields, where)
+    return Row(index, fields, task.parse(obj, index, where, model))
 
 
 def _check_json(fields: dict[str, Any], where: str) -> None:

@@ -1,6 +1,7 @@
 """How commands read their input: stdin (whole or in chunks), arguments and files,
-always as strict UTF-8, and token ids for `gpt2 decode`. Every failure is a GPT2Error naming
-where the input came from and, for a byte that is not UTF-8, its offset."""
+always as strict UTF-8 (JSON Lines as bytes, which `gpt2cli.dataset` decodes line by line), and
+token ids for `gpt2 decode`. Every failure is a GPT2Error naming where the input came from and,
+for a byte that is not UTF-8, its offset."""
 
 from __future__ import annotations
 
@@ -79,21 +80,29 @@ def stdin_chunks(what: str) -> Iterator[str]:
 
 
 def read_file(name: str) -> str:
-    """The text of file `name` (stdin for `-`), strict UTF-8; errors name the file.
+    """The text of file `name` (stdin for `-`), strict UTF-8; errors name the file."""
+    if name == "-":
+        return read_text(None, "input")
+    return decode_utf8(read_bytes(name), name)
+
+
+def read_bytes(name: str) -> bytes:
+    """The bytes of file `name` (stdin for `-`), undecoded, for a reader that decodes them in
+    parts (JSON Lines, line by line); errors name the file.
 
     Opened without blocking, so a named pipe with no writer reads as empty instead of hanging;
     a pipe that has one (`<(command)`) is read to its end.
     """
     if name == "-":
-        return read_text(None, "input")
+        data: bytes = stdin_binary().read()
+        return data
     try:
         fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         with open(fd, "rb") as f:
             os.set_blocking(fd, True)
-            data = f.read()
+            return f.read()
     except OSError as e:
         raise GPT2Error(f"{name}: cannot read it ({e.strerror})") from None
-    return decode_utf8(data, name)
 
 
 def parse_ids(source: str, where: str) -> list[int]:
