@@ -128,6 +128,13 @@ def test_a_line_that_is_not_utf8_is_an_invalid_row_and_the_others_are_read(model
     assert "3 invalid line(s) of 6;" in str(refused.value)
 
 
+def test_an_error_object_is_utf8_when_the_file_name_is_not(model: GPT2):
+    name = b"in\xff.jsonl".decode("utf-8", "surrogateescape")  # as Python keeps such a name
+    [row] = dataset.read_rows(name, jsonl({"prompt": 1}), GenerateTask(), model)
+    error = json.loads(dataset.error_line(row).encode("utf-8"))["error"]
+    assert error == 'in\\xff.jsonl line 1 "prompt" must be a string, not 1'
+
+
 def test_check_rows_names_the_first_ten_and_refuses_unless_skipping(model: GPT2):
     content = jsonl(*[{"prompt": 1}] * 12, {"prompt": "ok"})
     rows = dataset.read_rows("-", content, GenerateTask(), model)

@@ -361,7 +361,9 @@ def read_rows(name: str, content: bytes | str, task: Task, model: GPT2) -> list[
     `content` is the input as read (each line decoded as strict UTF-8 on its own, so a byte that
     is not UTF-8 makes only its line invalid) or as text.
     """
-    where = "stdin" if name == "-" else name
+    from gpt2cli.output import printable
+
+    where = "stdin" if name == "-" else printable(name)  # in error objects, which are UTF-8
     rows = []
     for index, line in enumerate(_lines(content)):
         line_name = f"{where} line {index + 1}"
