@@ -49,10 +49,10 @@ LOADERS = {
         import numpy as np
         from gpt2cli.model import GPT2
         before = rss_mb(); start = time.perf_counter()
-        model = GPT2.from_pretrained(folder)  # the transposed head from the cache, mapped
+        model = GPT2.from_pretrained(folder)  # head and c_proj: transposed copies, mapped
         seconds = time.perf_counter() - start; after = rss_mb()
         params = model.params
-        arrays = [model.head_t, params["wpe"], params["ln_f"]["g"], params["ln_f"]["b"]]
+        arrays = [params["wte"], params["wpe"], params["ln_f"]["g"], params["ln_f"]["b"]]
         arrays += [t for b in params["blocks"] for layer in b.values()
                    for t in (layer.values() if "g" in layer else
                              [x for sub in layer.values() for x in sub.values()])]

@@ -22,6 +22,7 @@ from safetensors.numpy import load_file, save_file
 from gpt2cli import weights
 from gpt2cli.config import GPT2Config
 from gpt2cli.errors import CorruptWeightsError, GPT2Error
+from gpt2cli.model import GPT2 as Model
 from tests.factory import (
     TINY,
     hf_config,
@@ -705,67 +706,98 @@ def test_gpt2_refuses_a_hostile_folder_in_one_line(
     assert "Traceback" not in result.stderr and "Warning" not in result.stderr
 
 
-# the transposed output head, cached in the user's cache (weights.head_transposed)
+# the transposed layout of the head and c_proj weights, cached in the user's cache
+# (weights.transposed_layout)
 
 
-def _head_entries() -> list[Path]:
-    return sorted(Path(os.environ["XDG_CACHE_HOME"], "gpt2cli").glob("head-*.npy"))
+def _layout_entries() -> list[Path]:
+    return sorted(Path(os.environ["XDG_CACHE_HOME"], "gpt2cli").glob("layout-*.npy"))
 
 
-def _head_t(folder: Path) -> tuple[weights.Params, np.ndarray | None]:
-    """The folder's params and its cached transposed head, as GPT2.from_pretrained gets them."""
+def _layout(folder: Path) -> tuple[weights.Params, weights.Params]:
+    """The folder's params as loaded, and as GPT2.from_pretrained lays them out."""
     _, params = weights.load(folder)
+    return params, weights.transposed_layout(params, weights.weight_files(folder))
+
+
+def _transposed(params: weights.Params) -> list[np.ndarray]:
+    """The matrices transposed_layout stores transposed: the head, then each c_proj."""
     head = params.get("lm_head", params["wte"])
-    return params, weights.head_transposed(head, weights.weight_files(folder))
+    return [head] + [b[part]["c_proj"]["w"] for b in params["blocks"] for part in ("attn", "mlp")]
 
 
-def test_the_transposed_head_is_made_once_then_memory_mapped_from_the_cache(tmp_path: Path):
+def _assert_laid_out(loaded: weights.Params, laid_out: weights.Params) -> None:
+    """Every array holds the loaded values; the head and c_proj ones in transposed memory order
+    (a view of the one mapped cache file), the rest the loaded arrays themselves."""
+    for before, after in zip(_transposed(loaded), _transposed(laid_out), strict=True):
+        np.testing.assert_array_equal(after, before)
+        assert after.T.flags.c_contiguous and not after.flags.owndata
+        assert isinstance(after.base, np.memmap) or isinstance(after.base.base, np.memmap)
+    assert laid_out["wpe"] is loaded["wpe"]
+    for b_before, b_after in zip(loaded["blocks"], laid_out["blocks"], strict=True):
+        assert b_after["mlp"]["c_fc"] is b_before["mlp"]["c_fc"]
+        assert b_after["attn"]["c_proj"]["b"] is b_before["attn"]["c_proj"]["b"]
+
+
+def test_the_transposed_layout_is_made_once_then_memory_mapped_from_the_cache(tmp_path: Path):
     folder = write_random_gpt2(tmp_path / "m", TINY, seed=11)
-    before = set(_head_entries())
-    params, first = _head_t(folder)
-    assert isinstance(first, np.memmap)  # the one just stored, mapped
-    (entry,) = set(_head_entries()) - before
+    before = set(_layout_entries())
+    loaded, laid_out = _layout(folder)
+    _assert_laid_out(loaded, laid_out)
+    (entry,) = set(_layout_entries()) - before
     made = entry.stat().st_mtime_ns
-    _, again = _head_t(folder)
-    assert isinstance(again, np.memmap) and again.flags.c_contiguous
-    np.testing.assert_array_equal(again, params["wte"].T)
-    assert set(_head_entries()) - before == {entry}  # the second load made nothing new
+    loaded, again = _layout(folder)
+    _assert_laid_out(loaded, again)
+    assert set(_layout_entries()) - before == {entry}  # the second load made nothing new
     assert entry.stat().st_mtime_ns == made  # nor rewrote it
 
 
-def test_rewritten_weights_get_a_new_head_not_the_stale_one(tmp_path: Path):
+def test_the_laid_out_model_gives_the_loaded_params_logits(tmp_path: Path):
+    folder = write_random_gpt2(tmp_path / "m", TINY, seed=17)
+    loaded, laid_out = _layout(folder)
+    ids = np.arange(40) * 997 % TINY.n_vocab
+    plain = Model(TINY, loaded)(ids)
+    np.testing.assert_allclose(Model(TINY, laid_out)(ids), plain, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(Model.from_pretrained(folder)(ids), plain, rtol=1e-5, atol=1e-5)
+
+
+def test_rewritten_weights_get_a_new_layout_not_the_stale_one(tmp_path: Path):
     folder = write_random_gpt2(tmp_path / "m", TINY, seed=12)
-    _head_t(folder)
+    _layout(folder)
     write_random_gpt2(folder, TINY, seed=13)  # same file, same size, other values
-    params, head_t = _head_t(folder)
-    np.testing.assert_array_equal(head_t, params["wte"].T)
+    _assert_laid_out(*_layout(folder))
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "fifo"])
-def test_a_damaged_head_entry_is_rebuilt_not_used(tmp_path: Path, damage: str):
+@pytest.mark.parametrize("damage", ["truncate", "flip-head", "flip-c_proj", "fifo"])
+def test_a_damaged_layout_entry_is_rebuilt_not_used(tmp_path: Path, damage: str):
     folder = write_random_gpt2(tmp_path / "m", TINY, seed=14)
-    before = set(_head_entries())
-    _head_t(folder)
-    (entry,) = set(_head_entries()) - before
+    before = set(_layout_entries())
+    loaded, _ = _layout(folder)
+    (entry,) = set(_layout_entries()) - before
     if damage == "truncate":
         os.truncate(entry, entry.stat().st_size - 4)
-    elif damage == "flip":  # right size and header, wrong values
-        np.save(entry, -np.load(entry))
+    elif damage.startswith("flip"):  # right size and header, wrong values
+        flat = np.load(entry)
+        head = loaded["wte"].size
+        part = slice(0, head) if damage == "flip-head" else slice(head, None)
+        flat[part] = -flat[part]
+        np.save(entry, flat)
     else:
         entry.unlink()
         os.mkfifo(entry)
-    params, head_t = within(10, lambda: _head_t(folder))  # type: ignore[misc]
-    np.testing.assert_array_equal(head_t, params["wte"].T)
+    _assert_laid_out(*within(10, lambda: _layout(folder)))  # type: ignore[misc]
 
 
-def test_an_unwritable_cache_leaves_the_head_as_it_is(tmp_path: Path, monkeypatch):
+def test_an_unwritable_cache_leaves_the_params_as_loaded(tmp_path: Path, monkeypatch):
     folder = write_random_gpt2(tmp_path / "m", TINY, seed=15)
     (tmp_path / "not-a-folder").write_text("")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not-a-folder"))
-    assert _head_t(folder)[1] is None
+    loaded, laid_out = _layout(folder)
+    assert laid_out is loaded
 
 
 def test_an_untied_head_is_the_one_transposed(tmp_path: Path):
     folder = write_save_pretrained_gpt2(tmp_path / "m", TINY, seed=16, tied=False)
-    params, head_t = _head_t(folder)
-    np.testing.assert_array_equal(head_t, params["lm_head"].T)
+    loaded, laid_out = _layout(folder)
+    _assert_laid_out(loaded, laid_out)
+    assert laid_out["wte"] is loaded["wte"]  # the embedding table stays as it is

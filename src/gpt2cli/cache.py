@@ -1,9 +1,10 @@
 """The user's cache of files gpt2cli derives from others, so later runs skip the work.
 
 It lives in `$XDG_CACHE_HOME/gpt2cli` (`~/.cache/gpt2cli`) and holds the tokenizer's tables and
-the transposed output head. Every entry is named by a hash of what it was derived from, written
-atomically, and checked when read: a stale, damaged or missing entry is rebuilt, never used, and
-a cache that cannot be written (read-only, full, not a folder) only costs speed.
+each model's transposed output head and c_proj weights. Every entry is named by a hash of what
+it was derived from, written atomically, and checked when read: a stale, damaged or missing
+entry is rebuilt, never used, and a cache that cannot be written (read-only, full, not a folder)
+only costs speed.
 """
 
 from __future__ import annotations

@@ -82,10 +82,18 @@ def layer_norm(x: Array, g: Array, b: Array, eps: float = 1e-5) -> Array:
 
 
 def linear(x: Array, w: Array, b: Array) -> Array:
-    """x @ w + b over the last axis, as one matrix product however many leading axes x has."""
+    """x @ w + b over the last axis, as one matrix product however many leading axes x has.
+
+    Weights stored transposed (`w.T` contiguous: `weights.transposed_layout`) are multiplied as
+    (w.T @ x.T).T, the product BLAS runs fastest for them; the result is the same.
+    """
     rows = x.reshape(-1, w.shape[0])  # [..., n_in] -> [m, n_in]: the weights are read once
-    out = rows @ w  # [m, n_in] @ [n_in, n_out] -> [m, n_out]
-    out += b  # [m, n_out] + [n_out]
+    out: Array
+    if w.flags.f_contiguous and not w.flags.c_contiguous:
+        out = np.add((w.T @ rows.T).T, b, order="C")  # [n_out, n_in] @ [n_in, m] -> [m, n_out]
+    else:
+        out = rows @ w  # [m, n_in] @ [n_in, n_out] -> [m, n_out]
+        out += b  # [m, n_out] + [n_out]
     return out.reshape(*x.shape[:-1], w.shape[1])  # [..., n_out]
 
 
@@ -158,13 +166,11 @@ def forward(
     config: GPT2Config,
     keys: Array,
     values: Array,
-    head_t: Array | None = None,
 ) -> Array:
     """Final hidden states [B, T, D] of tokens `ids` [B, T] at `positions` [B, T].
 
     Their keys and values are cached in `keys`/`values` [L, B, H, C, hd] at those positions, and
     each attends to every cached position up to its own (earlier positions must already be there).
-    `head_t`, a [D, V] copy of a tied head, is where the embeddings are read (`embed`).
     """
     n_batch = ids.shape[0]
     span = int(positions.max()) + 1  # S: positions attended to
@@ -176,7 +182,7 @@ def forward(
         np.arange(config.n_head)[None, :, None],
         positions[:, None, :],
     )
-    x = embed(ids, params, head_t) + params["wpe"][positions]  # [B, T, D]
+    x = params["wte"][ids] + params["wpe"][positions]  # [B, T, D]
     for i, layer in enumerate(params["blocks"]):
         x = block(
             x,
@@ -192,21 +198,9 @@ def forward(
     return layer_norm(x, **params["ln_f"], eps=config.layer_norm_epsilon)  # [B, T, D]
 
 
-def embed(ids: NDArray[np.intp], params: Params, head_t: Array | None = None) -> Array:
-    """Token embeddings [..., D] of ids [...]: rows of wte, or columns of its transposed copy
-    `head_t` [D, V] when the head is tied to it (so only one of the two tables is ever read)."""
-    if head_t is not None and "lm_head" not in params:
-        return np.moveaxis(head_t[:, ids], 0, -1)  # [D, ...] -> [..., D]
-    rows: Array = params["wte"][ids]
-    return rows
-
-
-def output_head(x: Array, params: Params, head_t: Array | None = None) -> Array:
-    """Logits over the vocabulary: the hidden state against every token's embedding (tied head),
-    by `head_t`, the head as a contiguous [D, V] matrix, when there is one (faster in BLAS)."""
-    if head_t is not None:
-        by_copy: Array = x @ head_t  # [..., D] @ [D, V] -> [..., V]
-        return by_copy
+def output_head(x: Array, params: Params) -> Array:
+    """Logits over the vocabulary: each hidden state against every token's embedding (the head
+    is wte itself unless the checkpoint has an untied lm_head)."""
     head: Array = params["lm_head"] if "lm_head" in params else params["wte"]  # [V, D]
     logits: Array = x @ head.T  # [..., D] @ [D, V] -> [..., V]
     return logits
@@ -318,12 +312,10 @@ class GPT2:
         config: GPT2Config,
         params: Params,
         folder: Path | None = None,
-        head_t: Array | None = None,
     ) -> None:
         self.config = config
         self.params = params
         self.folder = folder  # where the tokenizer files are looked for
-        self.head_t = head_t  # the output head as a [D, V] copy (`weights.head_transposed`)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None) -> GPT2:
@@ -332,9 +324,7 @@ class GPT2:
 
         folder = hub.resolve(str(name_or_path), revision)
         config, params = weights.load(folder)
-        head = params["lm_head"] if "lm_head" in params else params["wte"]
-        head_t = weights.head_transposed(head, weights.weight_files(folder))
-        return cls(config, params, folder, head_t)
+        return cls(config, weights.transposed_layout(params, weights.weight_files(folder)), folder)
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
@@ -562,9 +552,7 @@ class GPT2:
         """Run ids [B, T] at each row's next T positions; return their final hidden states."""
         positions = state.lengths[:, None] + np.arange(ids.shape[1])  # [B, T]
         with np.errstate(all="ignore"):  # weights that overflow float32 are caught in _head
-            x = forward(
-                ids, positions, self.params, self.config, state.keys, state.values, self.head_t
-            )
+            x = forward(ids, positions, self.params, self.config, state.keys, state.values)
         state.lengths += ids.shape[1]  # in place: a `rows` view updates the whole cache's lengths
         return x
 
@@ -575,7 +563,7 @@ class GPT2:
         Inf, or values so large that float32 overflows, so the error names the first position.
         """
         with np.errstate(all="ignore"):
-            logits = output_head(x, self.params, self.head_t)  # [..., V]
+            logits = output_head(x, self.params)  # [..., V]
         finite = np.isfinite(logits).all(axis=-1)  # [...]
         if not finite.all():
             first = tuple(np.argwhere(~finite)[0])

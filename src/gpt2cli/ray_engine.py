@@ -77,15 +77,13 @@ class ModelPackage:
     loaded them) in the object store."""
 
     config: GPT2Config
-    params: Any  # a ray.ObjectRef of the nested dict of weight arrays
-    head_t: Any  # a ray.ObjectRef of the [D, V] copy of the output head (GPT2.head_t), or None
+    params: Any  # a ray.ObjectRef of the nested dict of weight arrays (in the driver's layout)
     tokenizer: Any  # a ray.ObjectRef of the Tokenizer
 
 
 def package(ray: Any, model: GPT2) -> ModelPackage:
     """Put `model` in the object store."""
-    head_t = None if model.head_t is None else ray.put(np.asarray(model.head_t))
-    return ModelPackage(model.config, ray.put(model.params), head_t, ray.put(model.tokenizer))
+    return ModelPackage(model.config, ray.put(model.params), ray.put(model.tokenizer))
 
 
 def unpack(ray: Any, shipped: ModelPackage) -> GPT2:
@@ -93,8 +91,7 @@ def unpack(ray: Any, shipped: ModelPackage) -> GPT2:
     of a node), no file read."""
     from gpt2cli.model import GPT2
 
-    head_t = None if shipped.head_t is None else ray.get(shipped.head_t)
-    model = GPT2(shipped.config, ray.get(shipped.params), head_t=head_t)
+    model = GPT2(shipped.config, ray.get(shipped.params))
     model.tokenizer = ray.get(shipped.tokenizer)
     return model
 
