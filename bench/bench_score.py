@@ -1,11 +1,14 @@
 """Scoring beside the Hugging Face perplexity recipe run with transformers, on the same weights.
 
-A 20,000-token text scored in windows of 1,024 starting every 512 tokens: gpt2cli's
-`GPT2.score` against the "Perplexity of fixed-length models" loop (labels masked before
-`trg_len`, torch with 2 threads), each in its own process so that its peak resident memory is
-its own. Then JSON Lines: 64 documents of about 100 tokens scored as padded batches
-(`score_texts`, what `gpt2 score --jsonl` does) against scoring them one call at a time in the
-same process, and against one `gpt2 score --text` process per document (a shell loop).
+A 1,536-token text scored in windows of 1,024 starting every 512 tokens (two windows: the
+first scores 1,023 tokens, the second the last 512): gpt2cli's `GPT2.score` against the
+"Perplexity of fixed-length models" loop (labels masked before `trg_len`, torch with 2 threads),
+each in its own process so that its peak resident memory is its own; tokens/s is the median of
+REPEAT runs after the model is loaded and a short warm-up. Then JSON Lines: 9 documents of
+about 100 tokens scored as padded batches (`score_texts`, what `gpt2 score --jsonl` does)
+against scoring them one call at a time in the same process (the two ways alternate, REPEAT
+runs each; docs/s are medians), and against one `gpt2 score --text` process per document (a
+shell loop, PROCESSES documents).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +29,13 @@ from bench.bench_model import THREADS, _peak_rss
 from bench.common import print_table, random_124m, verdict
 from tests.factory import GPT2_124M
 
-TOKENS = 20_000
+TOKENS = 1_536  # two windows; the stride's second window is the one that masks labels
 STRIDE = 512
-DOCUMENTS = 64  # the issue names 256; 64 keep the section near two minutes, same ratio
+WARM_UP_TOKENS = 256
+DOCUMENTS = 9  # the issue names 256; 9 (of ~104 ids: one padded batch of 1,024) keep it short
 DOCUMENT_TOKENS = 100
-# the JSON Lines runs: 64 documents take about 15 s each way; the 20,000-token text is
-# one run of 39 windows a side
-REPEAT = 1
-PROCESSES = 16  # documents scored by a `gpt2 score` process each, for the last row
+REPEAT = 3  # runs of each measurement a ratio is taken of: 9 documents take about 2 s
+PROCESSES = 4  # documents scored by a `gpt2 score` process each, for the last row
 MIB = 2**20
 
 
@@ -63,7 +66,7 @@ def main() -> None:
     ]  # fmt: skip
     print_table(
         f"score: gpt2cli vs the Hugging Face recipe on transformers, 124M-shaped fp32, "
-        f"{THREADS} threads",
+        f"{THREADS} threads, median of {REPEAT}",
         ["workload", "transformers", "gpt2cli", "ratio", "target", ""],
         rows,
     )
@@ -82,22 +85,31 @@ def _worker(side: str, folder: str) -> None:
     if side == "jsonl":
         result = _documents(folder)
     else:
-        run = _transformers_recipe if side == "transformers" else _ours
-        start = time.perf_counter()
-        nll, n_tokens = run(folder, ids)
-        result = {"tokens_per_s": n_tokens / (time.perf_counter() - start), "nll": nll}
+        run = _transformers_recipe(folder) if side == "transformers" else _ours(folder)
+        run(ids[:WARM_UP_TOKENS])
+        rates, nll = [], 0.0
+        for _ in range(REPEAT):
+            start = time.perf_counter()
+            nll, n_tokens = run(ids)
+            rates.append(n_tokens / (time.perf_counter() - start))
+        result = {"tokens_per_s": statistics.median(rates), "nll": nll}
     print(json.dumps(result | {"peak_rss": _peak_rss()}))
 
 
-def _ours(folder: str, ids: np.ndarray) -> tuple[float, int]:
+def _ours(folder: str) -> Callable[[np.ndarray], tuple[float, int]]:
     from gpt2cli.model import GPT2
 
-    logprobs = GPT2.from_pretrained(folder).score(ids, stride=STRIDE, bos=False)
-    return -float(logprobs.sum(dtype=np.float64)), len(logprobs)
+    model = GPT2.from_pretrained(folder)
+
+    def run(ids: np.ndarray) -> tuple[float, int]:
+        logprobs = model.score(ids, stride=STRIDE, bos=False)
+        return -float(logprobs.sum(dtype=np.float64)), len(logprobs)
+
+    return run
 
 
-def _transformers_recipe(folder: str, ids: np.ndarray) -> tuple[float, int]:
-    """The page's loop, counting the labels the loss really averages (see tests/test_score.py)."""
+def _transformers_recipe(folder: str) -> Callable[[np.ndarray], tuple[float, int]]:
+    """Load the model with transformers; return the recipe run on it."""
     import torch
     import transformers
 
@@ -106,10 +118,22 @@ def _transformers_recipe(folder: str, ids: np.ndarray) -> tuple[float, int]:
     hf: Any = transformers.GPT2LMHeadModel.from_pretrained(
         folder, attn_implementation="eager", dtype=torch.float32
     ).eval()
-    encodings = torch.from_numpy(ids)[None]
+
+    def run(ids: np.ndarray) -> tuple[float, int]:
+        return _recipe(hf, torch.from_numpy(ids)[None])
+
+    return run
+
+
+def _recipe(hf: Any, encodings: Any) -> tuple[float, int]:
+    """The page's loop, counting the labels the loss really averages (see tests/test_score.py):
+    total NLL and the number of tokens scored."""
+    import torch
+
+    length = encodings.shape[1]
     nll_sum, n_tokens, prev_end = 0.0, 0, 0
-    for begin in range(0, TOKENS, STRIDE):
-        end = min(begin + GPT2_124M.n_ctx, TOKENS)
+    for begin in range(0, length, STRIDE):
+        end = min(begin + GPT2_124M.n_ctx, length)
         trg_len = end - prev_end
         input_ids = encodings[:, begin:end]
         target_ids = input_ids.clone()
@@ -120,7 +144,7 @@ def _transformers_recipe(folder: str, ids: np.ndarray) -> tuple[float, int]:
         nll_sum += float(loss) * counted
         n_tokens += counted
         prev_end = end
-        if end == TOKENS:
+        if end == length:
             break
     return nll_sum, n_tokens
 
@@ -155,12 +179,14 @@ def _documents(folder: str) -> dict[str, float]:
             subprocess.run(cmd, check=True, capture_output=True)
         return count / (time.perf_counter() - start)
 
-    batched()  # warm-up: the tokenizer, the weights' pages, BLAS's buffers
-    return {
-        "batched": statistics.median(batched() for _ in range(REPEAT)),
-        "one_by_one": statistics.median(one_by_one() for _ in range(REPEAT)),
-        "processes": processes(),
-    }
+    score_texts(model, texts[:4])  # warm-up: the tokenizer, the weights' pages, BLAS's buffers
+    ways = {"batched": batched, "one_by_one": one_by_one}
+    rates: dict[str, list[float]] = {name: [] for name in ways}
+    for r in range(REPEAT):  # alternating, so that a change in the machine's load hits both
+        for name in ways if r % 2 == 0 else reversed(ways):
+            rates[name].append(ways[name]())
+    result = {name: statistics.median(values) for name, values in rates.items()}
+    return result | {"processes": processes()}
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from tests.serve_process import ServeProcess
 
 CLIENTS = 8
 NEW_TOKENS = 64
-SHORT_REQUESTS = 32  # per measurement, shared among the clients
+SHORT_REQUESTS = 8  # per measurement, shared among the clients (one each for eight)
 SHORT_TOKENS = 8
 RUNS = 3
 

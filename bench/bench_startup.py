@@ -21,7 +21,7 @@ from pathlib import Path
 from bench.bench_tokenizer import TIKTOKEN_GPT2_PATTERN
 from bench.common import print_table, verdict
 
-RUNS = 9
+RUNS = 5
 TARGET_S = 0.3
 GPT2 = str(Path(sys.executable).parent / "gpt2")
 
