@@ -11,6 +11,7 @@ is shown too: it copies every tensor, which is why weights.py parses the header 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -89,7 +90,13 @@ def measure(code: str, folder: Path) -> dict[str, float]:
         capture_output=True,
         text=True,
         check=True,
-        env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "PATH": ""},
+        env={
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_VERBOSITY": "error",
+            "PATH": "",
+            # the run's own cache, where the checkpoint's transposed layout already is
+            "XDG_CACHE_HOME": os.environ.get("XDG_CACHE_HOME", ""),
+        },
     )
     return dict(json.loads(result.stdout.strip().splitlines()[-1]))
 

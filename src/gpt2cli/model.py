@@ -16,6 +16,7 @@ only; `GPT2.step` then feeds one token per sequence, costing one position of wor
 from __future__ import annotations
 
 import math
+import mmap
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -204,6 +205,22 @@ def output_head(x: Array, params: Params) -> Array:
     head: Array = params["lm_head"] if "lm_head" in params else params["wte"]  # [V, D]
     logits: Array = x @ head.T  # [..., D] @ [D, V] -> [..., V]
     return logits
+
+
+def lazy_zeros(shape: tuple[int, ...]) -> Array:
+    """float32 zeros in anonymous memory that becomes resident 4 KiB page by page as it is
+    written, for a KV cache: rows use only the first positions of their capacity.
+
+    Why not np.zeros: NumPy asks the kernel for huge pages on large arrays (MADV_HUGEPAGE), so
+    writing a row's first positions faults in whole 2 MiB pages across the cache. Measured with
+    8 rows of short prompts at capacity 1,024 (124M): admitting them took 5.2 s instead of 0.9 s,
+    and resident memory grew by 822 MiB instead of 277 MiB.
+    """
+    count = math.prod(shape)
+    buffer = mmap.mmap(-1, max(4 * count, 1))  # zero-filled by the kernel, pages on first write
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux
+        buffer.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(buffer, np.float32, count).reshape(shape)
 
 
 def available_memory() -> int | None:
@@ -604,8 +621,8 @@ class GPT2:
         c = self.config
         shape = (c.n_layer, n_batch, c.n_head, capacity, c.head_dim)  # [L, B, H, C, hd]
         return DecodeState(
-            keys=np.zeros(shape, np.float32),
-            values=np.zeros(shape, np.float32),
+            keys=lazy_zeros(shape),
+            values=lazy_zeros(shape),
             lengths=np.zeros(n_batch, np.intp),
         )
 
