@@ -40,16 +40,17 @@ def _isolated_hub_cache(
     monkeypatch.delenv("HF_TOKEN", raising=False)
 
 
-@pytest.fixture(scope="session")
-def _session_cache_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("xdg_cache")
-
-
-@pytest.fixture(autouse=True)
-def _isolated_user_cache(_session_cache_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep every test's cached tokenizer tables out of the user's ~/.cache; one folder for the
-    whole session, as one user's runs share theirs."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(_session_cache_home))
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_user_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Keep the session's cached files (tokenizer tables, transposed weights) out of the user's
+    ~/.cache, and its hub files out of theirs, from before the first fixture of any scope runs:
+    session- and module-scoped models load before `_isolated_hub_cache` applies. One cache
+    folder for the whole session, as one user's runs share theirs."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
+        patch.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf_home_session")))
+        patch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: no real hub
+        yield
 
 
 @pytest.fixture(scope="session")
