@@ -217,7 +217,8 @@ def lazy_zeros(shape: tuple[int, ...]) -> Array:
     8 rows of short prompts at capacity 1,024 (124M): admitting them made 574-603 MiB resident,
     and took up to 4.7 s while the kernel compacted memory; in 4 KiB pages, 26 MiB and 0.7 s.
     """
-    count, size = math.prod(shape), max(4 * math.prod(shape), 1)
+    count = math.prod(shape)
+    size = max(4 * count, 1)  # mmap refuses 0 bytes
     if hasattr(mmap, "MAP_PRIVATE"):  # Unix: private, as malloc's memory is (not shared memory)
         buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)  # zero pages, made on first write
         if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux
@@ -619,7 +620,8 @@ class GPT2:
 
         Zeros, not np.empty: in a batch, a short row's attention spans positions it never wrote
         (the longest row's), masked to weight 0, and 0 * a stray NaN would still be NaN. The
-        zeros cost nothing up front: large arrays come from calloc, paged in as they are written.
+        zeros cost nothing up front: `lazy_zeros` pages them in 4 KiB at a time as rows are
+        written.
         """
         self.check_fits(n_batch, capacity, logits=logits)
         c = self.config

@@ -68,6 +68,7 @@ def load(folder: str | os.PathLike[str]) -> tuple[GPT2Config, Params]:
 
 LAYOUT_FORMAT = 2  # change it when the cached copies' layout changes
 _FINGERPRINT_ROWS = 192  # rows of the head hashed into the cache key
+_PROJECTED = ("attn", "mlp")  # the parts of a block whose c_proj weights are transposed
 
 
 def transposed_layout(params: Params, files: list[Path]) -> Params:
@@ -87,7 +88,7 @@ def transposed_layout(params: Params, files: list[Path]) -> Params:
     tied = "lm_head" not in params
     head = params["wte"] if tied else params["lm_head"]
     blocks = params["blocks"]
-    matrices = [head] + [b[part]["c_proj"]["w"] for b in blocks for part in ("attn", "mlp")]
+    matrices = [head] + [b[part]["c_proj"]["w"] for b in blocks for part in _PROJECTED]
     if folder is None:
         return params
     # three runs of rows (start, middle, end), not rows spread evenly: the kernel maps file
@@ -139,14 +140,14 @@ def transposed_layout(params: Params, files: list[Path]) -> Params:
             copies = cached()
     if copies is None:
         return params
-    head_t, *projections = copies
-    swapped = iter(projections)
-    new_blocks = [
-        {**b} | {part: {**b[part], "c_proj": {**b[part]["c_proj"], "w": next(swapped).T}}
-                 for part in ("attn", "mlp")}
-        for b in blocks
-    ]  # fmt: skip
-    return {**params, "blocks": new_blocks, ("wte" if tied else "lm_head"): head_t.T}
+    projections = iter(copies[1:])  # in the order of `matrices`
+    laid_out = []
+    for b in blocks:  # new dicts: the loaded `params` stay as they are
+        b = dict(b)
+        for part in _PROJECTED:
+            b[part] = {**b[part], "c_proj": {**b[part]["c_proj"], "w": next(projections).T}}
+        laid_out.append(b)
+    return {**params, "blocks": laid_out, ("wte" if tied else "lm_head"): copies[0].T}
 
 
 def _load_flat(entry: Path, n: int) -> np.ndarray | None:
