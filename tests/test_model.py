@@ -19,6 +19,7 @@ from gpt2cli import weights
 from gpt2cli.errors import GPT2Error
 from gpt2cli.generate import generate_ids
 from gpt2cli.model import GPT2
+from gpt2cli.ops import softmax
 from tests.factory import (
     GPT2_124M,
     TINY,
@@ -139,6 +140,27 @@ def test_a_prompt_run_in_chunks_gives_the_same_cache_and_logits(
     )
 
 
+def test_attention_in_small_query_blocks_and_either_product_form_give_the_same_logits(
+    tiny: GPT2, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prompts = [_ids(n, seed=n) for n in (23, 9, 17)]
+    whole_state, whole = tiny.prefill(prompts, 40)
+    whole_logits = tiny(np.array(prompts[0]))
+    assert tiny.params["blocks"][0]["mlp"]["c_proj"]["w"].flags.f_contiguous  # transposed
+    monkeypatch.setattr(model_module, "QUERY_ROWS", 6)  # 3 prompts: blocks of 2 queries
+    monkeypatch.setattr(model_module, "TRANSPOSED_ROWS", 10**9)  # w.T @ x.T at every size
+    blocked_state, blocked = tiny.prefill(prompts, 40)
+    np.testing.assert_allclose(blocked, whole, rtol=0, atol=SELF_TOL)
+    np.testing.assert_allclose(tiny(np.array(prompts[0])), whole_logits, rtol=0, atol=SELF_TOL)
+    monkeypatch.setattr(model_module, "TRANSPOSED_ROWS", 0)  # x @ w at every size
+    np.testing.assert_allclose(
+        tiny.step(blocked_state, [1, 2, 3]),
+        tiny.step(whole_state, [1, 2, 3]),
+        rtol=0,
+        atol=SELF_TOL,
+    )
+
+
 def test_a_batch_of_prompts_of_different_lengths_decodes_as_each_alone(tiny: GPT2) -> None:
     prompts = [_ids(n, seed=n) for n in (5, 17, 1, 40)]
     new_tokens = 20
@@ -218,7 +240,7 @@ def test_python_float_constants_keep_float32(tiny: GPT2) -> None:
     x = np.linspace(-4, 4, 64, dtype=np.float32).reshape(2, 32)
     g, b = np.ones(32, np.float32), np.zeros(32, np.float32)
     assert model_module.gelu(x).dtype == np.float32
-    assert model_module.softmax(x).dtype == np.float32
+    assert softmax(x).dtype == np.float32
     assert model_module.layer_norm(x, g, b, eps=1e-5).dtype == np.float32
 
 

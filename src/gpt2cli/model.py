@@ -21,14 +21,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from gpt2cli.config import GPT2Config
 from gpt2cli.errors import GPT2Error
-from gpt2cli.ops import logsumexp, softmax
+from gpt2cli.ops import logsumexp
 
 if TYPE_CHECKING:
     from gpt2cli.tokenizer import Tokenizer
@@ -37,17 +37,24 @@ if TYPE_CHECKING:
 Array = NDArray[np.floating[Any]]  # float32 throughout (tested); numpy stubs cannot track it
 Ids = Sequence[int] | NDArray[np.integer[Any]]  # one sequence of token ids
 
-# prompt tokens per forward pass, over the whole batch: bounds the [B, H, T, S] attention scores
-# and [B, T, 4D] MLP activations of long prompts (peak memory), while keeping every matrix
-# product large enough for BLAS to run at full speed
-PREFILL_TOKENS = 128
+# prompt tokens per forward pass, over the whole batch: each layer's matrix products take up to
+# this many rows at once, so its weights are read from memory once for all of them (the
+# products run at full speed from about 256 rows), while the [B, T, 4D] MLP activations stay
+# small (12.6 MB for 124M)
+PREFILL_TOKENS = 1024
 
-# scoring: windows of several texts run as one batch of at most BATCH_TOKENS positions, in
-# passes of SCORE_TOKENS (larger matrix products than PREFILL_TOKENS, less attention computed
-# only to be masked than whole windows: the fastest measured), and the output head over at most
-# HEAD_ROWS positions at a time ([HEAD_ROWS, V] logits are 25 MB)
+# queries per attention product, over the whole batch: bounds the [B, H, Q, S] scores (6.3 MB
+# for 124M) and computes little that the causal mask throws away
+QUERY_ROWS = 128
+
+# weights stored transposed are multiplied as (w.T @ x.T).T below this many rows, where that
+# form is faster (0.5-0.75x the time of x @ w for one row), and as x @ w from it on, where the
+# transposed form's copy back to row order costs more than it gains
+TRANSPOSED_ROWS = 256
+
+# scoring: windows of several texts run as one batch of at most BATCH_TOKENS positions, and the
+# output head over at most HEAD_ROWS positions at a time ([HEAD_ROWS, V] logits are 25 MB)
 BATCH_TOKENS = 1024
-SCORE_TOKENS = 256
 HEAD_ROWS = 128
 
 _GELU_C = math.sqrt(2.0 / math.pi)  # a Python float: it keeps float32 arrays float32
@@ -86,11 +93,12 @@ def linear(x: Array, w: Array, b: Array) -> Array:
     """x @ w + b over the last axis, as one matrix product however many leading axes x has.
 
     Weights stored transposed (`w.T` contiguous: `weights.transposed_layout`) are multiplied as
-    (w.T @ x.T).T, the product BLAS runs fastest for them; the result is the same.
+    (w.T @ x.T).T when x has fewer than TRANSPOSED_ROWS rows, the product BLAS runs fastest for
+    them; the result is the same.
     """
     rows = x.reshape(-1, w.shape[0])  # [..., n_in] -> [m, n_in]: the weights are read once
     out: Array
-    if w.flags.f_contiguous and not w.flags.c_contiguous:
+    if len(rows) < TRANSPOSED_ROWS and w.flags.f_contiguous and not w.flags.c_contiguous:
         out = np.add((w.T @ rows.T).T, b, order="C")  # [n_out, n_in] @ [n_in, m] -> [m, n_out]
     else:
         out = rows @ w  # [m, n_in] @ [n_in, n_out] -> [m, n_out]
@@ -103,10 +111,41 @@ def attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
 
     `mask` [B, 1, T, m] is added to the scores' last m columns: 0 where a query may attend,
     -inf where it may not (the columns before them every query may see, so they need none).
+    The softmax's division comes last, on the [.., hd] mixes rather than the [.., S] weights.
     """
     scores = (q / math.sqrt(q.shape[-1])) @ k.swapaxes(-1, -2)  # [B, H, T, hd] @ [B, H, hd, S]
     scores[..., scores.shape[-1] - mask.shape[-1] :] += mask  # [B, H, T, m] + [B, 1, T, m]
-    return softmax(scores, out=scores) @ v  # [B, H, T, S] @ [B, H, S, hd] -> [B, H, T, hd]
+    scores -= scores.max(axis=-1, keepdims=True)  # so exp never overflows
+    weights = np.exp(scores, out=scores)  # [B, H, T, S], unnormalized
+    mixed: Array = weights @ v  # [B, H, T, S] @ [B, H, S, hd] -> [B, H, T, hd]
+    mixed /= weights.sum(axis=-1, keepdims=True)  # [B, H, T, 1]
+    return mixed
+
+
+class QueryBlock(NamedTuple):
+    """Queries `queries` of a pass, which attend to the first `span` cached positions, the last
+    m of them under `mask` [B, 1, Q, m] (see `attention`)."""
+
+    queries: slice
+    span: int
+    mask: Array
+
+
+def query_blocks(positions: NDArray[np.intp]) -> list[QueryBlock]:
+    """Split the queries at `positions` [B, T] into blocks of about QUERY_ROWS over the batch:
+    causal attention one block at a time computes little that the mask throws away, in
+    products whose scores stay small."""
+    n_batch, n_pos = positions.shape
+    size = max(1, QUERY_ROWS // n_batch)
+    blocks = []
+    for lo in range(0, n_pos, size):
+        at = positions[:, lo : lo + size]  # [B, Q]
+        span = int(at.max()) + 1  # S: positions attended to
+        seen = int(at.min()) + 1  # every query may see these first positions: no mask there
+        future = np.arange(seen, span) > at[:, None, :, None]  # [B, 1, Q, S - seen]
+        mask = np.where(future, np.float32(-np.inf), np.float32(0.0))
+        blocks.append(QueryBlock(slice(lo, lo + size), span, mask))
+    return blocks
 
 
 def mha(
@@ -118,21 +157,24 @@ def mha(
     keys: Array,
     values: Array,
     at: tuple[NDArray[np.intp], ...],
-    span: int,
-    mask: Array,
+    blocks: Sequence[QueryBlock],
 ) -> Array:
     """Causal multi-head self-attention of T new positions over everything cached before them.
 
     The new keys and values are first written into this layer's cache `keys`/`values`
-    [B, H, C, hd] at index `at` (shaped [B, H, T]); the queries then attend to the first S cached
-    positions (`span`), as far as `mask` (see `attention`) allows.
+    [B, H, C, hd] at index `at` (shaped [B, H, T]); each block of queries then attends to the
+    cached positions it may see (`query_blocks`).
     """
     n_batch, n_pos, d = x.shape  # [B, T, D]
     qkv = linear(x, **c_attn).reshape(n_batch, n_pos, 3, n_head, d // n_head)  # [B, T, 3, H, hd]
     q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # 3 x [B, H, T, hd]
     keys[at], values[at] = k, v  # [B, H, C, hd] <- [B, H, T, hd]
-    heads = attention(q, keys[:, :, :span], values[:, :, :span], mask)  # [B, H, T, hd]
-    merged = heads.transpose(0, 2, 1, 3).reshape(n_batch, n_pos, d)  # [B, T, H, hd] -> [B, T, D]
+    merged = np.empty(x.shape, np.float32)  # [B, T, D], seen as [B, T, H, hd] below
+    heads = merged.reshape(q.shape[0], n_pos, n_head, -1).transpose(0, 2, 1, 3)  # [B, H, T, hd]
+    for queries, span, mask in blocks:
+        heads[:, :, queries] = attention(
+            q[:, :, queries], keys[:, :, :span], values[:, :, :span], mask
+        )
     return linear(merged, **c_proj)  # [B, T, D]
 
 
@@ -150,12 +192,11 @@ def block(
     keys: Array,
     values: Array,
     at: tuple[NDArray[np.intp], ...],
-    span: int,
-    mask: Array,
+    blocks: Sequence[QueryBlock],
 ) -> Array:
     """One pre-norm transformer block: x + attention(norm(x)), then x + mlp(norm(x))."""
     attn_in = layer_norm(x, **layer["ln_1"], eps=eps)  # [B, T, D]
-    cache: dict[str, Any] = {"keys": keys, "values": values, "at": at, "span": span, "mask": mask}
+    cache: dict[str, Any] = {"keys": keys, "values": values, "at": at, "blocks": blocks}
     x = x + mha(attn_in, **layer["attn"], n_head=n_head, **cache)
     return x + mlp(layer_norm(x, **layer["ln_2"], eps=eps), **layer["mlp"])  # [B, T, D]
 
@@ -174,10 +215,7 @@ def forward(
     each attends to every cached position up to its own (earlier positions must already be there).
     """
     n_batch = ids.shape[0]
-    span = int(positions.max()) + 1  # S: positions attended to
-    seen = int(positions.min()) + 1  # every query may see these first positions: no mask there
-    future = np.arange(seen, span) > positions[:, None, :, None]  # [B, 1, T, S - seen]
-    mask = np.where(future, np.float32(-np.inf), np.float32(0.0))  # [B, 1, T, S - seen]
+    blocks = query_blocks(positions)
     at = (  # where the new positions go in a [B, H, C, hd] cache: broadcasts to [B, H, T]
         np.arange(n_batch)[:, None, None],
         np.arange(config.n_head)[None, :, None],
@@ -193,8 +231,7 @@ def forward(
             keys=keys[i],
             values=values[i],
             at=at,
-            span=span,
-            mask=mask,
+            blocks=blocks,
         )
     return layer_norm(x, **params["ln_f"], eps=config.layer_norm_epsilon)  # [B, T, D]
 
@@ -369,9 +406,12 @@ class GPT2:
         n_batch, n_pos = batch.shape
         state = self.empty_state(n_batch, n_pos, logits=n_batch * n_pos)
         out = lazy_zeros((n_batch, n_pos, self.config.n_vocab))  # [B, T, V]: 206 MB for 1,024
+        size = max(1, HEAD_ROWS // n_batch)  # positions per product with the head
         for start, x in self._run_prompts(state, batch):  # x [B, chunk, D]
-            positions = np.broadcast_to(start + np.arange(x.shape[1]), x.shape[:2])  # [B, chunk]
-            out[:, start : start + x.shape[1]] = self._head(x, positions)
+            for lo in range(start, start + x.shape[1], size):
+                piece = x[:, lo - start : lo - start + size]  # [B, n, D]
+                positions = np.broadcast_to(lo + np.arange(piece.shape[1]), piece.shape[:2])
+                out[:, lo : lo + piece.shape[1]] = self._head(piece, positions)
         return out if array.ndim == 2 else out[0]
 
     def prefill(
@@ -502,14 +542,14 @@ class GPT2:
     def _score_batch(
         self, rows: list[NDArray[np.intp]], windows: list[tuple[int, int, int, int]]
     ) -> Iterator[ScoredBlock]:
-        """Run windows (row, begin, end, first scored) as one right-padded batch, SCORE_TOKENS
-        positions per pass, and the output head HEAD_ROWS scored positions at a time."""
+        """Run windows (row, begin, end, first scored) as one right-padded batch, and the output
+        head HEAD_ROWS scored positions at a time."""
         width = max(end - begin for _, begin, end, _ in windows)
         batch = np.zeros((len(windows), width), np.intp)  # [B, T]
         for b, (row, begin, end, _) in enumerate(windows):
             batch[b, : end - begin] = rows[row][begin:end]
         state = self.empty_state(len(windows), width, logits=HEAD_ROWS)
-        for start, x in self._run_prompts(state, batch, SCORE_TOKENS):  # x [B, chunk, D]
+        for start, x in self._run_prompts(state, batch):  # x [B, chunk, D]
             # the hidden state at window position p predicts the token at p + 1
             picks = [
                 (
@@ -561,12 +601,13 @@ class GPT2:
         return array.astype(np.intp)
 
     def _run_prompts(
-        self, state: DecodeState, batch: NDArray[np.intp], tokens: int = PREFILL_TOKENS
+        self, state: DecodeState, batch: NDArray[np.intp]
     ) -> Iterator[tuple[int, Array]]:
-        """Run prompts [B, T] into an empty cache a chunk of positions at a time (about `tokens`
-        tokens in all per pass): yield each chunk's first position and hidden states [B, chunk, D].
+        """Run prompts [B, T] into an empty cache a chunk of positions at a time (about
+        PREFILL_TOKENS in all per pass): yield each chunk's first position and hidden states
+        [B, chunk, D].
         """
-        chunk = max(1, tokens // batch.shape[0])
+        chunk = max(1, PREFILL_TOKENS // batch.shape[0])
         for start in range(0, batch.shape[1], chunk):
             yield start, self._extend(state, batch[:, start : start + chunk])
 
