@@ -1,7 +1,8 @@
-"""Normalising logits: the softmax the model's attention and sampling share, its log, and the
-largest entries of a row (the top alternatives scoring and serving report).
+"""Normalising logits: softmax (sampling), its log and logsumexp (scoring), and the largest
+entries of a row (the top alternatives scoring and serving report).
 
-Below both `model` and `sampling`, so neither imports the other. float32 in, float32 out.
+Below `model`, `sampling` and `scheduler`, so none of them imports another for this math.
+float32 in, float32 out.
 """
 
 from __future__ import annotations
