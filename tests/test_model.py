@@ -119,49 +119,34 @@ def test_cached_steps_match_transformers_on_124m_shaped_weights(
     np.testing.assert_allclose(np.array(steps), expected[15:], rtol=0, atol=TOL)
 
 
-def test_a_prompt_run_in_chunks_gives_the_same_cache_and_logits(
-    tiny: GPT2, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"PREFILL_TOKENS": 12},  # 3 prompts: 4 positions a pass
+        {"QUERY_ROWS": 6},  # 3 prompts: attention in blocks of 2 queries
+        {"TRANSPOSED_ROWS": 10**9},  # transposed weights as w.T @ x.T at every size
+        {"TRANSPOSED_ROWS": 0},  # and as x @ w at every size
+    ],
+    ids=["chunks", "query-blocks", "transposed-form", "plain-form"],
+)
+def test_how_a_pass_is_split_or_multiplied_leaves_cache_and_logits_unchanged(
+    tiny: GPT2, monkeypatch: pytest.MonkeyPatch, settings: dict[str, int]
 ) -> None:
+    assert tiny.params["blocks"][0]["mlp"]["c_proj"]["w"].flags.f_contiguous  # transposed
     prompts = [_ids(n, seed=n) for n in (23, 9, 17)]
     whole_state, whole = tiny.prefill(prompts, 40)
     whole_logits = tiny(np.array(prompts[0]))
-    monkeypatch.setattr(model_module, "PREFILL_TOKENS", 12)  # 3 prompts: 4 positions a pass
-    chunked_state, chunked = tiny.prefill(prompts, 40)
-    np.testing.assert_allclose(chunked, whole, rtol=0, atol=SELF_TOL)
+    whole_step = tiny.step(whole_state, [1, 2, 3])
+    for name, value in settings.items():
+        monkeypatch.setattr(model_module, name, value)
+    state, logits = tiny.prefill(prompts, 40)
+    np.testing.assert_allclose(logits, whole, rtol=0, atol=SELF_TOL)
     np.testing.assert_allclose(tiny(np.array(prompts[0])), whole_logits, rtol=0, atol=SELF_TOL)
     for b, n in enumerate((23, 9, 17)):
         cached = np.s_[:, b, :, :n]
-        np.testing.assert_allclose(
-            chunked_state.keys[cached], whole_state.keys[cached], atol=SELF_TOL
-        )
-        np.testing.assert_allclose(
-            chunked_state.values[cached], whole_state.values[cached], atol=SELF_TOL
-        )
-    ids = [1, 2, 3]
-    np.testing.assert_allclose(
-        tiny.step(chunked_state, ids), tiny.step(whole_state, ids), rtol=0, atol=SELF_TOL
-    )
-
-
-def test_attention_in_small_query_blocks_and_either_product_form_give_the_same_logits(
-    tiny: GPT2, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    prompts = [_ids(n, seed=n) for n in (23, 9, 17)]
-    whole_state, whole = tiny.prefill(prompts, 40)
-    whole_logits = tiny(np.array(prompts[0]))
-    assert tiny.params["blocks"][0]["mlp"]["c_proj"]["w"].flags.f_contiguous  # transposed
-    monkeypatch.setattr(model_module, "QUERY_ROWS", 6)  # 3 prompts: blocks of 2 queries
-    monkeypatch.setattr(model_module, "TRANSPOSED_ROWS", 10**9)  # w.T @ x.T at every size
-    blocked_state, blocked = tiny.prefill(prompts, 40)
-    np.testing.assert_allclose(blocked, whole, rtol=0, atol=SELF_TOL)
-    np.testing.assert_allclose(tiny(np.array(prompts[0])), whole_logits, rtol=0, atol=SELF_TOL)
-    monkeypatch.setattr(model_module, "TRANSPOSED_ROWS", 0)  # x @ w at every size
-    np.testing.assert_allclose(
-        tiny.step(blocked_state, [1, 2, 3]),
-        tiny.step(whole_state, [1, 2, 3]),
-        rtol=0,
-        atol=SELF_TOL,
-    )
+        np.testing.assert_allclose(state.keys[cached], whole_state.keys[cached], atol=SELF_TOL)
+        np.testing.assert_allclose(state.values[cached], whole_state.values[cached], atol=SELF_TOL)
+    np.testing.assert_allclose(tiny.step(state, [1, 2, 3]), whole_step, rtol=0, atol=SELF_TOL)
 
 
 def test_a_batch_of_prompts_of_different_lengths_decodes_as_each_alone(tiny: GPT2) -> None:
