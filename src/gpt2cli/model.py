@@ -270,14 +270,15 @@ def keep_freed_memory() -> None:
     back to the system: a forward pass frees and reallocates tens of MB of activations per
     layer, and memory given back must be faulted in again page by page. Measured on a 1,024-token
     prefill (124M): about 100,000 page faults, 18,400 of them the KV cache's own, fell to 18,400.
-    Process-wide; nothing happens where malloc is not glibc's (the C library has no mallopt).
+    Process-wide, and up to 128 MB of freed memory stays with the process; nothing happens
+    where the C library has no mallopt (not glibc: macOS, Windows).
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # TypeError: Windows loads no library None
         return
     mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # blocks below this come from the heap, reused
-    mallopt(_M_TRIM_THRESHOLD, 256 << 20)  # free heap kept before any is given back
+    mallopt(_M_TRIM_THRESHOLD, 128 << 20)  # free heap kept before any is given back
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
@@ -393,6 +394,7 @@ class GPT2:
         self.config = config
         self.params = params
         self.folder = folder  # where the tokenizer files are looked for
+        keep_freed_memory()
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None) -> GPT2:
@@ -401,7 +403,6 @@ class GPT2:
 
         folder = hub.resolve(str(name_or_path), revision)
         config, params = weights.load(folder)
-        keep_freed_memory()
         return cls(config, weights.transposed_layout(params, weights.weight_files(folder)), folder)
 
     @cached_property
