@@ -170,7 +170,7 @@ def mha(
     q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # 3 x [B, H, T, hd]
     keys[at], values[at] = k, v  # [B, H, C, hd] <- [B, H, T, hd]
     merged = np.empty(x.shape, np.float32)  # [B, T, D], seen as [B, T, H, hd] below
-    heads = merged.reshape(q.shape[0], n_pos, n_head, -1).transpose(0, 2, 1, 3)  # [B, H, T, hd]
+    heads = merged.reshape(n_batch, n_pos, n_head, -1).transpose(0, 2, 1, 3)  # [B, H, T, hd]
     for queries, span, mask in blocks:
         heads[:, :, queries] = attention(
             q[:, :, queries], keys[:, :, :span], values[:, :, :span], mask
@@ -265,6 +265,9 @@ def lazy_zeros(shape: tuple[int, ...]) -> Array:
     return np.frombuffer(buffer, np.float32, count).reshape(shape)
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters, from glibc's <malloc.h>
+
+
 def keep_freed_memory() -> None:
     """Ask glibc's malloc to keep freed blocks of up to 32 MB for reuse rather than give them
     back to the system: a forward pass frees and reallocates tens of MB of activations per
@@ -279,9 +282,6 @@ def keep_freed_memory() -> None:
         return
     mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # blocks below this come from the heap, reused
     mallopt(_M_TRIM_THRESHOLD, 128 << 20)  # free heap kept before any is given back
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
 
 
 def available_memory() -> int | None:
