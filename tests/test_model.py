@@ -22,7 +22,6 @@ from gpt2cli import weights
 from gpt2cli.errors import GPT2Error
 from gpt2cli.generate import generate_ids
 from gpt2cli.model import GPT2
-from gpt2cli.ops import softmax
 from tests.factory import (
     GPT2_124M,
     TINY,
@@ -228,7 +227,6 @@ def test_python_float_constants_keep_float32(tiny: GPT2) -> None:
     x = np.linspace(-4, 4, 64, dtype=np.float32).reshape(2, 32)
     g, b = np.ones(32, np.float32), np.zeros(32, np.float32)
     assert model_module.gelu(x).dtype == np.float32
-    assert softmax(x).dtype == np.float32
     assert model_module.layer_norm(x, g, b, eps=1e-5).dtype == np.float32
 
 
@@ -356,8 +354,8 @@ def test_a_batch_too_large_for_memory_is_refused_before_allocating(tiny: GPT2) -
 def test_a_repeated_prefill_reuses_freed_activation_memory(model_124m_dir: Path) -> None:
     """A 1,024-token prefill frees and reallocates tens of MB of activations per layer; kept by
     malloc (`keep_freed_memory`), a second one faults in little beyond its new KV cache (75 MB,
-    18,432 pages) instead of about 100,000 pages. In a process of its own: torch, imported
-    here, changes how this one's memory is reused."""
+    18,432 pages) instead of about 100,000 pages. In a process of its own: malloc's thresholds
+    in this one depend on everything the session ran before (torch's import, earlier loads)."""
     script = (
         "import resource, sys\n"
         "import numpy as np\n"

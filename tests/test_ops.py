@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gpt2cli.ops import log_softmax, top_ids
+from gpt2cli.ops import log_softmax, softmax, top_ids
 from tests.test_sampling import gpt2_like_logits
 
 
@@ -25,3 +25,8 @@ def test_top_ids_are_largest_first_and_ties_at_the_edge_go_to_the_lower_id():
     assert top_ids(x, 0).shape == (2, 0)
     wide = gpt2_like_logits(3, batch=2)
     assert top_ids(wide, 5).tolist() == np.argsort(-wide, axis=-1, kind="stable")[:, :5].tolist()
+
+
+def test_softmax_keeps_float32() -> None:
+    x = np.linspace(-4, 4, 64, dtype=np.float32).reshape(2, 32)
+    assert softmax(x).dtype == np.float32
