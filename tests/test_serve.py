@@ -303,6 +303,22 @@ def test_echo_with_one_generated_token_is_the_prompt_scored_then_the_token(
 # --- concurrency -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("ids", "text", "offsets"),
+    [
+        ([12520, 3225], " \ufffdrol", [0, 2]),  # " \xf0\x9f" never completed, then "rol"
+        ([30325, 222, 12876], " \U0001f600 ok", [0, 1, 2]),  # the emoji's last byte alone
+    ],
+)
+def test_text_offset_is_where_each_tokens_first_byte_character_starts(
+    server: ServeProcess, ids: list[int], text: str, offsets: list[int]
+):
+    body = {"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 0}
+    choice = post(server.url, body).json()["choices"][0]
+    assert choice["text"] == text
+    assert choice["logprobs"]["text_offset"] == offsets
+
+
 def test_16_concurrent_streams_each_get_exactly_what_they_get_alone(server: ServeProcess):
     bodies = [
         {
@@ -449,6 +465,10 @@ def test_the_queue_counts_sequences_so_one_request_of_many_prompts_cannot_starve
     with ServeProcess(slow_model_dir, *args, env=env) as server:
         too_many = post(server.url, {"prompt": ["a"] * 5, "max_tokens": 1})
         assert "5 sequences" in assert_error(too_many, 400, "prompt")
+        # checked before the prompts are tokenized and measured (one here is past the context),
+        # so a request of very many prompts is refused at once, building nothing for them
+        huge = post(server.url, {"prompt": [[1]] * 20_000 + [[1] * 5000], "n": 1, "max_tokens": 1})
+        assert "20001 sequences" in assert_error(huge, 400, "prompt")
         url = server.url + "/v1/completions"
         with (
             httpx.Client(timeout=TIMEOUT) as first,
@@ -552,6 +572,9 @@ def assert_error(response: httpx.Response, status: int, param: str | None = None
         ({"logprobs": 6}, "logprobs"),
         ({"logprobs": True}, "logprobs"),
         ({"best_of": 3}, "best_of"),
+        ({"best_of": True}, "best_of"),
+        ({"best_of": 1.0}, "best_of"),
+        ({"presence_penalty": False}, "presence_penalty"),
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"frequency_penalty": 1}, "frequency_penalty"),
         ({"logit_bias": {"50256": -100}}, "logit_bias"),
@@ -624,6 +647,59 @@ def test_unknown_model_path_and_method_and_the_chat_endpoint_are_openai_errors(
         timeout=TIMEOUT,
     )
     assert "/v1/completions" in assert_error(chat, 404)
+
+
+def test_a_trailing_slash_is_a_404_not_a_redirect(server: ServeProcess):
+    for method, path in (("POST", "/v1/completions/"), ("POST", "/tokenize/"), ("GET", "/health/")):
+        response = httpx.request(method, server.url + path, json={}, timeout=TIMEOUT)
+        assert_error(response, 404)
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"]
+)
+def test_a_body_not_declared_as_json_is_415_so_web_pages_cannot_post_to_it(
+    server: ServeProcess, content_type: str
+):
+    body = json.dumps({"prompt": "Hi", "max_tokens": 1}).encode()
+    for path in ("/v1/completions", "/tokenize"):
+        response = httpx.post(
+            server.url + path, content=body, headers={"Content-Type": content_type}, timeout=TIMEOUT
+        )
+        assert "application/json" in assert_error(response, 415)
+    for declared in ("application/json; charset=utf-8", "application/vnd.api+json"):
+        response = httpx.post(
+            server.url + "/v1/completions",
+            content=body,
+            headers={"Content-Type": declared},
+            timeout=TIMEOUT,
+        )
+        assert response.status_code == 200, response.text
+
+
+def test_a_connection_that_never_completes_its_headers_is_closed(server: ServeProcess):
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    with (
+        socket.create_connection((host, int(port)), timeout=30) as silent,
+        socket.create_connection((host, int(port)), timeout=30) as trickling,
+    ):
+        started = time.monotonic()
+        closed = {"silent": None, "trickling": None}
+        trickling.sendall(b"GET /health HTTP/1.1\r\n")
+        silent.setblocking(False)
+        trickling.setblocking(False)
+        while None in closed.values() and time.monotonic() - started < 30:  # 30 s at most
+            time.sleep(1)
+            for name, sock in (("silent", silent), ("trickling", trickling)):
+                if closed[name] is None:
+                    try:
+                        if sock.recv(1024) == b"":
+                            closed[name] = time.monotonic() - started
+                    except BlockingIOError:  # still open, nothing sent
+                        if name == "trickling":
+                            trickling.sendall(b"X-Slow: 1\r\n")  # a header a second
+            assert httpx.get(server.url + "/health", timeout=TIMEOUT).status_code == 200
+    assert all(t is not None and t < 15 for t in closed.values()), closed  # 10 s deadline
 
 
 def test_the_openai_client_raises_the_matching_exception(client: openai.OpenAI, complete: Any):

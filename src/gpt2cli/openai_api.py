@@ -164,7 +164,9 @@ class Fields:
     def unsupported(self, name: str, allowed: object, why: str) -> None:
         """A field OpenAI has and gpt2cli does not: accepted only at its no-op value."""
         value = self.get(name)
-        if value is not None and value != allowed:
+        if value is not None and (
+            isinstance(value, bool) is not isinstance(allowed, bool) or value != allowed
+        ):  # false is not the number 0
             raise APIError(400, f"{name} is not supported: {why}", param=name)
 
     def done(self) -> None:
@@ -217,7 +219,7 @@ def completion_params(body: Any, *, max_batch: int, names: Sequence[str]) -> Com
     if logprobs is not None:
         logprobs = fields.integer("logprobs", 0, 0, MAX_LOGPROBS)
     best_of = fields.get("best_of")
-    if best_of is not None and best_of != n:
+    if best_of is not None and (type(best_of) is not int or best_of != n):  # not true, not 1.0
         raise APIError(400, "best_of is not supported: ask for n samples instead", "best_of")
     for penalty in ("presence_penalty", "frequency_penalty"):
         fields.unsupported(penalty, 0, "gpt2cli samples with temperature, top_k and top_p only")
@@ -440,8 +442,12 @@ class Choice:
             self.tokens.append(token_text(tokenizer, id))
             self.token_logprobs.append(logprob)
             self.top_logprobs.append(_top_dict(tokenizer, id, logprob, top))
-            self.text_offset.append(self._chars)
-            self._chars += len(self._utf8.decode(tokenizer.token_bytes(id)))
+            data = tokenizer.token_bytes(id)
+            first = self._utf8.decode(data[:1])  # may end a character begun before, or not
+            # the first byte's character: still pending, or else the last one decoded
+            inside = bool(first) and not self._utf8.getstate()[0]
+            self.text_offset.append(self._chars + len(first) - inside)
+            self._chars += len(first) + len(self._utf8.decode(data[1:]))
         self.text += text
         return self.logprobs(start)
 

@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from gpt2cli import openai_api
+from gpt2cli import jsonfile, openai_api
 from gpt2cli.errors import GPT2Error
 from gpt2cli.openai_api import APIError, Completion, Fields, Top
 from gpt2cli.scheduler import Event, Request, Scheduler
@@ -42,6 +42,7 @@ try:
     from starlette.requests import Request as HTTPRequest
     from starlette.responses import Response, StreamingResponse
     from starlette.routing import Route
+    from uvicorn.protocols.http.h11_impl import H11Protocol
 except ModuleNotFoundError:
     raise GPT2Error("gpt2 serve needs the serve extra: pip install 'gpt2cli[serve]'") from None
 
@@ -53,6 +54,7 @@ RETRY_AFTER = "1"  # seconds a client told 429 should wait
 SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 GRACE_S = 10.0  # seconds open connections get to finish once the server is stopping
 BODY_TIMEOUT_S = 30.0  # seconds a client has to send its whole request body
+HEADERS_TIMEOUT_S = 10  # seconds a connection has to send a request's headers, first or next
 
 
 def _log(message: str) -> None:
@@ -134,20 +136,26 @@ class Engine:
         """Start the worker."""
         self._thread.start()
 
-    def submit(self, job: Job) -> None:
-        """Queue a job. The queue counts sequences (a prompt's n samples), not requests, so one
-        request of many prompts cannot hold up every other: 400 for a job larger than the whole
-        queue, 429 when it does not fit beside those already waiting beyond the free rows, 503
-        once the server is stopping."""
+    def check_size(self, sequences: int) -> None:
+        """400 for a request of more sequences (prompts x n) than the queue and the batch hold
+        together: a route checks this before it builds anything for the request, so an oversized
+        one costs next to nothing."""
         room = self.max_queue + self.max_batch
-        if job.waiting > room:
+        if sequences > room:
             raise APIError(
                 400,
-                f"This request asks for {job.waiting} sequences (prompts x n), more than the "
+                f"This request asks for {sequences} sequences (prompts x n), more than the "
                 f"server queues at once ({room}: --max-queue {self.max_queue} plus --max-batch "
                 f"{self.max_batch}); send fewer prompts per request.",
                 param="prompt",
             )
+
+    def submit(self, job: Job) -> None:
+        """Queue a job. The queue counts sequences (a prompt's n samples), not requests, so one
+        request of many prompts cannot hold up every other: 400 for a job larger than the whole
+        queue (`check_size`), 429 when it does not fit beside those already waiting beyond the
+        free rows, 503 once the server is stopping."""
+        self.check_size(job.waiting)
         with self._lock:
             if self._closing:
                 raise _shutting_down()
@@ -359,10 +367,12 @@ class App:
             Route("/detokenize", self._endpoint(self.detokenize), methods=["POST"]),
             Route("/v1/chat/completions", self._endpoint(self.chat), methods=every),
         ]
-        return Starlette(
+        app = Starlette(
             routes=routes,
             exception_handlers={HTTPException: self._http_error, Exception: self._crash},
         )
+        app.router.redirect_slashes = False  # `/v1/completions/` is a 404, not a redirect
+        return app
 
     def _endpoint(
         self, handler: Callable[[HTTPRequest], Awaitable[Response]], public: bool = False
@@ -451,6 +461,7 @@ class App:
         params = openai_api.completion_params(
             body, max_batch=self.engine.max_batch, names=self.names
         )
+        self.engine.check_size(len(params.prompts) * (params.n if params.max_tokens else 1))
         # a thread: a long prompt's tokenization must not hold up the streams the loop serves
         ids = await asyncio.to_thread(openai_api.prompt_ids, params.prompts, self.tokenizer)
         openai_api.check_lengths(ids, params.max_tokens, self.model.config.n_ctx)
@@ -539,11 +550,18 @@ class App:
         parse_special = fields.boolean("parse_special", True)
         with_pieces = fields.boolean("with_pieces")
         fields.done()
-        ids = await asyncio.to_thread(self.tokenizer.encode, content, allowed_special=parse_special)
+        # a thread: a long text's tokens must not hold up the streams the loop serves
+        body = await asyncio.to_thread(self._tokens, content, parse_special, with_pieces)
+        return Response(body, media_type="application/json")
+
+    def _tokens(self, content: str, parse_special: bool, with_pieces: bool) -> bytes:
+        """`/tokenize`'s JSON body."""
+        ids = self.tokenizer.encode(content, allowed_special=parse_special)
         if not with_pieces:
-            return json_response({"tokens": ids})
-        pieces = [{"id": i, "piece": _piece(self.tokenizer.token_bytes(i))} for i in ids]
-        return json_response({"tokens": pieces})
+            return render({"tokens": ids})
+        return render(
+            {"tokens": [{"id": i, "piece": _piece(self.tokenizer.token_bytes(i))} for i in ids]}
+        )
 
     async def detokenize(self, request: HTTPRequest) -> Response:
         """`POST /detokenize` (llama.cpp's): `{"tokens": [ids]}` -> `{"content": text}`."""
@@ -598,7 +616,8 @@ async def read_body(request: HTTPRequest, stopping: asyncio.Event) -> bytes:
     """The request body, read at most MAX_BODY bytes far whatever Content-Length says (413),
     within BODY_TIMEOUT_S (408: a client that trickles its body cannot hold a connection), and
     cut off with a 503 when the server starts stopping. A client that disconnects while sending
-    it is gone: nothing is logged."""
+    it is gone: nothing is logged. A body declared as anything but JSON is refused first."""
+    _check_content_type(request)
     reading = asyncio.ensure_future(_read_body(request))
     stop = asyncio.ensure_future(stopping.wait())
     try:
@@ -620,6 +639,26 @@ async def read_body(request: HTTPRequest, stopping: asyncio.Event) -> bytes:
             )
         )
     return reading.result()
+
+
+def _check_content_type(request: HTTPRequest) -> None:
+    """415 for a body whose Content-Type is not JSON. A web page may send a text/plain or form
+    body to any address without the browser asking the server first (a CORS "simple request"),
+    so accepting those would let any site a user visits spend a local server's compute. A body
+    without a Content-Type is read as JSON."""
+    declared = request.headers.get("content-type")
+    if declared is None:
+        return
+    media = declared.partition(";")[0].strip().lower()
+    if media != "application/json" and not (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        raise APIError(
+            415,
+            f"The request body must be JSON, sent with Content-Type: application/json, not "
+            f"{jsonfile.show(declared)}.",
+            code="unsupported_media_type",
+        )
 
 
 async def _read_body(request: HTTPRequest) -> bytes:
@@ -698,6 +737,25 @@ class _Uvicorn(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+class _HeadersDeadline(H11Protocol):
+    """uvicorn's HTTP/1.1 connection, where a request's headers must be complete within
+    HEADERS_TIMEOUT_S of the connection opening or of the previous response. uvicorn's own
+    keep-alive timer stops at the first byte of data, so a client that sends nothing, or its
+    headers a byte at a time, would hold a connection (and a file descriptor) for ever."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.timeout_keep_alive_task = self.loop.call_later(
+            HEADERS_TIMEOUT_S, self.timeout_keep_alive_handler
+        )
+
+    def data_received(self, data: bytes) -> None:
+        """As uvicorn's, but the deadline stays until the headers are complete (uvicorn ends it
+        when it has them)."""
+        self.conn.receive_data(data)
+        self.handle_events()
+
+
 class APIServer:
     """`gpt2 serve`'s server: the listening socket (bound at once, so `url` is known), the
     engine and the app; `run` serves until a stop signal."""
@@ -734,6 +792,8 @@ class APIServer:
             log_level="warning",
             access_log=False,
             lifespan="off",
+            http=_HeadersDeadline,
+            timeout_keep_alive=HEADERS_TIMEOUT_S,
             timeout_graceful_shutdown=int(GRACE_S),
         )
         self.engine.start()
