@@ -197,11 +197,17 @@ def test_missing_model_folder_is_one_line(tmp_path: Path):
     assert_bad_input(encode("--model", f"{tmp_path}/nope", "x"), f"{tmp_path}/nope: no such folder")
 
 
-def test_non_utf8_stdin_names_the_byte_and_offset():
-    result = encode(input=b"ok \xe9t\xc3\xa9")
-    assert_bad_input(result, "text on stdin is not valid UTF-8: byte 0xe9 at offset 3")
-    result = encode(input=b"ok \xf0\x9f")  # a character cut short by the end
-    assert_bad_input(result, "text on stdin is not valid UTF-8: byte 0xf0 at offset 3")
+def test_non_utf8_stdin_names_the_byte_and_offset_after_the_ids_before_it(
+    tiktoken_gpt2: tiktoken.Encoding,
+):
+    before = " ".join(map(str, tiktoken_gpt2.encode("ok ")))
+    for data, byte in ((b"ok \xe9t\xc3\xa9", "0xe9"), (b"ok \xf0\x9f", "0xf0")):  # 2nd: cut short
+        result = encode(input=data)
+        assert result.exit_code == 2
+        assert result.stdout == before  # and no newline: the output did not end well
+        assert result.stderr == (
+            f"gpt2: error: text on stdin is not valid UTF-8: byte {byte} at offset 3\n"
+        )
 
 
 def test_stdin_of_several_chunks_gives_tiktokens_ids_in_every_format(
@@ -233,10 +239,11 @@ def test_a_bad_byte_after_the_first_chunk_stops_after_the_ids_before_it(
     assert result.stderr == (
         f"gpt2: error: text on stdin is not valid UTF-8: byte 0xff at offset {len(good)}\n"
     )
-    printed = result.stdout.split()
     expected = [str(i) for i in tiktoken_gpt2.encode_ordinary(good.decode())]
-    assert 0 < len(printed) < len(expected)
-    assert printed == expected[: len(printed)]
+    assert result.stdout.split() == expected  # every id of the text before the bad byte
+    assert json.loads(encode("--json", input=good + b"\xff").stdout + "]") == list(
+        map(int, expected)
+    )
 
 
 def test_ids_come_out_while_stdin_is_still_open(tiktoken_gpt2: tiktoken.Encoding):

@@ -291,6 +291,24 @@ def test_a_closed_pipe_ends_quietly(varied_model_dir: Path):
     assert out.stdout.endswith(b" 141\n")
 
 
+def test_on_a_terminal_control_characters_are_shown_escaped_not_obeyed(tiny_model_dir: Path):
+    prompt = "set \x1b]0;pwned\x07 title\n\tand \x1b[2J clear"
+    args = ["generate", "-m", str(tiny_model_dir), "-t", "3", "--seed", "1", prompt]
+    status, shown, _ = run_on_terminal(args, env=os.environ | {"NO_COLOR": "1"})
+    assert status == 0
+    assert "\x1b]0;" not in shown and "\x1b[2J" not in shown
+    assert "set \\x1b]0;pwned\\x07 title" in shown and "\\x1b[2J clear" in shown
+    assert "title\r\n" in shown  # a line break stays one (the terminal adds the \r)
+
+
+def test_a_terminal_that_is_not_utf8_shows_what_it_cannot_print_escaped(tiny_model_dir: Path):
+    args = ["generate", "-m", str(tiny_model_dir), "-t", "3", "--seed", "1", "h\u00e9llo"]
+    env = os.environ | {"NO_COLOR": "1", "PYTHONIOENCODING": "ascii"}
+    status, shown, stderr = run_on_terminal(args, env=env)
+    assert status == 0, stderr
+    assert "h\\xe9llo" in shown and "Traceback" not in shown + stderr
+
+
 def test_on_a_terminal_the_prompt_is_dimmed_and_a_summary_goes_to_stderr(tiny_model_dir: Path):
     args = ["generate", "-m", str(tiny_model_dir), "-t", "10", "--seed", "2", "-n", "2"]
     env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"} | {"TERM": "xterm"}

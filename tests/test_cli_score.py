@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 
 from gpt2cli.model import GPT2
 from gpt2cli.score import score_text, score_texts
+from tests.factory import TINY, write_random_gpt2
 from tests.terminal import run_on_terminal
 
 GPT2_CMD = [sys.executable, "-m", "gpt2cli", "score"]
@@ -156,6 +158,32 @@ def test_on_a_terminal_a_table_with_a_total(tiny_model_dir: Path, texts: list[Pa
     assert status == 0
     assert "perplexity" in shown and "bits/byte" in shown and "total" in shown
     assert texts[1].name in shown
+
+
+def test_on_a_terminal_file_names_are_shown_escaped_and_never_as_markup(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    names = ["e\x1b[31mred", "[bold]loud", "two\nlines"]
+    for name in names:
+        (tmp_path / name).write_text("Some text to score.")
+    monkeypatch.chdir(tmp_path)  # short names: the table does not fold them
+    status, shown, _ = run_on_terminal(
+        ["score", "-m", str(tiny_model_dir), *names], env=os.environ | {"NO_COLOR": "1"}
+    )
+    assert status == 0
+    assert "\x1b[31m" not in shown and "e\\x1b[31mred" in shown
+    assert "[bold]loud" in shown
+    assert "two\\nlines" in shown
+
+
+def test_a_model_with_a_context_of_one_token_cannot_score_and_says_so(tmp_path: Path):
+    folder = write_random_gpt2(tmp_path / "ctx1", replace(TINY, n_ctx=1), tokenizer=False)
+    result = score("-m", folder, "--text", "Hello world")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (
+        "gpt2: error: the model's context is 1 token: no token can be scored, since a window of "
+        "one token gives it no context\n"
+    )
 
 
 def test_on_a_terminal_tokens_are_the_text_in_gltr_colours(tiny_model_dir: Path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import os
 import signal
 import sys
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from gpt2cli import __version__
-from gpt2cli.errors import GPT2Error
+from gpt2cli.errors import GPT2Error, WriteError
 from gpt2cli.inputs import (
     argument_text,
     parse_ids,
@@ -91,14 +92,23 @@ class _Gpt2Group(click.Group):
     ) -> Any:
         if sys.stderr is None:  # `2>&-`: errors have nowhere to go, but the command still runs
             sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+        for stream in (sys.stdout, sys.stderr):  # a terminal that is not UTF-8 (LANG=C, ascii):
+            if isinstance(stream, io.TextIOWrapper):  # what it cannot show is written \xe9
+                stream.reconfigure(errors="backslashreplace")
         try:
             if sys.stdout is None:  # `>&-`: refuse before doing any work, unless -o FILE
                 _stdout_for_output_file(sys.argv[1:] if args is None else list(args))
             code = super().main(args, standalone_mode=False, **extra)
             if settle_stdout() is not None:  # a buffered write that failed only now
-                raise GPT2Error("cannot write the output to stdout")
+                raise WriteError("cannot write the output to stdout")
+        except click.exceptions.NoArgsIsHelpError as e:  # bare `gpt2`: the help, as it is
+            with contextlib.suppress(OSError, ValueError):
+                click.echo(e.format_message(), err=True)
+            code = e.exit_code
         except click.ClickException as e:
             code = _report(e.format_message(), e.exit_code)
+        except WriteError as e:
+            code = _report(str(e), EXIT_FAILURE)
         except GPT2Error as e:
             code = _report(str(e), EXIT_USAGE)
         except _StoppedRun as e:

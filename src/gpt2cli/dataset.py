@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, AnyStr, ClassVar, NamedTuple, Protocol
 
 from gpt2cli import jsonfile
-from gpt2cli.errors import GPT2Error
+from gpt2cli.errors import GPT2Error, WriteError
 from gpt2cli.inputs import decode_utf8
 
 if TYPE_CHECKING:
@@ -504,7 +504,7 @@ def file_writer(f: Any, path: Path) -> Callable[[bytes], None]:
             while view:
                 view = view[f.write(view) :]
         except OSError as e:
-            raise GPT2Error(f"{path}: cannot write it ({e.strerror})") from None
+            raise WriteError(f"{path}: cannot write it ({e.strerror})") from None
 
     return write
 

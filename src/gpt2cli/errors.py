@@ -23,3 +23,8 @@ class CorruptWeightsError(GPT2Error):
     def __init__(self, message: str, path: str | os.PathLike[str]) -> None:
         super().__init__(message)
         self.path = path
+
+
+class WriteError(GPT2Error):
+    """Output that could not be written once its destination was open: a full disk, an I/O
+    error. The system failed, not the input, so the CLI exits with status 1."""

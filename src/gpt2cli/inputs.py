@@ -61,7 +61,8 @@ STDIN_CHUNK = 1 << 20  # bytes of stdin read and encoded at a time
 
 def stdin_chunks(what: str) -> Iterator[str]:
     """stdin as strict UTF-8 text, chunk by chunk as it is read (a character split between two
-    reads is carried over); a byte that is not UTF-8 is an error naming its offset in stdin."""
+    reads is carried over); a byte that is not UTF-8 is an error naming its offset in stdin,
+    raised once the text before it has been yielded."""
     stdin = stdin_binary()
     carry, offset = b"", 0  # offset: bytes of stdin before `carry`
     while True:
@@ -71,6 +72,8 @@ def stdin_chunks(what: str) -> Iterator[str]:
             chunk, carry = data.decode("utf-8"), b""
         except UnicodeDecodeError as e:
             if not (block and e.reason == "unexpected end of data"):
+                if e.start:
+                    yield data[: e.start].decode("utf-8")
                 raise utf8_error(f"{what} on stdin", data, e, offset) from None
             chunk, carry = data[: e.start].decode("utf-8"), data[e.start :]
         if not block:

@@ -542,6 +542,11 @@ class GPT2:
         flat in the length of the text. Blocks of one sequence come in position order.
         """
         n_ctx = self.config.n_ctx
+        if n_ctx < 2:
+            raise GPT2Error(
+                f"the model's context is {n_ctx} token: no token can be scored, since a window "
+                "of one token gives it no context"
+            )
         stride = n_ctx // 2 if stride is None else stride
         if not 1 <= stride <= n_ctx:
             raise GPT2Error(

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from gpt2cli.errors import GPT2Error
+from gpt2cli.errors import WriteError
 
 if TYPE_CHECKING:
     from gpt2cli.generate import Generation
@@ -44,7 +44,7 @@ def write_stdout(data: str | bytes) -> None:
     except BrokenPipeError:
         raise
     except OSError as e:
-        raise GPT2Error(f"cannot write the output: {e.strerror or e}") from None
+        raise WriteError(f"cannot write the output: {e.strerror or e}") from None
 
 
 def settle_stdout() -> OSError | None:
@@ -134,7 +134,7 @@ class SamplePrinter:
             return
         if len(self.completions) > 1:
             self.console.rule(f"sample {self.head + 1} of {len(self.completions)}", style="dim")
-        self.console.out(self.prompt, end="", style="dim")
+        self.console.out(terminal_text(self.prompt), end="", style="dim")
 
     def _end_sample(self) -> None:
         if self.as_json:
@@ -156,7 +156,7 @@ class SamplePrinter:
         if not text:
             return
         if self.console is not None:
-            self.console.out(text, end="")
+            self.console.out(terminal_text(text), end="")
         else:
             write_stdout(text)
 
@@ -180,6 +180,19 @@ def escape_controls(text: str) -> str:
     """`text` with control characters (newlines, escapes) shown as \\n, \\x1b..., so it stays
     one inert line, and a byte of a file name that is not UTF-8 as \\xNN."""
     return printable(text).translate(_ESCAPES)
+
+
+# Text for a terminal keeps its line breaks and tabs; every other control character, C1's
+# included (\x9b starts an escape sequence too), is shown as \xNN so that text from a file, a
+# prompt or the model cannot drive the terminal (move the cursor, set the title, ...).
+_TERMINAL_ESCAPES = {
+    c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)] if chr(c) not in "\n\t"
+}
+
+
+def terminal_text(text: str) -> str:
+    """`text` to show on a terminal: its line breaks and tabs kept, other controls escaped."""
+    return printable(text).translate(_TERMINAL_ESCAPES)
 
 
 def printable(text: str) -> str:
@@ -223,6 +236,7 @@ def print_score_summary(rows: Sequence[tuple[str, TextScore]], total: TextScore 
         write_stdout("\n".join(lines) + "\n")
         return
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(box=None, pad_edge=False, header_style="bold")
     for name, justify in [
@@ -233,7 +247,8 @@ def print_score_summary(rows: Sequence[tuple[str, TextScore]], total: TextScore 
     ]:
         table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for source, s in [*rows, *([("total", total)] if total is not None else [])]:
-        table.add_row(source, f"{s.n_tokens:,}", f"{s.perplexity:.4g}", f"{s.bits_per_byte:.4f}")
+        cell = Text(escape_controls(source))  # as it is: a Text is never read as markup
+        table.add_row(cell, f"{s.n_tokens:,}", f"{s.perplexity:.4g}", f"{s.bits_per_byte:.4f}")
     console.print(table)
 
 
@@ -274,7 +289,7 @@ def print_gltr(tokenizer: Tokenizer, source: str, ids: Sequence[int], s: TextSco
     from rich.text import Text
 
     console = terminal_console()
-    legend = Text(f"{source}: ", style="bold")
+    legend = Text(f"{escape_controls(source)}: ", style="bold")
     for limit, style in GLTR_BUCKETS:
         legend.append(f" top {limit:,} ", style=style).append(" ")
     legend.append(" beyond ", style=GLTR_BEYOND)
@@ -285,7 +300,7 @@ def print_gltr(tokenizer: Tokenizer, source: str, ids: Sequence[int], s: TextSco
     for position, token in enumerate(ids):
         piece = utf8.decode(tokenizer.token_bytes(token), final=position == len(ids) - 1)
         rank = ranks.get(position)
-        text.append(piece, style="" if rank is None else gltr_style(rank))
+        text.append(terminal_text(piece), style="" if rank is None else gltr_style(rank))
     console.print(text, soft_wrap=True)
     console.print(
         f"{s.n_tokens:,} tokens, perplexity {s.perplexity:.4g}, "

@@ -181,14 +181,22 @@ class Tokenizer:
         The end of each chunk is held back until the next one arrives: its last two pre-tokens
         (a word may go on, a space before the end is split differently from one before a word,
         `'l` may become `'ll`) and any start of `<|endoftext|>`.
+
+        When `chunks` fails with a GPT2Error (its input went bad: a byte that is not UTF-8), the
+        text before the failure is encoded to its end first, so every id of it is yielded.
         """
         held, offset = "", 0  # offset: characters of the text before `held`
-        for chunk in chunks:
-            text = held + chunk
-            ids, held = self._encode(text, allowed_special, final=False, offset=offset)
-            offset += len(text) - len(held)
-            if ids:
-                yield ids
+        try:
+            for chunk in chunks:
+                text = held + chunk
+                ids, held = self._encode(text, allowed_special, final=False, offset=offset)
+                offset += len(text) - len(held)
+                if ids:
+                    yield ids
+        except GPT2Error:
+            if held:
+                yield self._encode(held, allowed_special, final=True, offset=offset)[0]
+            raise
         ids = self._encode(held, allowed_special, final=True, offset=offset)[0]
         if ids:
             yield ids
