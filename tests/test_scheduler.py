@@ -180,3 +180,25 @@ def test_admitting_more_samples_than_free_rows_is_an_error(tiny: GPT2):
     scheduler.admit(Request([1, 2, 3], max_tokens=5, sampling=GREEDY, ignore_eos=True))
     with pytest.raises(GPT2Error, match="2 rows needed, 1 free"):
         scheduler.admit(Request([4, 5], n=2))
+
+
+def test_a_padded_vocabulary_never_yields_an_id_the_tokenizer_lacks(tiny: GPT2):
+    """nanoGPT pads the vocabulary to 50,304 rows; the 47 extra ids have no text. Here the final
+    norm outputs its bias alone (gain 0), so id 50,300's logit, 100, is the model's argmax; the
+    choice and the top alternatives still come from the 50,257 ids the tokenizer knows."""
+    from dataclasses import replace
+
+    params = dict(tiny.params)
+    d = tiny.config.n_embd
+    wte = np.zeros((50304, d), np.float32)
+    wte[:50257, 0] = np.random.default_rng(0).standard_normal(50257, dtype=np.float32)
+    wte[50300, 0] = 100.0
+    params["wte"] = wte
+    params["ln_f"] = {"g": np.zeros(d, np.float32), "b": np.eye(d, dtype=np.float32)[0]}
+    padded = GPT2(replace(tiny.config, n_vocab=50304), params, tiny.folder)
+    assert int(padded.prefill([[1, 2]])[1].argmax()) == 50300
+    scheduler = Scheduler(padded, 2)
+    request = Request([1, 2], max_tokens=3, sampling=GREEDY, ignore_eos=True, top_logprobs=5)
+    events = _run_all(scheduler, [request])
+    assert [e.id for e in events] == [int(wte[:50257, 0].argmax())] * 3
+    assert all(t < 50257 for e in events for t, _ in e.top)

@@ -331,7 +331,7 @@ BROKEN: list[tuple[str, Callable[[Path], None], str]] = [
     ),
     (
         "no tensors",
-        _header(None, None, "{}"),
+        lambda f: join(f / "model.safetensors", "{}", b""),
         "model.safetensors: missing tensor 'wte.weight'",
     ),
     (
@@ -384,6 +384,16 @@ BROKEN: list[tuple[str, Callable[[Path], None], str]] = [
     ("offsets [5]", _header("ln_f.bias", "data_offsets", "[5]"), "must be [begin, end], not [5]"),
     ("offsets backwards", _header("ln_f.bias", "data_offsets", "[8, 4]"), "end before they begin"),
     ("offsets 1.5", _header("ln_f.bias", "data_offsets", "[0, 1.5]"), "to 2**63 - 1, not 1.5"),
+    (  # the safetensors library refuses tensors that share bytes; loading them is wrong weights
+        "offsets overlap",
+        _header("ln_f.bias", "data_offsets", "[0, 128]"),
+        "bytes overlap another tensor's (data_offsets begin at 0, where 128 was expected)",
+    ),
+    (
+        "bytes after the data",
+        lambda f: (f / "model.safetensors").open("ab").write(b"\0" * 4),
+        "model.safetensors: 4 bytes after the last tensor's data",
+    ),
     (
         "integer dtype",
         lambda f: rewrite(f, lambda t: t.update({"ln_f.bias": np.zeros(32, np.int32)})),
@@ -432,6 +442,8 @@ CORRUPT = {
     "offsets [5]",
     "offsets backwards",
     "offsets 1.5",
+    "offsets overlap",
+    "bytes after the data",
 }
 
 

@@ -414,7 +414,13 @@ def generate(
         defaults = GenerateOptions(
             max_tokens, temperature, top_k, top_p, seed, num_samples, stop, ignore_eos, truncate
         )
-        task = GenerateTask(defaults, options.batch_size or 8, logprobs)
+        batch_size = options.batch_size or 8
+        if num_samples > batch_size:  # every row without its own "n" would be refused
+            raise click.UsageError(
+                f"-n {num_samples} is more than --batch-size {batch_size}: a row's samples "
+                f"decode in one batch, so give --batch-size {num_samples} or more"
+            )
+        task = GenerateTask(defaults, batch_size, logprobs)
         options.run(task, _load_model(model_name, revision), engine, options.jsonl, "generating")
         return
     if logprobs:

@@ -341,10 +341,12 @@ class Scheduler:
         """Choose each running sample's next id from its logits; finish and release requests."""
         events = []
         now = time.perf_counter()
+        known = self.model.tokenizer.n_vocab  # a padded vocabulary (nanoGPT's 50,304) has more
         for r in batch:
             request = r.request
-            ids = sample(r.logits, r.rng, request.sampling)  # [n]: all n drawn, as alone
-            logprobs = log_softmax(np.asarray(r.logits))  # [n, V]
+            logits = np.asarray(r.logits)[:, :known]  # [n, V]: only ids that have a text
+            ids = sample(logits, r.rng, request.sampling)  # [n]: all n drawn, as alone
+            logprobs = log_softmax(logits)  # [n, V]
             chosen = logprobs[np.arange(len(ids)), ids]  # [n]
             best = top_ids(logprobs, request.top_logprobs)  # [n, top]
             for i, c in enumerate(request.completions):

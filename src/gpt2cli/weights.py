@@ -293,12 +293,34 @@ def read_safetensors(path: Path, skip: re.Pattern[str] | None = None) -> dict[st
             entries = {
                 key: _entry(path, key, info, start, size)
                 for key, info in header.items()
-                if key != "__metadata__" and not (skip and skip.search(key))
+                if key != "__metadata__"
             }
+            _check_tiling(path, list(entries.values()), start, size)
             buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except OSError as e:
         raise GPT2Error(f"{path}: cannot be read ({e.strerror})") from None
-    return {key: _tensor(buffer, path, entry) for key, entry in entries.items()}
+    return {
+        key: _tensor(buffer, path, entry)
+        for key, entry in entries.items()
+        if not (skip and skip.search(key))
+    }
+
+
+def _check_tiling(path: Path, entries: list[_Entry], start: int, size: int) -> None:
+    """The tensors' bytes must tile the data section, from `start` to the end of the file, with
+    no overlap and no gap, as the safetensors library demands: a damaged or forged header whose
+    tensors share bytes would otherwise load as silently wrong weights."""
+    at = start
+    for entry in sorted(entries, key=lambda e: (e.begin, e.end)):
+        if entry.begin != at:
+            how = "overlap another tensor's" if entry.begin < at else "leave a gap after the last"
+            raise GPT2Error(
+                f"{path}: tensor {entry.name}'s bytes {how} (data_offsets begin at "
+                f"{entry.begin - start}, where {at - start} was expected)"
+            )
+        at = entry.end
+    if at != size:
+        raise GPT2Error(f"{path}: {size - at} bytes after the last tensor's data")
 
 
 @contextlib.contextmanager
@@ -322,7 +344,7 @@ def _header(f: BinaryIO, path: Path, size: int) -> tuple[dict[str, Any], int]:
     if n > min(_MAX_HEADER, size - 8):
         raise GPT2Error(
             f"{path}: not a safetensors file, or truncated (its header claims {n} bytes; "
-            f"the file has {size})"
+            f"the file has {size - 8} after the header's 8-byte length)"
         )
     header = jsonfile.parse(f.read(n), f"{path}: the safetensors header")
     return jsonfile.mapping(header, f"{path}: the safetensors header"), 8 + n
