@@ -387,7 +387,7 @@ BROKEN: list[tuple[str, Callable[[Path], None], str]] = [
     (  # the safetensors library refuses tensors that share bytes; loading them is wrong weights
         "offsets overlap",
         _header("ln_f.bias", "data_offsets", "[0, 128]"),
-        "bytes overlap another tensor's (data_offsets begin at 0, where 128 was expected)",
+        "bytes overlap the previous tensor's (data_offsets begin at 0, where 128 was expected)",
     ),
     (
         "bytes after the data",

@@ -186,17 +186,21 @@ class Tokenizer:
         text before the failure is encoded to its end first, so every id of it is yielded.
         """
         held, offset = "", 0  # offset: characters of the text before `held`
-        try:
-            for chunk in chunks:
-                text = held + chunk
-                ids, held = self._encode(text, allowed_special, final=False, offset=offset)
-                offset += len(text) - len(held)
-                if ids:
-                    yield ids
-        except GPT2Error:
-            if held:
-                yield self._encode(held, allowed_special, final=True, offset=offset)[0]
-            raise
+        source = iter(chunks)
+        while True:
+            try:
+                chunk = next(source)
+            except StopIteration:
+                break
+            except GPT2Error:  # the text ends, badly, after `held`
+                if held:
+                    yield self._encode(held, allowed_special, final=True, offset=offset)[0]
+                raise
+            text = held + chunk
+            ids, held = self._encode(text, allowed_special, final=False, offset=offset)
+            offset += len(text) - len(held)
+            if ids:
+                yield ids
         ids = self._encode(held, allowed_special, final=True, offset=offset)[0]
         if ids:
             yield ids

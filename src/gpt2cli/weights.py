@@ -313,10 +313,10 @@ def _check_tiling(path: Path, entries: list[_Entry], start: int, size: int) -> N
     at = start
     for entry in sorted(entries, key=lambda e: (e.begin, e.end)):
         if entry.begin != at:
-            how = "overlap another tensor's" if entry.begin < at else "leave a gap after the last"
+            how = "overlap" if entry.begin < at else "leave a gap after"
             raise GPT2Error(
-                f"{path}: tensor {entry.name}'s bytes {how} (data_offsets begin at "
-                f"{entry.begin - start}, where {at - start} was expected)"
+                f"{path}: tensor {entry.name}'s bytes {how} the previous tensor's (data_offsets "
+                f"begin at {entry.begin - start}, where {at - start} was expected)"
             )
         at = entry.end
     if at != size:
