@@ -235,3 +235,10 @@ def test_hostile_vocab_json_is_one_line_from_the_real_command(
     assert result.stderr.startswith("gpt2: error: ") and result.stderr.count("\n") == 1
     assert message in result.stderr
     assert "Traceback" not in result.stderr and "Warning" not in result.stderr
+
+
+def test_leading_zeros_do_not_make_an_id_too_large_even_past_ints_digit_limit():
+    zeros = "0" * 5000  # beyond int()'s 4,300-digit limit for a string
+    result = decode(f"{zeros}17250", "00000000000000000000")  # "Hi", "!"
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == "Hi!"

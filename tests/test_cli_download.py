@@ -222,6 +222,16 @@ def test_unreachable_hub_is_one_line_with_the_ways_out() -> None:
     )
 
 
+def test_a_malformed_hub_address_is_one_line_and_nothing_on_stdout() -> None:
+    # huggingface_hub's lazy importer prints its failure on stdout unless kept from it
+    result = gpt2("download", "someone/x", HF_ENDPOINT="http://[::1")
+    assert_fails(result, "huggingface_hub cannot start (Invalid IPv6 URL)")
+
+
+def test_a_name_too_long_for_a_file_is_an_unknown_model_not_a_system_failure() -> None:
+    assert_fails(gpt2("download", "a" * 300), "unknown model 'aaaa")
+
+
 def test_offline_without_the_model_in_the_cache_says_so() -> None:
     assert_fails(
         gpt2("download", "gpt2", HF_HUB_OFFLINE="1"),

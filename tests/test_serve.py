@@ -32,6 +32,7 @@ from tests.serve_process import ServeProcess, serve_env
 GPT2 = [sys.executable, "-m", "gpt2cli"]
 TIMEOUT = 60.0  # seconds for any one HTTP call or subprocess
 PROMPT = "The quick brown fox jumps over the lazy dog because"
+JSON = {"Content-Type": "application/json"}  # what a body sent as bytes must declare
 
 
 @pytest.fixture(scope="module")
@@ -492,8 +493,8 @@ def test_a_client_that_hangs_up_while_sending_its_body_is_not_an_error(server: S
     before = len(server.stderr)
     with socket.create_connection((host, int(port)), timeout=TIMEOUT) as sock:
         sock.sendall(
-            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b'Content-Length: 100\r\n\r\n{"prompt"'
+            b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"prompt"'
         )
     assert post(server.url, {"prompt": "still here", "max_tokens": 1}).status_code == 200
     assert not any("Traceback" in line or "internal" in line for line in server.stderr[before:])
@@ -506,8 +507,8 @@ def test_a_stop_signal_cuts_off_a_body_still_arriving_with_a_503(
     host, port = server.url.removeprefix("http://").rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=TIMEOUT) as sock:
         sock.sendall(
-            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b'Content-Length: 100\r\n\r\n{"prompt"'
+            b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"prompt"'
         )
         time.sleep(0.5)  # the body read has begun
         started = time.monotonic()
@@ -604,20 +605,26 @@ def test_each_invalid_field_is_400_naming_it(
     ],
 )
 def test_a_body_that_is_not_a_json_object_is_400(server: ServeProcess, body: bytes, says: str):
-    response = httpx.post(server.url + "/v1/completions", content=body, timeout=TIMEOUT)
+    response = httpx.post(
+        server.url + "/v1/completions", content=body, headers=JSON, timeout=TIMEOUT
+    )
     assert says in assert_error(response, 400)
 
 
 def test_a_lone_surrogate_escape_in_a_prompt_is_400(server: ServeProcess):
     body = b'{"prompt": "lone \\ud800 surrogate"}'
-    response = httpx.post(server.url + "/v1/completions", content=body, timeout=TIMEOUT)
+    response = httpx.post(
+        server.url + "/v1/completions", content=body, headers=JSON, timeout=TIMEOUT
+    )
     assert "surrogate" in assert_error(response, 400, "prompt")
 
 
 def test_nan_and_infinity_are_refused_where_they_stand(server: ServeProcess):
     for value in (b"NaN", b"Infinity", b"1e400"):
         body = b'{"prompt": "Hi", "temperature": ' + value + b"}"
-        response = httpx.post(server.url + "/v1/completions", content=body, timeout=TIMEOUT)
+        response = httpx.post(
+            server.url + "/v1/completions", content=body, headers=JSON, timeout=TIMEOUT
+        )
         assert_error(response, 400, "temperature")
 
 
@@ -656,16 +663,15 @@ def test_a_trailing_slash_is_a_404_not_a_redirect(server: ServeProcess):
 
 
 @pytest.mark.parametrize(
-    "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"]
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data", None]
 )
 def test_a_body_not_declared_as_json_is_415_so_web_pages_cannot_post_to_it(
-    server: ServeProcess, content_type: str
+    server: ServeProcess, content_type: str | None
 ):
     body = json.dumps({"prompt": "Hi", "max_tokens": 1}).encode()
+    headers = {} if content_type is None else {"Content-Type": content_type}
     for path in ("/v1/completions", "/tokenize"):
-        response = httpx.post(
-            server.url + path, content=body, headers={"Content-Type": content_type}, timeout=TIMEOUT
-        )
+        response = httpx.post(server.url + path, content=body, headers=headers, timeout=TIMEOUT)
         assert "application/json" in assert_error(response, 415)
     for declared in ("application/json; charset=utf-8", "application/vnd.api+json"):
         response = httpx.post(
@@ -675,6 +681,16 @@ def test_a_body_not_declared_as_json_is_415_so_web_pages_cannot_post_to_it(
             timeout=TIMEOUT,
         )
         assert response.status_code == 200, response.text
+
+
+def test_a_request_addressed_to_another_name_is_403_against_dns_rebinding(server: ServeProcess):
+    port = server.url.rsplit(":", 1)[1]
+    for host in (f"attacker.example:{port}", "attacker.example", "10.0.0.1", "[2001:db8::1]:80"):
+        response = httpx.get(server.url + "/health", headers={"Host": host}, timeout=TIMEOUT)
+        assert "not to this computer" in assert_error(response, 403)
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "127.0.0.2", "app.localhost", "[::1]"):
+        response = httpx.get(server.url + "/health", headers={"Host": host}, timeout=TIMEOUT)
+        assert response.status_code == 200, (host, response.text)
 
 
 def test_a_connection_that_never_completes_its_headers_is_closed(server: ServeProcess):
@@ -717,13 +733,17 @@ def test_the_openai_client_raises_the_matching_exception(client: openai.OpenAI, 
 
 def test_a_body_over_1_mb_is_413_even_without_content_length(server: ServeProcess):
     big = json.dumps({"prompt": "x" * (1 << 20)}).encode()
-    assert_error(httpx.post(server.url + "/v1/completions", content=big, timeout=TIMEOUT), 413)
+    assert_error(
+        httpx.post(server.url + "/v1/completions", content=big, headers=JSON, timeout=TIMEOUT), 413
+    )
 
     def chunks() -> Iterator[bytes]:  # sent chunked: no Content-Length to go by
         for i in range(0, len(big), 65536):
             yield big[i : i + 65536]
 
-    response = httpx.post(server.url + "/v1/completions", content=chunks(), timeout=TIMEOUT)
+    response = httpx.post(
+        server.url + "/v1/completions", content=chunks(), headers=JSON, timeout=TIMEOUT
+    )
     assert "content-length" not in response.request.headers
     assert_error(response, 413)
 
@@ -852,6 +872,23 @@ def test_a_port_in_use_is_one_line_and_exit_2(tiny_model_dir: Path, env: dict[st
         )
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith(f"gpt2: error: cannot listen on 127.0.0.1:{port}: ")
+    assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_an_empty_api_key_is_refused_not_taken_as_no_key(
+    tiny_model_dir: Path, env: dict[str, str], how: str
+):
+    args, extra = (["--api-key", ""], {}) if how == "option" else ([], {"GPT2_API_KEY": ""})
+    result = subprocess.run(
+        [*GPT2, "serve", "-m", str(tiny_model_dir), "--port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=env | extra,
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("gpt2: error: the API key is empty")
     assert result.stderr.count("\n") == 1
 
 

@@ -395,6 +395,11 @@ BROKEN: list[tuple[str, Callable[[Path], None], str]] = [
         "model.safetensors: 4 bytes after the last tensor's data",
     ),
     (
+        "a tensor twice",
+        lambda f: rewrite(f, lambda t: t.update({"transformer.wte.weight": t["wte.weight"] * 0})),
+        "tensor 'wte.weight' is a second copy of 'wte.weight'",
+    ),
+    (
         "integer dtype",
         lambda f: rewrite(f, lambda t: t.update({"ln_f.bias": np.zeros(32, np.int32)})),
         "tensor 'ln_f.bias' has dtype 'I32'; supported are F32, F16 and BF16",

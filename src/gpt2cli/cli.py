@@ -764,6 +764,8 @@ def serve(
     """
     from gpt2cli.serve import APIServer  # the serve extra: a one-line error when it is missing
 
+    if api_key is None and os.environ.get("GPT2_API_KEY") == "":  # Click reads it as unset
+        api_key = ""  # set, to nothing: refused as `--api-key ''` is, never taken as no key
     model = _load_model(model_name, revision)
     server = APIServer(
         model,

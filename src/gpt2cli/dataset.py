@@ -572,9 +572,13 @@ def open_output(path: Path, input_name: str, rows: Sequence[Row], task: Task) ->
         with contextlib.suppress(OSError):
             if os.path.samefile(path, input_name):
                 raise GPT2Error(f"{path} is the input file; write the results to another file")
-    if path.is_dir():
+    try:
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except OSError as e:  # a name too long to look up
+        raise GPT2Error(f"{path}: cannot write it ({e.strerror})") from None
+    if is_dir:
         raise GPT2Error(f"{path}: is a directory, not a file")
-    done = resume(path, rows, task) if path.is_file() else 0
+    done = resume(path, rows, task) if is_file else 0
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NONBLOCK, 0o666)
         os.set_blocking(fd, True)

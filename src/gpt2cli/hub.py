@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import math
 import os
 import re
@@ -42,7 +43,7 @@ from gpt2cli.config import GPT2Config
 from gpt2cli.errors import GPT2Error
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def resolve(
     if not name:
         raise GPT2Error("a model name or folder must not be empty")
     folder = Path(name).expanduser()
-    if folder.is_dir():
+    if _holds(folder, Path.is_dir):
         if revision is not None:
             raise GPT2Error(f"--revision applies to hub models, not to the local folder {name}")
         return folder
@@ -157,7 +158,7 @@ def repo_id_for(name: str) -> str:
     """The hub repo id for a known name, alias or `owner/name`; anything else is an error."""
     if name in _BY_NAME:
         return _BY_NAME[name].repo_id
-    if Path(name).expanduser().exists():
+    if _holds(Path(name).expanduser(), Path.exists):
         raise GPT2Error(f"{name}: is a file; pass the folder holding config.json and the weights")
     if name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1:
         raise GPT2Error(f"{name}: no such folder")
@@ -370,6 +371,15 @@ def _not_a_hub(reason: str) -> GPT2Error:
     )
 
 
+def _holds(path: Path, test: Callable[[Path], bool]) -> bool:
+    """`test(path)` (Path.is_dir, Path.exists), False for a name the system cannot even look up
+    (longer than a file name may be), as for one that is not there."""
+    try:
+        return test(path)
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def _importing_hub() -> Iterator[None]:
     """Wrap every import of huggingface_hub: a bad setting it reads at import is one GPT2Error
@@ -386,7 +396,8 @@ def _importing_hub() -> Iterator[None]:
                 "10 (0: huggingface_hub's default), or unset it"
             )
     try:
-        with warnings.catch_warnings():
+        # huggingface_hub's lazy importer prints its own failures on stdout, which is ours
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     except ValueError as e:  # another setting huggingface_hub cannot parse

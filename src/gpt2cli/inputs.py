@@ -123,11 +123,13 @@ def parse_ids(source: str, where: str) -> list[int]:
     ids: list[int] = []
     for position, item in enumerate(items):
         at = f"at position {position} (counting from 0)"
-        digits = re.fullmatch(r"-?([0-9]+)", item) if text_form and isinstance(item, str) else None
-        if (digits and len(digits[1]) > 18) or (type(item) is int and abs(item) >= 10**18):
+        digits = (
+            re.fullmatch(r"(-?)0*([0-9]+)", item) if text_form and isinstance(item, str) else None
+        )
+        if (digits and len(digits[2]) > 18) or (type(item) is int and abs(item) >= 10**18):
             raise GPT2Error(f"{jsonfile.show(item)} {at} is too large for a token id")
-        if digits:
-            item = int(digits[0])
+        if digits:  # leading zeros dropped first: they are no size, yet count against int()'s limit
+            item = int(digits[1] + digits[2])
         if type(item) is not int:
             raise GPT2Error(f"{jsonfile.show(item)} {at} is not an integer token id")
         ids.append(item)

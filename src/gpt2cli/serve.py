@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import json
 import signal
 import socket
@@ -344,9 +345,16 @@ class App:
     `/v1/completions`, llama.cpp's `/tokenize` and `/detokenize`, and `/health`."""
 
     def __init__(
-        self, engine: Engine, names: Sequence[str], folder: str, api_key: str | None
+        self,
+        engine: Engine,
+        names: Sequence[str],
+        folder: str,
+        api_key: str | None,
+        *,
+        local_only: bool = True,
     ) -> None:
         self.engine = engine
+        self.local_only = local_only  # listening on loopback: only local names may address it
         self.model = engine.model
         self.tokenizer = engine.model.tokenizer
         self.names = list(dict.fromkeys(names))  # the served name first, then its aliases
@@ -383,6 +391,8 @@ class App:
 
         async def endpoint(request: HTTPRequest) -> Response:
             try:
+                if self.local_only:
+                    _check_local_host(request)
                 if not public:
                     self._authorize(request)
                 return await handler(request)
@@ -641,22 +651,44 @@ async def read_body(request: HTTPRequest, stopping: asyncio.Event) -> bytes:
     return reading.result()
 
 
-def _check_content_type(request: HTTPRequest) -> None:
-    """415 for a body whose Content-Type is not JSON. A web page may send a text/plain or form
-    body to any address without the browser asking the server first (a CORS "simple request"),
-    so accepting those would let any site a user visits spend a local server's compute. A body
-    without a Content-Type is read as JSON."""
-    declared = request.headers.get("content-type")
+def _check_local_host(request: HTTPRequest) -> None:
+    """403 unless the request is addressed (its Host header) to a loopback name or address: a
+    web page whose own name an attacker points at 127.0.0.1 (DNS rebinding) could otherwise
+    read a local server's answers. A request without a Host header (HTTP/1.0) passes."""
+    declared = request.headers.get("host")
     if declared is None:
         return
+    name = declared if declared.endswith("]") else declared.rpartition(":")[0] or declared
+    name = name.strip("[]").lower()
+    try:
+        loopback = ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        loopback = name == "localhost" or name.endswith(".localhost")
+    if not loopback:
+        raise APIError(
+            403,
+            f"The request is addressed to {jsonfile.show(declared)}, not to this computer: a "
+            "server listening on a loopback address answers only localhost, 127.0.0.1 and "
+            "[::1] (serve with --host to answer other names).",
+            code="forbidden_host",
+        )
+
+
+def _check_content_type(request: HTTPRequest) -> None:
+    """415 unless the body is declared JSON. A web page may send a text/plain or form body, or
+    one with no Content-Type, to any address without the browser asking the server first (a
+    CORS "simple request"), so accepting those would let any site a user visits spend a local
+    server's compute; a JSON body makes the browser ask, and this server never says yes."""
+    declared = request.headers.get("content-type", "")
     media = declared.partition(";")[0].strip().lower()
     if media != "application/json" and not (
         media.startswith("application/") and media.endswith("+json")
     ):
         raise APIError(
             415,
-            f"The request body must be JSON, sent with Content-Type: application/json, not "
-            f"{jsonfile.show(declared)}.",
+            "The request body must be JSON, sent with Content-Type: application/json, not "
+            + (jsonfile.show(declared) if declared else "without a Content-Type")
+            + ".",
             code="unsupported_media_type",
         )
 
@@ -773,15 +805,21 @@ class APIServer:
     ) -> None:
         from gpt2cli import hub
 
+        if api_key == "":  # `--api-key "$UNSET"` must not serve without a key by mistake
+            raise GPT2Error(
+                "the API key is empty: give a non-empty --api-key (or GPT2_API_KEY), or none "
+                "to serve without one"
+            )
         folder = str(model.folder) if model.folder is not None else name
         aliases = [name, folder]
         with contextlib.suppress(GPT2Error):  # a folder has no hub repo
             aliases.append(hub.repo_id_for(name))
         self.engine = Engine(model, max_batch, max_queue)
-        self.app = App(self.engine, aliases, folder, api_key or None)
         model.tokenizer.decode(model.tokenizer.encode("warm"))  # lazy tables built before threads
         self.socket = _listen(host, port)
         bound_host, bound_port = self.socket.getsockname()[:2]
+        local_only = ipaddress.ip_address(bound_host).is_loopback
+        self.app = App(self.engine, aliases, folder, api_key, local_only=local_only)
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         self.url = f"http://{shown}:{bound_port}"
 

@@ -275,7 +275,13 @@ def _read_tensors(folder: Path) -> tuple[dict[str, tuple[np.ndarray, Path]], str
     tensors: dict[str, tuple[np.ndarray, Path]] = {}
     for path in files:
         for key, array in read_safetensors(path, skip=_BUFFER).items():
-            tensors[key.removeprefix("transformer.")] = (array, path)
+            name = key.removeprefix("transformer.")
+            if name in tensors:  # `wte.weight` and `transformer.wte.weight`, or across shards
+                raise GPT2Error(
+                    f"{path}: tensor {jsonfile.show(key)} is a second copy of "
+                    f"{jsonfile.show(name)} (first in {tensors[name][1]}); which one is meant?"
+                )
+            tensors[name] = (array, path)
     return tensors, ", ".join(map(str, files))
 
 
