@@ -163,7 +163,7 @@ def test_on_a_terminal_a_table_with_a_total(tiny_model_dir: Path, texts: list[Pa
 def test_on_a_terminal_file_names_are_shown_escaped_and_never_as_markup(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    names = ["e\x1b[31mred", "[bold]loud", "two\nlines"]
+    names = ["e\x1b[31mred", "[bold]loud", "two\nlines", "see\u202etxt.exe"]
     for name in names:
         (tmp_path / name).write_text("Some text to score.")
     monkeypatch.chdir(tmp_path)  # short names: the table does not fold them
@@ -174,6 +174,7 @@ def test_on_a_terminal_file_names_are_shown_escaped_and_never_as_markup(
     assert "\x1b[31m" not in shown and "e\\x1b[31mred" in shown
     assert "[bold]loud" in shown
     assert "two\\nlines" in shown
+    assert "see\\u202etxt.exe" in shown and "\u202e" not in shown  # no bidi reordering
 
 
 def test_a_model_with_a_context_of_one_token_cannot_score_and_says_so(tmp_path: Path):
@@ -210,6 +211,8 @@ def test_on_a_terminal_tokens_are_the_text_in_gltr_colours(tiny_model_dir: Path)
         (["--top", "3", "--text", "Hi"], None, "--top goes with --tokens"),
         (["-", "-"], b"", "stdin (-) can be read only once"),
         (["--text", "Hi", "file.txt"], None, "--text goes alone"),
+        (["/dev/urandom"], None, "/dev/urandom is not valid UTF-8"),  # at once, not at OOM
+        (["/dev/zero"], None, "/dev/zero goes on past 64 MiB, more than gpt2 reads at once"),
     ],
 )
 def test_bad_input_is_one_error_line_and_nothing_is_scored(

@@ -5,14 +5,17 @@ for a byte that is not UTF-8, its offset."""
 
 from __future__ import annotations
 
+import codecs
 import os
 import re
 import sys
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from gpt2cli import jsonfile
 from gpt2cli.errors import GPT2Error
+
+T = TypeVar("T")
 
 
 def stdin_binary() -> Any:
@@ -22,16 +25,56 @@ def stdin_binary() -> Any:
     return sys.stdin.buffer
 
 
+MAX_TEXT_BYTES = 64 << 20  # a text read whole: a prompt, a file to score, ids to decode
+MAX_FILE_BYTES = 1 << 30  # a JSON Lines file, read whole and decoded line by line
+
+
 def read_text(text: str | None, what: str = "input") -> str:
     """Return TEXT, or all of stdin when TEXT is absent or '-', decoded as strict UTF-8.
 
     stdin is read as bytes and kept exactly (a trailing newline is part of the text); a byte
     that is not UTF-8, on stdin or in the argument (which Python decodes with surrogateescape),
-    is an error naming its offset.
+    is an error naming its offset, found as soon as it is read.
     """
     if text is not None and text != "-":
         return argument_text(text, what)
-    return decode_utf8(stdin_binary().read(), f"{what} on stdin")
+    return _read_utf8(stdin_binary(), f"{what} on stdin")
+
+
+def _read_utf8(f: Any, what: str) -> str:
+    """All of binary stream `f` as strict UTF-8, decoded as it is read: a byte that is not
+    UTF-8 stops the reading at once (`/dev/urandom` fails at its first bytes), and so does
+    more than MAX_TEXT_BYTES (`yes |` or `/dev/zero` would fill the memory)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    parts, size = [], 0  # size: bytes read before this chunk
+    while True:
+        chunk = f.read1(STDIN_CHUNK)
+        pending = len(decoder.getstate()[0])  # bytes of a character begun in earlier chunks
+        try:
+            parts.append(decoder.decode(chunk, final=not chunk))
+        except UnicodeDecodeError as e:  # e.object: the pending bytes, then this chunk
+            raise utf8_error(what, e.object, e, size - pending) from None
+        if not chunk:
+            return "".join(parts)
+        size += len(chunk)
+        _check_size(size, MAX_TEXT_BYTES, what)
+
+
+def _read_all(f: Any, what: str) -> bytes:
+    """All of binary stream `f`, at most MAX_FILE_BYTES."""
+    parts, size = [], 0
+    while chunk := f.read1(STDIN_CHUNK):
+        size += len(chunk)
+        _check_size(size, MAX_FILE_BYTES, what)
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _check_size(size: int, limit: int, what: str) -> None:
+    if size > limit:
+        raise GPT2Error(
+            f"{what} goes on past {limit >> 20} MiB, more than gpt2 reads at once; give it in parts"
+        )
 
 
 def argument_text(value: str, what: str) -> str:
@@ -83,27 +126,30 @@ def stdin_chunks(what: str) -> Iterator[str]:
 
 
 def read_file(name: str) -> str:
-    """The text of file `name` (stdin for `-`), strict UTF-8; errors name the file."""
+    """The text of file `name` (stdin for `-`), strict UTF-8, at most MAX_TEXT_BYTES; errors
+    name the file."""
     if name == "-":
         return read_text(None, "input")
-    return decode_utf8(read_bytes(name), name)
+    return _read_named(name, _read_utf8)
 
 
 def read_bytes(name: str) -> bytes:
-    """The bytes of file `name` (stdin for `-`), undecoded, for a reader that decodes them in
-    parts (JSON Lines, line by line); errors name the file.
-
-    Opened without blocking, so a named pipe with no writer reads as empty instead of hanging;
-    a pipe that has one (`<(command)`) is read to its end.
-    """
+    """The bytes of file `name` (stdin for `-`), at most MAX_FILE_BYTES, undecoded, for a reader
+    that decodes them in parts (JSON Lines, line by line); errors name the file."""
     if name == "-":
-        data: bytes = stdin_binary().read()
-        return data
+        return _read_all(stdin_binary(), "stdin")
+    return _read_named(name, _read_all)
+
+
+def _read_named(name: str, read: Callable[[Any, str], T]) -> T:
+    """`read(file, name)` on file `name`, opened without blocking, so a named pipe with no
+    writer reads as empty instead of hanging; a pipe that has one (`<(command)`) is read to its
+    end. A failure to open or read it names the file."""
     try:
         fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         with open(fd, "rb") as f:
             os.set_blocking(fd, True)
-            return f.read()
+            return read(f, name)
     except OSError as e:
         raise GPT2Error(f"{name}: cannot read it ({e.strerror})") from None
 

@@ -176,18 +176,36 @@ def escape_piece(raw: bytes) -> str:
     return raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace").translate(_ESCAPES)
 
 
+# Unicode's bidirectional overrides and isolates reorder what follows them on screen (a file
+# named `x\u202eexe.txt` shows as `xtxt.exe`): shown as \uNNNN wherever text reaches a terminal
+_BIDI = {c: f"\\u{c:04x}" for c in [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]}
+# in a line that must stay one line (a message, a file name) also C1 controls, invisible
+# formatting (zero-width characters, marks, BOM) and Unicode's own line and paragraph breaks
+_LINE_ESCAPES = (
+    _ESCAPES
+    | {c: f"\\x{c:02x}" for c in range(0x80, 0xA0)}
+    | _BIDI
+    | {
+        c: f"\\u{c:04x}"
+        for c in [0x061C, *range(0x200B, 0x2010), 0x2028, 0x2029, *range(0x2060, 0x2065), 0xFEFF]
+    }
+)
+
+
 def escape_controls(text: str) -> str:
-    """`text` with control characters (newlines, escapes) shown as \\n, \\x1b..., so it stays
-    one inert line, and a byte of a file name that is not UTF-8 as \\xNN."""
-    return printable(text).translate(_ESCAPES)
+    """`text` with control and invisible characters (newlines, escapes, bidi overrides) shown
+    as \\n, \\x1b, \\u202e..., so it stays one inert line, and a byte of a file name that is
+    not UTF-8 as \\xNN."""
+    return printable(text).translate(_LINE_ESCAPES)
 
 
 # Text for a terminal keeps its line breaks and tabs; every other control character, C1's
 # included (\x9b starts an escape sequence too), is shown as \xNN so that text from a file, a
-# prompt or the model cannot drive the terminal (move the cursor, set the title, ...).
+# prompt or the model cannot drive the terminal (move the cursor, set the title, ...), and so
+# are bidi overrides (zero-width joiners stay: emoji sequences are made of them).
 _TERMINAL_ESCAPES = {
     c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)] if chr(c) not in "\n\t"
-}
+} | _BIDI
 
 
 def terminal_text(text: str) -> str:
