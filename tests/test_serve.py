@@ -309,10 +309,11 @@ def test_echo_with_one_generated_token_is_the_prompt_scored_then_the_token(
     [
         ([12520, 3225], " \ufffdrol", [0, 2]),  # " \xf0\x9f" never completed, then "rol"
         ([30325, 222, 12876], " \U0001f600 ok", [0, 1, 2]),  # the emoji's last byte alone
+        ("", "<|endoftext|>", [0]),  # an empty prompt runs as <|endoftext|>, and echoes it
     ],
 )
 def test_text_offset_is_where_each_tokens_first_byte_character_starts(
-    server: ServeProcess, ids: list[int], text: str, offsets: list[int]
+    server: ServeProcess, ids: list[int] | str, text: str, offsets: list[int]
 ):
     body = {"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 0}
     choice = post(server.url, body).json()["choices"][0]

@@ -507,7 +507,8 @@ class Completion:
         stream chunks."""
         ids = self.prompt_ids[prompt]
         given = self.params.prompts[prompt]
-        text = given if isinstance(given, str) else self.tokenizer.decode(ids)
+        # what the model saw: an empty prompt ran as <|endoftext|>, and offsets count its text
+        text = given if isinstance(given, str) and given else self.tokenizer.decode(ids)
         chunks, none = [], [None] * len(ids)
         for sample in range(self.params.n):
             choice = self.choices[prompt * self.params.n + sample]
