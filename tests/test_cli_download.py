@@ -320,6 +320,20 @@ def test_download_fetches_again_the_cached_files_that_fail_their_check(
     assert not fake_hub.downloads("config.json")  # the intact files are kept
 
 
+def test_download_hashes_the_weights_so_a_flipped_byte_is_fetched_again(
+    fake_hub: FakeHub, tiny_repo: Repo
+) -> None:
+    fake_hub.add("someone/tiny", tiny_repo)
+    folder = downloaded(gpt2("download", "someone/tiny"))
+    blob = (folder / "model.safetensors").resolve()
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 1  # same size, still loads: only its checksum tells
+    blob.write_bytes(bytes(data))
+    result = gpt2("download", "-q", "someone/tiny")
+    assert downloaded(result) == folder and result.stderr == ""
+    assert (folder / "model.safetensors").read_bytes() == tiny_repo.files["model.safetensors"]
+
+
 def test_other_commands_name_the_command_that_fetches_a_damaged_file_again(
     fake_hub: FakeHub, tiny_repo: Repo
 ) -> None:

@@ -290,6 +290,7 @@ def test_damaged_cached_files_are_found_by_their_checksum(
     good = weights_blob.read_bytes()
     weights_blob.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # still loads: not hashed
     assert hub.damaged_files(folder) == []
+    assert hub.damaged_files(folder, hash_weights=True) == [folder / "model.safetensors"]
     weights_blob.write_bytes(good[:-1])  # fails to load: hashed, and found
     assert hub.damaged_files(folder) == [folder / "model.safetensors"]
     assert hub.damaged_files(folder, tokenizer_only=True) == []

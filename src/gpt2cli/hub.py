@@ -124,7 +124,7 @@ def resolve(
     snapshot = cached(repo_id, revision, cache, tokenizer_only=tokenizer_only)
     if snapshot is None:
         return _download(repo_id, revision, progress, cache, tokenizer_only=tokenizer_only)
-    damaged = damaged_files(snapshot, tokenizer_only=tokenizer_only)
+    damaged = damaged_files(snapshot, tokenizer_only=tokenizer_only, hash_weights=refetch_damaged)
     if not damaged:
         return snapshot
     with _importing_hub():
@@ -243,12 +243,16 @@ def files_to_fetch(
     return [CONFIG_FILE, *model, *tokenizer]
 
 
-def damaged_files(snapshot: Path, *, tokenizer_only: bool = False) -> list[Path]:
+def damaged_files(
+    snapshot: Path, *, tokenizer_only: bool = False, hash_weights: bool = False
+) -> list[Path]:
     """The files we use in a cached snapshot that no longer match the hub's checksum.
 
-    The config and tokenizer files (small) are always hashed. The weights are hashed only when
-    they fail to load, since hashing gigabytes takes seconds; a file that fails to load but
-    matches its checksum is what the hub serves, and is left for the loader to report.
+    The config and tokenizer files (small) are always hashed. The weights are hashed with
+    `hash_weights` (`gpt2 download`, asked to make the model whole), and otherwise only when
+    they fail to load, since hashing gigabytes takes seconds (about 1 s per GB); a file that
+    fails to load but matches its checksum is what the hub serves, and is left for the loader
+    to report.
     """
     from gpt2cli import weights
 
@@ -256,11 +260,13 @@ def damaged_files(snapshot: Path, *, tokenizer_only: bool = False) -> list[Path]
     damaged = [snapshot / n for n in small if (snapshot / n).exists() and not _intact(snapshot / n)]
     if damaged or tokenizer_only:
         return damaged
-    try:
-        weights.load(snapshot)
-    except GPT2Error:
-        return [p for p in weights.weight_files(snapshot) if not _intact(p)]
-    return []
+    if not hash_weights:
+        try:
+            weights.load(snapshot)
+            return []
+        except GPT2Error:
+            pass
+    return [p for p in weights.weight_files(snapshot) if not _intact(p)]
 
 
 def _intact(path: Path) -> bool:
