@@ -87,12 +87,16 @@ def test_text_dash_is_the_text_itself_not_stdin(tiny_model_dir: Path):
     assert json.loads(result.stdout)["n_bytes"] == 1
 
 
-def test_a_named_pipe_without_a_writer_reads_as_empty_instead_of_hanging(
+def test_a_named_pipe_without_a_writer_is_named_as_such_instead_of_hanging(
     tiny_model_dir: Path, tmp_path: Path
 ):
     os.mkfifo(tmp_path / "fifo")
-    result = score("-m", tiny_model_dir, tmp_path / "fifo")
-    assert result.returncode == 2 and "nothing to score: the text is empty" in result.stderr
+    for args in ([tmp_path / "fifo"], ["--jsonl", tmp_path / "fifo"]):
+        result = score("-m", tiny_model_dir, *args)
+        assert result.returncode == 2, result.stderr
+        assert "fifo: a named pipe with nothing writing to it; start its writer first" in (
+            result.stderr
+        )
 
 
 def test_a_file_name_with_a_newline_or_bad_byte_stays_one_line(tiny_model_dir: Path):

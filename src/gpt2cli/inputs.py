@@ -8,6 +8,7 @@ from __future__ import annotations
 import codecs
 import os
 import re
+import stat
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -149,7 +150,12 @@ def _read_named(name: str, read: Callable[[Any, str], T]) -> T:
         fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         with open(fd, "rb") as f:
             os.set_blocking(fd, True)
-            return read(f, name)
+            data = read(f, name)
+            if not data and stat.S_ISFIFO(os.fstat(fd).st_mode):
+                raise GPT2Error(
+                    f"{name}: a named pipe with nothing writing to it; start its writer first"
+                )
+            return data
     except OSError as e:
         raise GPT2Error(f"{name}: cannot read it ({e.strerror})") from None
 
