@@ -686,12 +686,45 @@ def test_a_body_not_declared_as_json_is_415_so_web_pages_cannot_post_to_it(
 
 def test_a_request_addressed_to_another_name_is_403_against_dns_rebinding(server: ServeProcess):
     port = server.url.rsplit(":", 1)[1]
-    for host in (f"attacker.example:{port}", "attacker.example", "10.0.0.1", "[2001:db8::1]:80"):
+    for host in (
+        f"attacker.example:{port}",
+        "attacker.example",
+        "10.0.0.1",
+        "[2001:db8::1]:80",
+        f"localhost:{port}@attacker.example",
+    ):
         response = httpx.get(server.url + "/health", headers={"Host": host}, timeout=TIMEOUT)
         assert "not to this computer" in assert_error(response, 403)
-    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "127.0.0.2", "app.localhost", "[::1]"):
+    for host in (
+        f"localhost:{port}",
+        f"127.0.0.1:{port}",
+        "127.0.0.2",
+        "app.localhost",
+        "[::1]",
+        f"[::ffff:127.0.0.1]:{port}",
+        "LOCALHOST.",
+    ):
         response = httpx.get(server.url + "/health", headers={"Host": host}, timeout=TIMEOUT)
         assert response.status_code == 200, (host, response.text)
+
+
+def test_a_malformed_chunked_body_is_uvicorns_400_and_one_warning_not_a_traceback(
+    server: ServeProcess,
+):
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    before = len(server.stderr)
+    for request in (
+        b"GET /health HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n"
+        b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ):
+        with socket.create_connection((host, int(port)), timeout=TIMEOUT) as sock:
+            sock.sendall(request)
+            assert sock.recv(1024).startswith(b"HTTP/1.1 400")
+    assert post(server.url, {"prompt": "still here", "max_tokens": 1}).status_code == 200
+    time.sleep(0.5)  # uvicorn logs from its own loop
+    logged = server.stderr[before:]
+    assert logged and all(line.startswith("WARNING:  Invalid HTTP request") for line in logged)
 
 
 def test_a_connection_that_never_completes_its_headers_is_closed(server: ServeProcess):
@@ -876,11 +909,19 @@ def test_a_port_in_use_is_one_line_and_exit_2(tiny_model_dir: Path, env: dict[st
     assert result.stderr.count("\n") == 1
 
 
-@pytest.mark.parametrize("how", ["option", "environment"])
-def test_an_empty_api_key_is_refused_not_taken_as_no_key(
-    tiny_model_dir: Path, env: dict[str, str], how: str
+@pytest.mark.parametrize(
+    ("how", "key", "says"),
+    [
+        ("option", "", "the API key is empty"),
+        ("environment", "", "the API key is empty"),
+        ("option", "secret ", "the API key has spaces at an end or control"),
+        ("environment", "secret\r", "the API key has spaces at an end or control"),
+    ],
+)
+def test_an_api_key_no_client_could_send_is_refused_not_taken_as_no_key(
+    tiny_model_dir: Path, env: dict[str, str], how: str, key: str, says: str
 ):
-    args, extra = (["--api-key", ""], {}) if how == "option" else ([], {"GPT2_API_KEY": ""})
+    args, extra = (["--api-key", key], {}) if how == "option" else ([], {"GPT2_API_KEY": key})
     result = subprocess.run(
         [*GPT2, "serve", "-m", str(tiny_model_dir), "--port", "0", *args],
         capture_output=True,
@@ -889,7 +930,7 @@ def test_an_empty_api_key_is_refused_not_taken_as_no_key(
         env=env | extra,
     )
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.startswith("gpt2: error: the API key is empty")
+    assert result.stderr.startswith(f"gpt2: error: {says}")
     assert result.stderr.count("\n") == 1
 
 

@@ -646,3 +646,19 @@ def test_a_fifo_or_folder_in_place_of_a_tokenizer_file_is_named_not_opened(
         make(folder / name)
         with pytest.raises(GPT2Error, match=f"{name}: is {kind}"):
             Tokenizer.from_dir(folder)
+
+
+@pytest.mark.parametrize("run", ["x" * 5000, " " * 5000, "\0" * 5000, "7" * 5000])
+def test_a_run_without_a_break_longer_than_the_limit_is_one_error_whole_or_streamed(
+    tok: Tokenizer, tiktoken_gpt2: tiktoken.Encoding, monkeypatch: pytest.MonkeyPatch, run: str
+):
+    """The limit stands for 8 MiB (1.1 GB of merges); streamed, an endless run (/dev/zero)
+    must end in the error too, not grow and rescan its held-back text for ever."""
+    monkeypatch.setattr(tokenizer_module, "MAX_PIECE_BYTES", 1000)
+    assert tok.encode("ok " + run[:900]) == tiktoken_gpt2.encode("ok " + run[:900])
+    with pytest.raises(GPT2Error, match=r"no space or other break, more than gpt2 encodes"):
+        tok.encode("ok " + run)
+    chunks = itertools.repeat(run[:100])  # endless
+    with pytest.raises(GPT2Error, match=r"no space or other break"):
+        for _ in tok.encode_stream(itertools.islice(chunks, 10_000)):  # bounded all the same
+            pass

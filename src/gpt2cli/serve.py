@@ -43,6 +43,7 @@ try:
     from starlette.requests import Request as HTTPRequest
     from starlette.responses import Response, StreamingResponse
     from starlette.routing import Route
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
     from uvicorn.protocols.http.h11_impl import H11Protocol
 except ModuleNotFoundError:
     raise GPT2Error("gpt2 serve needs the serve extra: pip install 'gpt2cli[serve]'") from None
@@ -363,8 +364,36 @@ class App:
         self.created = int(time.time())
         self.stopping = asyncio.Event()  # set when the server starts stopping: body reads end
 
+    def asgi(self) -> ASGIApp:
+        """The ASGI application: Starlette's, and quiet about a connection uvicorn has already
+        answered itself (a malformed chunked body gets its 400 while a route is still running;
+        the route's own reply then cannot be sent, which is no error of the server's)."""
+        app = self.starlette()
+
+        async def quiet(scope: Scope, receive: Receive, send: Send) -> None:
+            failed = False
+
+            async def sending(message: Message) -> None:
+                nonlocal failed
+                try:
+                    await send(message)
+                except Exception:
+                    failed = True
+                    raise
+
+            try:
+                await app(scope, receive, sending)
+            except Exception:
+                if not failed:
+                    raise
+                # uvicorn is closing the connection: once it has noticed, it reports nothing
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(_disconnected(receive), timeout=1.0)
+
+        return quiet
+
     def starlette(self) -> Starlette:
-        """The ASGI application."""
+        """The Starlette application: the routes."""
         every = ["GET", "POST", "PUT", "PATCH", "DELETE"]
         routes = [
             Route("/health", self._endpoint(self.health, public=True), methods=["GET"]),
@@ -614,6 +643,12 @@ def _apply(completion: Completion, items: list[Item]) -> list[dict[str, Any]]:
     return chunks
 
 
+async def _disconnected(receive: Receive) -> None:
+    """Return once the ASGI server says the client has gone."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 async def _watch_disconnect(request: HTTPRequest, job: Job) -> None:
     """Wait until the client disconnects (the body has been read, so `receive` says nothing else
     before the response), then end the job's wait."""
@@ -658,12 +693,17 @@ def _check_local_host(request: HTTPRequest) -> None:
     declared = request.headers.get("host")
     if declared is None:
         return
-    name = declared if declared.endswith("]") else declared.rpartition(":")[0] or declared
-    name = name.strip("[]").lower()
+    name, colon, port = declared.rpartition(":") if not declared.endswith("]") else ("", "", "")
+    if not colon or "]" in port:  # no port, or the colon was inside [IPv6]
+        name, port = declared, ""
+    name = name.strip("[]").lower().removesuffix(".")
     try:
-        loopback = ipaddress.ip_address(name).is_loopback
+        address = ipaddress.ip_address(name)
+        mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+        loopback = (mapped or address).is_loopback
     except ValueError:
         loopback = name == "localhost" or name.endswith(".localhost")
+    loopback = loopback and (port == "" or port.isdigit())
     if not loopback:
         raise APIError(
             403,
@@ -810,6 +850,13 @@ class APIServer:
                 "the API key is empty: give a non-empty --api-key (or GPT2_API_KEY), or none "
                 "to serve without one"
             )
+        if api_key is not None and (
+            api_key != api_key.strip() or any(c < " " or c == "\x7f" for c in api_key)
+        ):  # HTTP trims a header's ends and cannot carry controls: no client could send it
+            raise GPT2Error(
+                "the API key has spaces at an end or control characters, which no client can "
+                "send in an HTTP header; choose one without"
+            )
         folder = str(model.folder) if model.folder is not None else name
         aliases = [name, folder]
         with contextlib.suppress(GPT2Error):  # a folder has no hub repo
@@ -826,7 +873,7 @@ class APIServer:
     def run(self) -> None:
         """Serve until Ctrl-C, SIGTERM or SIGHUP, then stop cleanly and return."""
         config = uvicorn.Config(
-            self.app.starlette(),
+            self.app.asgi(),
             log_level="warning",
             access_log=False,
             lifespan="off",

@@ -59,6 +59,10 @@ EXACT_PATTERN = (
 ENDOFTEXT = "<|endoftext|>"
 CACHE_SIZE = 100_000  # pre-tokens whose ids are remembered; real text needs ~10k-50k
 LONG_PIECE = 64  # bytes from which `_bpe_long` is faster than `_bpe` (even at ~50, 2-3x at 200)
+# the longest pre-token (a run with no space or other break: base64, minified code) encoded: its
+# merges need about 140 bytes of memory per byte (1.1 GB and ~11 s for 8 MiB), so a longer run
+# (or /dev/zero) is one error instead of gigabytes, or a stream that never says anything
+MAX_PIECE_BYTES = 8 << 20
 # Pre-tokens at the end of a text that more text can still change. The pattern decides each one
 # by looking no further than the start of the second pre-token after it (a run looks one
 # character past its end, `'ll` two past its start, spaces to the end of their run and one more),
@@ -201,6 +205,8 @@ class Tokenizer:
             offset += len(text) - len(held)
             if ids:
                 yield ids
+            if len(held) > 2 * MAX_PIECE_BYTES:  # held: two pre-tokens; one is too long already
+                raise _too_long(len(held.encode("utf-8")))
         ids = self._encode(held, allowed_special, final=True, offset=offset)[0]
         if ids:
             yield ids
@@ -300,7 +306,10 @@ class Tokenizer:
         token = self._encoder.get(word)
         if token is not None and word not in self._specials:
             return [token]
-        ids = list(map(self._byte_ids.__getitem__, piece.encode("utf-8")))
+        raw = piece.encode("utf-8")
+        if len(raw) > MAX_PIECE_BYTES:
+            raise _too_long(len(raw))
+        ids = list(map(self._byte_ids.__getitem__, raw))
         return self._bpe(ids) if len(ids) < LONG_PIECE else self._bpe_long(ids)
 
     def _bpe(self, ids: list[int]) -> list[int]:
@@ -447,6 +456,13 @@ class Tokenizer:
 
 
 @functools.lru_cache(maxsize=1)
+def _too_long(n_bytes: int) -> GPT2Error:
+    return GPT2Error(
+        f"the text holds a run of {n_bytes / 2**20:.1f} MiB with no space or other break, more "
+        f"than gpt2 encodes at once ({MAX_PIECE_BYTES >> 20} MiB); break it up"
+    )
+
+
 def _default_tokenizer() -> Tokenizer:
     return Tokenizer.from_dir(DATA_DIR)
 
