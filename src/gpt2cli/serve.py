@@ -693,9 +693,11 @@ def _check_local_host(request: HTTPRequest) -> None:
     declared = request.headers.get("host")
     if declared is None:
         return
-    name, colon, port = declared.rpartition(":") if not declared.endswith("]") else ("", "", "")
-    if not colon or "]" in port:  # no port, or the colon was inside [IPv6]
-        name, port = declared, ""
+    name, port = declared, ""
+    if not declared.endswith("]"):  # then a last colon starts a port ([::1] has colons inside)
+        head, colon, tail = declared.rpartition(":")
+        if colon:
+            name, port = head, tail
     name = name.strip("[]").lower().removesuffix(".")
     try:
         address = ipaddress.ip_address(name)
