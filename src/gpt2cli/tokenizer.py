@@ -455,7 +455,6 @@ class Tokenizer:
         )
 
 
-@functools.lru_cache(maxsize=1)
 def _too_long(n_bytes: int) -> GPT2Error:
     return GPT2Error(
         f"the text holds a run of {n_bytes / 2**20:.1f} MiB with no space or other break, more "
@@ -463,6 +462,7 @@ def _too_long(n_bytes: int) -> GPT2Error:
     )
 
 
+@functools.lru_cache(maxsize=1)
 def _default_tokenizer() -> Tokenizer:
     return Tokenizer.from_dir(DATA_DIR)
 
