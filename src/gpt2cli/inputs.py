@@ -46,19 +46,32 @@ def _read_utf8(f: Any, what: str) -> str:
     """All of binary stream `f` as strict UTF-8, decoded as it is read: a byte that is not
     UTF-8 stops the reading at once (`/dev/urandom` fails at its first bytes), and so does
     more than MAX_TEXT_BYTES (`yes |` or `/dev/zero` would fill the memory)."""
+    return "".join(_utf8_chunks(f, what, MAX_TEXT_BYTES))
+
+
+def _utf8_chunks(f: Any, what: str, limit: int | None = None) -> Iterator[str]:
+    """Binary stream `f` as strict UTF-8 text, chunk by chunk as it is read (a character split
+    between two reads waits for its end). A byte that is not UTF-8 is an error naming `what`
+    and its offset in the stream, raised once the text before it has been yielded; so is more
+    than `limit` bytes."""
     decoder = codecs.getincrementaldecoder("utf-8")()
-    parts, size = [], 0  # size: bytes read before this chunk
+    size = 0  # bytes read before this chunk
     while True:
         chunk = f.read1(STDIN_CHUNK)
         pending = len(decoder.getstate()[0])  # bytes of a character begun in earlier chunks
         try:
-            parts.append(decoder.decode(chunk, final=not chunk))
+            text = decoder.decode(chunk, final=not chunk)
         except UnicodeDecodeError as e:  # e.object: the pending bytes, then this chunk
+            if e.start:
+                yield e.object[: e.start].decode("utf-8")
             raise utf8_error(what, e.object, e, size - pending) from None
+        if text:
+            yield text
         if not chunk:
-            return "".join(parts)
+            return
         size += len(chunk)
-        _check_size(size, MAX_TEXT_BYTES, what)
+        if limit is not None:
+            _check_size(size, limit, what)
 
 
 def _read_all(f: Any, what: str) -> bytes:
@@ -104,26 +117,10 @@ STDIN_CHUNK = 1 << 20  # bytes of stdin read and encoded at a time
 
 
 def stdin_chunks(what: str) -> Iterator[str]:
-    """stdin as strict UTF-8 text, chunk by chunk as it is read (a character split between two
-    reads is carried over); a byte that is not UTF-8 is an error naming its offset in stdin,
-    raised once the text before it has been yielded."""
-    stdin = stdin_binary()
-    carry, offset = b"", 0  # offset: bytes of stdin before `carry`
-    while True:
-        block = stdin.read1(STDIN_CHUNK)
-        data = carry + block
-        try:
-            chunk, carry = data.decode("utf-8"), b""
-        except UnicodeDecodeError as e:
-            if not (block and e.reason == "unexpected end of data"):
-                if e.start:
-                    yield data[: e.start].decode("utf-8")
-                raise utf8_error(f"{what} on stdin", data, e, offset) from None
-            chunk, carry = data[: e.start].decode("utf-8"), data[e.start :]
-        if not block:
-            return
-        offset += len(data) - len(carry)
-        yield chunk
+    """stdin as strict UTF-8 text, chunk by chunk as it is read, of any length; a byte that is
+    not UTF-8 is an error naming its offset in stdin, raised once the text before it has been
+    yielded (`_utf8_chunks`)."""
+    return _utf8_chunks(stdin_binary(), f"{what} on stdin")
 
 
 def read_file(name: str) -> str:
