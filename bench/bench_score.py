@@ -1,7 +1,7 @@
 """Scoring beside the Hugging Face perplexity recipe run with transformers, on the same weights.
 
 A 1,536-token text scored in windows of 1,024 starting every 512 tokens (two windows: the
-first scores 1,023 tokens, the second the last 512): gpt2cli's `GPT2.score` against the
+first scores 1,023 tokens, the second the last 512): gpt2cli's `score.token_logprobs` against the
 "Perplexity of fixed-length models" loop (labels masked before `trg_len`, torch with 2 threads),
 each in its own process so that its peak resident memory is its own; tokens/s is the median of
 REPEAT runs after the model is loaded and a short warm-up. Then JSON Lines: 9 documents of
@@ -98,11 +98,12 @@ def _worker(side: str, folder: str) -> None:
 
 def _ours(folder: str) -> Callable[[np.ndarray], tuple[float, int]]:
     from gpt2cli.model import GPT2
+    from gpt2cli.score import token_logprobs
 
     model = GPT2.from_pretrained(folder)
 
     def run(ids: np.ndarray) -> tuple[float, int]:
-        logprobs = model.score(ids, stride=STRIDE, bos=False)
+        logprobs = token_logprobs(model, ids, stride=STRIDE, bos=False)
         return -float(logprobs.sum(dtype=np.float64)), len(logprobs)
 
     return run

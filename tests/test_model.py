@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import platform
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,6 +18,7 @@ from gpt2cli import model as model_module
 from gpt2cli import weights
 from gpt2cli.errors import GPT2Error
 from gpt2cli.generate import generate_ids
+from gpt2cli.kvcache import DecodeState
 from gpt2cli.model import GPT2
 from tests.factory import (
     GPT2_124M,
@@ -164,16 +162,45 @@ def test_a_batch_of_prompts_of_different_lengths_decodes_as_each_alone(tiny: GPT
     assert state.lengths.tolist() == [len(p) + new_tokens for p in prompts]
 
 
-def test_cache_positions_a_row_never_wrote_hold_finite_values(tiny: GPT2) -> None:
-    """A short row attends (at weight 0) over positions only the longest row wrote; a NaN left
-    there by uninitialised memory would turn its logits into NaN."""
-    state, _ = tiny.prefill([_ids(3, seed=0), _ids(30, seed=1)], 60)
-    for _ in range(10):
-        tiny.step(state, [1, 2])
-    assert state.lengths.tolist() == [13, 40]
-    assert np.isfinite(state.keys[:, 0, :, 30:40]).all()  # row 0 never wrote 30..39
-    assert np.isfinite(state.values[:, 0, :, 30:40]).all()
-    assert (state.keys[:, 0, :, 30:40] == 0).all()
+def test_prefill_into_fills_rows_as_each_prompt_alone_and_returns_hidden_states(
+    tiny: GPT2,
+) -> None:
+    """Prompts join a cache already decoding: each prompt's rows then step as it does alone, and
+    the hidden states asked for are the ones `model(ids)` turns into logits."""
+    prompts, rows, next_ids = [_ids(n, seed=n) for n in (7, 30, 1)], [[0, 3], [1], [2]], [5, 6, 7]
+    state, _ = tiny.prefill([_ids(12, seed=0)] * 4, 40)  # rows busy with something else
+    logits, hidden = tiny.prefill_into(state, prompts, rows, hidden=[True, False, True])
+    assert state.lengths.tolist() == [7, 30, 1, 7]
+    assert hidden[1] is None
+    after = tiny.step(state, [5, 6, 7, 5])  # [4, V]
+    for prompt, targets, first, states, next_id in zip(
+        prompts, rows, logits, hidden, next_ids, strict=True
+    ):
+        alone_state, alone = tiny.prefill([prompt], 40)
+        np.testing.assert_allclose(first, alone[0], rtol=0, atol=SELF_TOL)
+        alone_after = tiny.step(alone_state, [next_id])[0]  # [V]
+        for row in targets:
+            np.testing.assert_allclose(after[row], alone_after, rtol=0, atol=SELF_TOL)
+        if states is not None:
+            assert states.shape == (len(prompt), TINY.n_embd) and states.dtype == np.float32
+            full = tiny.head(states, np.arange(len(prompt)))  # [T, V]
+            np.testing.assert_allclose(full, tiny(np.array(prompt)), rtol=0, atol=SELF_TOL)
+    assert tiny.prefill_into(state, prompts, [[0], [1], [2]])[1] == [None, None, None]
+    with pytest.raises(GPT2Error, match=r"one flag per prompt \(3\), got 2"):
+        tiny.prefill_into(state, prompts, [[0], [1], [2]], hidden=[True, True])
+
+
+def test_hidden_states_are_whole_however_the_prefill_is_chunked(
+    tiny: GPT2, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prompts = [_ids(n, seed=n) for n in (23, 9, 17)]
+    state = DecodeState.empty(TINY, 3, 40, logits=3)
+    _, whole = tiny.prefill_into(state, prompts, [[0], [1], [2]], hidden=[True] * 3)
+    monkeypatch.setattr(model_module, "PREFILL_TOKENS", 12)  # 3 prompts: 4 positions a pass
+    _, chunked = tiny.prefill_into(state, prompts, [[0], [1], [2]], hidden=[True] * 3)
+    for a, b in zip(whole, chunked, strict=True):
+        assert a is not None and b is not None
+        np.testing.assert_allclose(a, b, rtol=0, atol=SELF_TOL)
 
 
 def test_greedy_continuation_matches_transformers_generate(
@@ -339,37 +366,3 @@ def test_a_step_whose_logits_are_not_finite_names_its_position_and_row(tiny: GPT
     broken.params["wpe"][3] = np.nan  # only row 1 steps to position 3 (row 0 to 2)
     with pytest.raises(GPT2Error, match="logits at position 3 of row 1 are not finite"):
         broken.step(state, np.array([1, 7]))
-
-
-def test_a_batch_too_large_for_memory_is_refused_before_allocating(tiny: GPT2) -> None:
-    available = model_module.available_memory()
-    assert available is not None and available > 0
-    rows = available // (2 * TINY.n_layer * TINY.n_ctx * TINY.n_embd * 4) + 1  # cache alone
-    with pytest.raises(GPT2Error, match=r"need about .* GiB .* use fewer samples"):
-        tiny.check_fits(rows, TINY.n_ctx, logits=0)
-    tiny.check_fits(2, TINY.n_ctx, logits=2)  # an ordinary batch fits
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
-def test_a_repeated_prefill_reuses_freed_activation_memory(model_124m_dir: Path) -> None:
-    """A 1,024-token prefill frees and reallocates tens of MB of activations per layer; kept by
-    malloc (`keep_freed_memory`), a second one faults in little beyond its new KV cache (75 MB,
-    18,432 pages) instead of about 100,000 pages. In a process of its own: malloc's thresholds
-    in this one depend on everything the session ran before (torch's import, earlier loads)."""
-    script = (
-        "import resource, sys\n"
-        "import numpy as np\n"
-        "from gpt2cli.model import GPT2\n"
-        "model = GPT2.from_pretrained(sys.argv[1])\n"
-        "ids = np.random.default_rng(3).integers(0, 50257, 1024)\n"
-        "model.prefill([ids[:128]])\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-        "model.prefill([ids])\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
-    )
-    for _ in range(2):  # the first builds the cached layout, whose large frees change malloc's
-        run = subprocess.run(  # thresholds; the second loads it, as a user's later runs do
-            [sys.executable, "-c", script, str(model_124m_dir)],
-            capture_output=True, text=True, timeout=300, check=True,
-        )  # fmt: skip
-    assert int(run.stdout) < 30_000

@@ -14,9 +14,22 @@ import torch
 
 from gpt2cli.config import GPT2Config
 from gpt2cli.errors import GPT2Error
-from gpt2cli.model import GPT2, score_windows
-from gpt2cli.score import combined, score_text, score_texts
-from tests.factory import reference_model, write_random_gpt2
+from gpt2cli.kvcache import DecodeState
+from gpt2cli.model import GPT2
+from gpt2cli.score import (
+    ScoredBlock,
+    _reduce,
+    combined,
+    score_hidden,
+    score_ids,
+    score_text,
+    score_texts,
+    score_windows,
+    scored_logits,
+    scoring_sequence,
+    token_logprobs,
+)
+from tests.factory import TINY, reference_model, write_random_gpt2
 
 EOT = 50256
 LOGPROB_TOL = 1e-4  # per token, against torch.log_softmax of transformers' logits
@@ -77,7 +90,7 @@ def hf_strided_recipe(hf: Any, sequence: list[int], n_ctx: int, stride: int) -> 
 def check_against_recipe(model: GPT2, hf: Any, ids: list[int], stride: int, bos: bool) -> None:
     sequence = [EOT, *ids] if bos else ids
     reference = hf_strided_recipe(hf, sequence, model.config.n_ctx, stride)
-    ours = model.score(ids, stride=stride, bos=bos)
+    ours = token_logprobs(model, ids, stride=stride, bos=bos)
     expected = np.array([reference["logprobs"][p] for p in sorted(reference["logprobs"])])
     assert len(ours) == reference["n_tokens"] == len(expected)
     np.testing.assert_allclose(ours, expected, atol=LOGPROB_TOL, rtol=0)
@@ -128,7 +141,7 @@ def check_small_vocab(folder: Path, n: int, stride: int, bos: bool) -> None:
     ids = np.random.default_rng(n * stride).integers(0, 512, n).tolist()
     sequence = [511, *ids] if bos else ids
     reference = hf_strided_recipe(hf, sequence, model.config.n_ctx, stride)
-    ours = model.score(sequence, stride=stride, bos=False)
+    ours = token_logprobs(model, sequence, stride=stride, bos=False)
     expected = np.array([reference["logprobs"][p] for p in sorted(reference["logprobs"])])
     np.testing.assert_allclose(ours, expected, atol=LOGPROB_TOL, rtol=0)
     assert -float(ours.astype(np.float64).sum()) == pytest.approx(reference["nll"], rel=TOTAL_RTOL)
@@ -184,7 +197,7 @@ def test_ties_are_ranked_by_id(tiny_model_dir: Path) -> None:
     assert {w: int(s.ids[-1]) for w, s in scores.items()} == words
     ranks = [int(scores[w].ranks[-1]) for w in words]  # the same logits row for each
     assert ranks == [ranks[0], ranks[0] + 1, ranks[0] + 2, ranks[0] + 3]
-    logits = next(b for b in tied.scored_logits([[EOT, 15496, 262]]) if b.positions[-1] == 2)
+    logits = next(b for b in scored_logits(tied, [[EOT, 15496, 262]]) if b.positions[-1] == 2)
     row = logits.logits[-1]
     assert ranks[0] == 1 + int((row > row[262]).sum())
 
@@ -192,9 +205,9 @@ def test_ties_are_ranked_by_id(tiny_model_dir: Path) -> None:
 def near_ties(model: GPT2, text: str) -> np.ndarray:
     """For each scored token of `text`: how many other logits lie within 2e-4 of its own, the
     float noise between two batch shapes, within which a rank may move."""
-    ids = model.scoring_sequence(model.tokenizer.encode(text), bos=True)
+    ids = scoring_sequence(model, model.tokenizer.encode(text), bos=True)
     counts = np.zeros(len(ids), np.intp)
-    for block in model.scored_logits([ids]):
+    for block in scored_logits(model, [ids]):
         chosen = block.logits[np.arange(len(block.targets)), block.targets]
         counts[block.positions] = (np.abs(block.logits - chosen[:, None]) < 2e-4).sum(-1) - 1
     return counts[1:]
@@ -238,7 +251,7 @@ def test_totals_of_several_texts_are_pooled(ours_124m: GPT2) -> None:
 
 def test_top_alternatives_are_the_most_likely_tokens_in_order(ours_124m: GPT2) -> None:
     s = score_text(ours_124m, "The meaning of life is", top=5)
-    [block] = list(ours_124m.scored_logits([[EOT, *ours_124m.tokenizer.encode("The meaning")]]))
+    [block] = list(scored_logits(ours_124m, [[EOT, *ours_124m.tokenizer.encode("The meaning")]]))
     logits = block.logits[0]
     expected = np.lexsort((np.arange(len(logits)), -logits))[:5]
     np.testing.assert_array_equal(s.top_ids[0], expected)
@@ -273,7 +286,7 @@ def test_a_text_with_nothing_to_score_is_an_error(
 def test_a_stride_outside_the_context_is_an_error(tiny_model_dir: Path, stride: int) -> None:
     model = GPT2.from_pretrained(tiny_model_dir)
     with pytest.raises(GPT2Error, match="stride must be between 1 and the model's n_ctx"):
-        model.score([1, 2, 3], stride=stride)
+        token_logprobs(model, [1, 2, 3], stride=stride)
 
 
 def test_windows_score_each_token_once_with_the_most_context() -> None:
@@ -290,9 +303,6 @@ def test_windows_score_each_token_once_with_the_most_context() -> None:
 
 def test_ranks_and_top_alternatives_order_equal_logits_by_id() -> None:
     """A block with ties at the top and at the edge of the top 3: lower ids first, always."""
-    from gpt2cli.model import ScoredBlock
-    from gpt2cli.score import _reduce
-
     logits = np.zeros((2, 10), np.float32)
     logits[0, [7, 2, 5]] = 3.0  # three tied for first
     logits[1, [9]], logits[1, [8, 4, 1]] = 5.0, 2.0  # one first, three tied for second
@@ -306,3 +316,39 @@ def test_ranks_and_top_alternatives_order_equal_logits_by_id() -> None:
     np.testing.assert_allclose(
         np.exp(reduced.top_logprobs[0]).sum(), 3 * np.exp(3) / (3 * np.exp(3) + 7), rtol=1e-6
     )
+
+
+@pytest.mark.parametrize("n", [1, 2, 17, TINY.n_ctx])
+def test_scores_from_a_prefills_hidden_states_equal_score_ids(tiny_model_dir: Path, n: int):
+    """The echo path: a prompt's own prefill (`prefill_into(..., hidden=...)`) scores it as
+    `score_ids` does in a second pass. Alone, the same forward pass: ids, ranks and top ids
+    exactly; in a padded batch with a longer prompt, logprobs within float noise."""
+    model = GPT2.from_pretrained(tiny_model_dir)
+    ids = np.random.default_rng(n).integers(0, TINY.n_vocab, n).tolist()
+    state = DecodeState.empty(model.config, 3, TINY.n_ctx, logits=3)
+    _, [hidden] = model.prefill_into(state, [ids], [[1]], hidden=[True])
+    assert hidden is not None and hidden.shape == (n, TINY.n_embd) and hidden.dtype == np.float32
+    ours = score_hidden(model, hidden, ids, top=3)
+    if n == 1:  # nothing to score: no tokens, where score_ids is an error
+        assert ours.n_tokens == 0 and ours.top_ids.shape == ours.top_logprobs.shape == (0, 3)
+        with pytest.raises(GPT2Error, match="one token has no context"):
+            score_ids(model, ids, top=3)
+        return
+    expected = score_ids(model, ids, top=3)
+    for field in ("positions", "ids", "ranks", "top_ids"):
+        np.testing.assert_array_equal(getattr(ours, field), getattr(expected, field))
+    np.testing.assert_allclose(ours.logprobs, expected.logprobs, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(ours.top_logprobs, expected.top_logprobs, rtol=0, atol=1e-4)
+    assert (ours.n_bytes, ours.n_words) == (expected.n_bytes, expected.n_words)
+    longer = np.random.default_rng(0).integers(0, TINY.n_vocab, TINY.n_ctx).tolist()
+    _, [none, batched] = model.prefill_into(state, [longer, ids], [[0], [2]], hidden=[False, True])
+    assert none is None and batched is not None
+    together = score_hidden(model, batched, ids, top=3)
+    np.testing.assert_array_equal(together.ids, expected.ids)
+    np.testing.assert_allclose(together.logprobs, expected.logprobs, rtol=0, atol=1e-4)
+
+
+def test_hidden_states_that_do_not_match_the_ids_are_an_error(tiny_model_dir: Path) -> None:
+    model = GPT2.from_pretrained(tiny_model_dir)
+    with pytest.raises(GPT2Error, match=r"got ids \[3\] and hidden states \[4, 32\]"):
+        score_hidden(model, np.zeros((4, TINY.n_embd), np.float32), [1, 2, 3])

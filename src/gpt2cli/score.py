@@ -1,18 +1,21 @@
 """Scoring text: how surprising each token is to the model, and what that sums to per text.
 
-`score_texts` tokenizes texts, runs `GPT2.scored_logits` over them (several texts per padded
-batch, long ones in Hugging Face's strided windows) and reduces each block of logits at once to
-what is kept: the actual token's log-probability, its rank, and optionally the top alternatives,
-so memory stays flat in the length of the text. `TextScore` holds a text's totals with
-lm-evaluation-harness's definitions (bits per byte, byte and word perplexity) and llama.cpp's
-standard error of the mean NLL.
+`scored_logits` runs sequences through the model (`GPT2.run_prompts`), several per padded batch
+and long ones in Hugging Face's strided windows (`score_windows`), and the output head
+(`GPT2.head`) only where a token is scored, yielding the logits a `ScoredBlock` at a time.
+`score_texts` tokenizes texts and reduces each block at once to what is kept: the actual token's
+log-probability, its rank, and optionally the top alternatives, so memory stays flat in the
+length of the text. `score_hidden` does the same from hidden states a prefill already computed
+(`GPT2.prefill_into`), and `token_logprobs` gives one sequence's log-probabilities alone.
+`TextScore` holds a text's totals with lm-evaluation-harness's definitions (bits per byte, byte
+and word perplexity) and llama.cpp's standard error of the mean NLL.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,9 +24,14 @@ from numpy.typing import NDArray
 
 from gpt2cli import ops
 from gpt2cli.errors import GPT2Error
+from gpt2cli.kvcache import DecodeState
+from gpt2cli.model import HEAD_ROWS
 
 if TYPE_CHECKING:
-    from gpt2cli.model import GPT2, ScoredBlock
+    from gpt2cli.model import GPT2, Array, Ids
+
+# windows of several texts run as one batch of at most BATCH_TOKENS positions
+BATCH_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -142,8 +150,9 @@ def score_texts(
         scoring_ids(model, text, bos=bos, name=name)
         for text, name in zip(texts, names, strict=True)
     ]
+    blocks = scored_logits(model, sequences, stride=stride)
     return _score(
-        model, sequences, texts, stride=stride, top=top, first=1 if bos else 0, progress=progress
+        model, blocks, sequences, texts, top=top, first=1 if bos else 0, progress=progress
     )
 
 
@@ -152,28 +161,52 @@ def score_ids(model: GPT2, ids: Sequence[int], *, top: int = 0) -> TextScore:
     `gpt2 score --no-bos` for callers that hold ids rather than text, such as `gpt2 serve`
     scoring a prompt sent as ids for `echo` and `logprobs`. Ids longer than the context are
     scored in windows, as texts are."""
-    sequence = model.scoring_sequence(ids, bos=False)
-    return _score(model, [sequence], [model.tokenizer.decode(ids)], top=top, first=0)[0]
+    sequence = scoring_sequence(model, ids, bos=False)
+    blocks = scored_logits(model, [sequence])
+    return _score(model, blocks, [sequence], [model.tokenizer.decode(ids)], top=top, first=0)[0]
+
+
+def score_hidden(model: GPT2, hidden: Array, ids: Sequence[int], *, top: int = 0) -> TextScore:
+    """Score token ids from their final hidden states `hidden` [T, D], as a prefill that ran
+    them computed them (`GPT2.prefill_into`'s `hidden`): each of ids[1:] given the ids before
+    it, from hidden[:-1], with `score_ids`'s numbers (within float noise) for ids that fit the
+    context, and no second forward pass. One id has nothing to score: its TextScore holds no
+    tokens (n_tokens 0). `top` as in `score_texts`.
+    """
+    array = np.asarray(ids)
+    if array.ndim != 1 or hidden.shape != (len(array), model.config.n_embd):
+        raise GPT2Error(
+            f"score_hidden needs 1-D ids [T] and their hidden states [T, {model.config.n_embd}], "
+            f"got ids {list(array.shape)} and hidden states {list(hidden.shape)}"
+        )
+    if array.size:
+        model.check_ids(array)
+    sequence = array.astype(np.intp)
+    scored = np.arange(1, len(sequence))  # [T - 1]: positions scored, each from the one before
+    blocks = _head_blocks(model, hidden[:-1], scored, np.zeros_like(scored), [0], [sequence])
+    text = model.tokenizer.decode(sequence.tolist())
+    return _score(model, blocks, [sequence], [text], top=top, first=0)[0]
 
 
 def _score(
     model: GPT2,
+    blocks: Iterator[ScoredBlock],
     sequences: Sequence[NDArray[np.intp]],
     texts: Sequence[str],
     *,
-    stride: int | None = None,
     top: int,
     first: int,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[TextScore]:
-    """Score checked sequences (`scoring_ids`); `first` is the position of each text's first
-    token in its sequence (1 after `<|endoftext|>`)."""
+    """Reduce the scored blocks of checked sequences (`scoring_ids`) to each text's TextScore;
+    `first` is the position of each text's first token in its sequence (1 after
+    `<|endoftext|>`). `top` is checked before the first block is drawn."""
     if top < 0:
         raise GPT2Error(f"top must be >= 0, got {top}")
     top = min(top, model.config.n_vocab)
     collected: list[list[_Block]] = [[] for _ in texts]
     total, done = sum(len(s) - 1 for s in sequences), 0
-    for block in model.scored_logits(sequences, stride=stride):
+    for block in blocks:
         collected[block.row].append(_reduce(block, top))
         done += len(block.targets)
         if progress is not None:
@@ -205,9 +238,187 @@ def scoring_ids(model: GPT2, text: str, *, bos: bool, name: str | None = None) -
     starts with `name` when given.
     """
     try:
-        return model.scoring_sequence(model.tokenizer.encode(text), bos=bos)
+        return scoring_sequence(model, model.tokenizer.encode(text), bos=bos)
     except GPT2Error as e:
         raise GPT2Error(f"{name}: {e}" if name else str(e)) from None
+
+
+def scoring_sequence(model: GPT2, ids: Ids, *, bos: bool) -> NDArray[np.intp]:
+    """The sequence that scores `ids`: checked, `<|endoftext|>` first with `bos`; a GPT2Error
+    when there is nothing to score (no ids, or one without `bos`)."""
+    array = np.asarray(ids)
+    if array.ndim != 1:
+        raise GPT2Error(f"ids must be a 1-D sequence of token ids, got shape {list(array.shape)}")
+    if array.size:
+        model.check_ids(array)
+    if array.size == 0 or (array.size == 1 and not bos):
+        raise GPT2Error(
+            "nothing to score: the text is empty"
+            if array.size == 0
+            else "nothing to score: one token has no context unless <|endoftext|> is put "
+            "before it (bos=True, the default, which --no-bos turns off)"
+        )
+    if bos:
+        array = np.concatenate([[model.tokenizer.eot_token], array])
+    return array.astype(np.intp)
+
+
+def token_logprobs(model: GPT2, ids: Ids, *, stride: int | None = None, bos: bool = True) -> Array:
+    """Log-probability of each scored token of `ids` given the tokens before it, in order.
+
+    With `bos` (the default) `<|endoftext|>` is put before the text as context, so every
+    token is scored; without it the first token has no context and is not. Texts longer than
+    the context use Hugging Face's strided windows (`score_windows`; `stride` defaults to
+    n_ctx // 2), each token scored once; with stride n_ctx the token at each later window's
+    start has no context in it and is not scored either, as in that recipe.
+    """
+    sequence = scoring_sequence(model, ids, bos=bos)
+    logprobs = np.empty(len(sequence), np.float32)  # [T]: token t given 0..t-1
+    scored = np.zeros(len(sequence), bool)  # [T]
+    for block in scored_logits(model, [sequence], stride=stride):
+        logprobs[block.positions] = block.logprobs()
+        scored[block.positions] = True
+    return logprobs[scored]
+
+
+def score_windows(n_tokens: int, n_ctx: int, stride: int) -> list[tuple[int, int, int]]:
+    """Hugging Face's strided windows ("Perplexity of fixed-length models") over a sequence:
+    (begin, end, first) for each window of at most n_ctx positions starting every `stride`.
+
+    Window [begin, end) scores the tokens [first, end): those after the previous window's end
+    (`trg_len = end - prev_end`), so each token is scored once, with the most context a window
+    gives it. A window's first token has no context in it and is never scored, so with stride
+    n_ctx the tokens at window starts go unscored, as in that recipe.
+    """
+    windows, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + n_ctx, n_tokens)
+        first = max(prev_end, begin + 1)
+        if first < end:
+            windows.append((begin, end, first))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return windows
+
+
+@dataclass
+class ScoredBlock:
+    """Scored tokens of one sequence: `targets[i]`, at `positions[i]`, given `logits[i]`.
+
+    `logits` [n, V] are the model's raw next-token logits at position `positions[i] - 1`.
+    """
+
+    row: int  # which of the scored sequences
+    positions: NDArray[np.intp]  # [n]
+    targets: NDArray[np.intp]  # [n]
+    logits: Array  # [n, V]
+
+    def chosen(self) -> Array:
+        """Each target's own logit [n]."""
+        picked: Array = self.logits[np.arange(len(self.targets)), self.targets]
+        return picked
+
+    def logsumexp(self) -> Array:
+        """log of each row's sum of exp(logits) [n] float32: what a logit minus is a logprob."""
+        out: Array = ops.logsumexp(self.logits).astype(np.float32)
+        return out
+
+    def logprobs(self) -> Array:
+        """log p(target) for each token [n] float32."""
+        out: Array = (self.chosen() - self.logsumexp()).astype(np.float32)
+        return out
+
+
+def scored_logits(
+    model: GPT2,
+    sequences: Sequence[Ids],
+    *,
+    stride: int | None = None,
+    batch_tokens: int = BATCH_TOKENS,
+) -> Iterator[ScoredBlock]:
+    """The logits that score every token of each sequence but its first, a block at a time.
+
+    Each token is scored once, in the strided window (`score_windows`) that gives it the
+    most context; windows of all sequences are run as padded batches of at most
+    `batch_tokens` positions (or one window), longest first, and the output head runs only
+    for positions whose next token is scored, HEAD_ROWS of them at a time, so memory stays
+    flat in the length of the text. Blocks of one sequence come in position order.
+    """
+    n_ctx = model.config.n_ctx
+    if n_ctx < 2:
+        raise GPT2Error(
+            f"the model's context is {n_ctx} token: no token can be scored, since a window "
+            "of one token gives it no context"
+        )
+    stride = n_ctx // 2 if stride is None else stride
+    if not 1 <= stride <= n_ctx:
+        raise GPT2Error(f"stride must be between 1 and the model's n_ctx ({n_ctx}), got {stride}")
+    rows = [scoring_sequence(model, seq, bos=False) for seq in sequences]
+    windows = [
+        (row, *window)
+        for row, seq in enumerate(rows)
+        for window in score_windows(len(seq), n_ctx, stride)
+    ]
+    windows.sort(key=lambda w: w[2] - w[1], reverse=True)  # stable: a row's stay in order
+    while windows:
+        size = max(1, batch_tokens // (windows[0][2] - windows[0][1]))
+        batch, windows = windows[:size], windows[size:]
+        yield from _score_batch(model, rows, batch)
+
+
+def _score_batch(
+    model: GPT2, rows: list[NDArray[np.intp]], windows: list[tuple[int, int, int, int]]
+) -> Iterator[ScoredBlock]:
+    """Run windows (row, begin, end, first scored) as one right-padded batch, and the output
+    head HEAD_ROWS scored positions at a time."""
+    width = max(end - begin for _, begin, end, _ in windows)
+    batch = np.zeros((len(windows), width), np.intp)  # [B, T]
+    for b, (row, begin, end, _) in enumerate(windows):
+        batch[b, : end - begin] = rows[row][begin:end]
+    state = DecodeState.empty(model.config, len(windows), width, logits=HEAD_ROWS)
+    for start, x in model.run_prompts(state, batch):  # x [B, chunk, D]
+        # the hidden state at window position p predicts the token at p + 1
+        picks = [
+            (
+                b,
+                np.arange(max(start, first - begin - 1), min(start + x.shape[1], end - begin - 1)),
+            )
+            for b, (_, begin, end, first) in enumerate(windows)
+        ]
+        picks = [(b, p) for b, p in picks if p.size]
+        if not picks:
+            continue
+        hidden = np.concatenate([x[b, p - start] for b, p in picks])  # [n, D]
+        which = np.concatenate([np.full(p.size, b) for b, p in picks])  # [n]: window
+        targets = np.concatenate([p + 1 + windows[b][1] for b, p in picks])  # [n]: positions
+        yield from _head_blocks(model, hidden, targets, which, [w[0] for w in windows], rows)
+
+
+def _head_blocks(
+    model: GPT2,
+    hidden: Array,
+    targets: NDArray[np.intp],
+    which: NDArray[np.intp],
+    rows: Sequence[int],
+    sequences: Sequence[NDArray[np.intp]],
+) -> Iterator[ScoredBlock]:
+    """Score from final hidden states [n, D], the output head over HEAD_ROWS at a time: state i
+    predicts the token at position targets[i] of window which[i] (a window's states are
+    contiguous), which is a window of sequence `rows[which[i]]`. One block per window per
+    product with the head."""
+    for lo in range(0, len(hidden), HEAD_ROWS):
+        logits = model.head(hidden[lo : lo + HEAD_ROWS], targets[lo : lo + HEAD_ROWS] - 1)
+        part = which[lo : lo + HEAD_ROWS]
+        for b in np.unique(part):  # [V]-wide rows of one window at a time, in order
+            here = np.flatnonzero(part == b)
+            row, positions = rows[b], targets[lo + here]
+            yield ScoredBlock(
+                row=row,
+                positions=positions,
+                targets=sequences[row][positions],
+                logits=logits[here[0] : here[-1] + 1],
+            )
 
 
 @dataclass
