@@ -38,12 +38,13 @@ def main() -> None:
     """Run every engine on the same rows; print one table."""
     from gpt2cli import dataset
     from gpt2cli.model import GPT2
+    from gpt2cli.params import GenerationParams
 
     with tempfile.TemporaryDirectory() as tmp:
         model = GPT2.from_pretrained(random_124m(Path(tmp)))
         content = _prompts(model)
         task = dataset.GenerateTask(
-            dataset.GenerateOptions(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True),
+            GenerationParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True),
             batch_size=BATCH,
         )
         start = time.perf_counter()

@@ -170,9 +170,9 @@ def test_prompt_from_stdin_and_empty_prompt(tiny_model_dir: Path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--top-p", "1.5"), "Invalid value for '--top-p': 1.5 is not in the range 0<x<=1"),
+        (("--top-p", "1.5"), "Invalid value for '--top-p': top_p must be in (0, 1]"),
         (("--top-p", "0"), "Invalid value for '--top-p'"),
-        (("--temperature", "-1"), "Invalid value for '--temperature': -1.0 is not in the range"),
+        (("--temperature", "-1"), "Invalid value for '--temperature': temperature must be a"),
         (("--temperature", "nan"), "temperature must be a number from 0 (greedy)"),
         (("--max-tokens", "0"), "Invalid value for '-t' / '--max-tokens'"),
         (("-n", "0"), "Invalid value for '-n' / '--num-samples'"),

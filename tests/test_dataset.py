@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from gpt2cli import dataset
-from gpt2cli.dataset import GenerateOptions, GenerateTask, OrderedWriter, Row, ScoreTask
+from gpt2cli.dataset import GenerateTask, OrderedWriter, Row, ScoreTask
 from gpt2cli.errors import GPT2Error
 from gpt2cli.generate import Generation
 from gpt2cli.model import GPT2
-from gpt2cli.sampling import SamplingOptions
+from gpt2cli.params import GenerationParams
 
 
 @pytest.fixture(scope="module")
@@ -147,17 +147,17 @@ def test_check_rows_names_the_first_ten_and_refuses_unless_skipping(model: GPT2)
 
 
 def test_skipped_rows_become_error_lines_in_place(model: GPT2):
-    out = run_all(GenerateTask(GenerateOptions(max_tokens=2)), model, jsonl({"prompt": "a"}, 7))
+    out = run_all(GenerateTask(GenerationParams(max_tokens=2)), model, jsonl({"prompt": "a"}, 7))
     first, second = [json.loads(line) for line in out.splitlines()]
     assert first["index"] == 0 and len(first["ids"]) == 2
     assert second == {"index": 1, "error": "input line 2 must be a JSON object, not 7"}
 
 
 def test_row_fields_override_defaults_and_options_are_not_passed_through(model: GPT2):
-    task = GenerateTask(GenerateOptions(max_tokens=5, temperature=0.0, stop=("zzz",)))
+    task = GenerateTask(GenerationParams(max_tokens=5, temperature=0.0, stop=("zzz",)))
     content = jsonl({"prompt": "Hi", "max_tokens": 2, "stop": "q", "index": 99, "tag": [1]})
     [row] = dataset.read_rows("x", content, task, model)
-    assert row.work.options == GenerateOptions(max_tokens=2, temperature=0.0, stop=("q",))
+    assert row.work.params == GenerationParams(max_tokens=2, temperature=0.0, stop=("q",))
     assert row.fields == {"tag": [1]}  # options and our own `index` are not passed through
     [line] = [json.loads(x) for x in run_all(task, model, content).splitlines()]
     assert list(line) == ["index", "tag", "text", "ids", "prompt_ids", "finish_reason"]
@@ -168,23 +168,21 @@ def test_a_row_without_a_seed_is_seeded_from_the_command_line_seed_and_its_index
     assert dataset.row_seed(5, 3, 7) == 5
     assert dataset.row_seed(None, 3, 7) == 3 * 2**64 + 7
     assert dataset.row_seed(None, None, 7) is None
-    task = GenerateTask(GenerateOptions(max_tokens=6, seed=3))
+    task = GenerateTask(GenerationParams(max_tokens=6, seed=3))
     lines = run_all(task, model, jsonl({"prompt": "a"}, {"prompt": "Once upon"})).splitlines()
     alone = Generation(
         model,
         model.tokenizer.encode("Once upon"),
-        max_tokens=6,
-        sampling=SamplingOptions(),
-        seed=3 * 2**64 + 1,
+        GenerationParams(max_tokens=6, seed=3 * 2**64 + 1),
     )
     list(alone)
-    assert json.loads(lines[1])["ids"] == alone.completions[0].ids
+    assert json.loads(lines[1])["ids"] == alone.samples[0].ids
 
 
 def test_generate_output_is_the_same_bytes_for_any_batch_size(model: GPT2):
     content = mixed_prompts()
     outputs = {
-        size: run_all(GenerateTask(GenerateOptions(seed=11), batch_size=size), model, content)
+        size: run_all(GenerateTask(GenerationParams(seed=11), batch_size=size), model, content)
         for size in (1, 3, 8)
     }
     assert outputs[1] == outputs[3] == outputs[8]
@@ -194,7 +192,7 @@ def test_generate_output_is_the_same_bytes_for_any_batch_size(model: GPT2):
 
 
 def test_a_row_with_several_samples_lists_them_after_its_prompt_ids(model: GPT2):
-    task = GenerateTask(GenerateOptions(max_tokens=4, seed=1), batch_size=3)
+    task = GenerateTask(GenerationParams(max_tokens=4, seed=1), batch_size=3)
     content = jsonl({"prompt": "a", "n": 3}, {"prompt": "b"}, {"prompt": "c", "n": 2})
     first, second, third = [json.loads(x) for x in run_all(task, model, content).splitlines()]
     assert list(first) == ["index", "prompt_ids", "samples"]
@@ -203,7 +201,7 @@ def test_a_row_with_several_samples_lists_them_after_its_prompt_ids(model: GPT2)
 
 
 def test_logprobs_are_added_on_request(model: GPT2):
-    task = GenerateTask(GenerateOptions(max_tokens=3), logprobs=True)
+    task = GenerateTask(GenerationParams(max_tokens=3), logprobs=True)
     [line] = [json.loads(x) for x in run_all(task, model, jsonl({"prompt": "a"})).splitlines()]
     assert len(line["logprobs"]) == 3 and all(lp <= 0 for lp in line["logprobs"])
 
@@ -236,7 +234,7 @@ def written_rows(model: GPT2, task: dataset.Task, content: bytes | str) -> tuple
 
 
 def test_resume_counts_written_rows_and_cuts_a_torn_last_line(model: GPT2, tmp_path: Path):
-    task = GenerateTask(GenerateOptions(max_tokens=3, temperature=0), batch_size=2)
+    task = GenerateTask(GenerationParams(max_tokens=3, temperature=0), batch_size=2)
     rows, full = written_rows(model, task, jsonl(*[{"prompt": f"p {i}"} for i in range(5)]))
     lines = full.splitlines(keepends=True)
     out = tmp_path / "out.jsonl"
@@ -249,7 +247,7 @@ def test_resume_counts_written_rows_and_cuts_a_torn_last_line(model: GPT2, tmp_p
 
 
 def test_resume_compares_passed_fields_but_not_those_a_result_replaces(model: GPT2, tmp_path: Path):
-    task = GenerateTask(GenerateOptions(max_tokens=2, temperature=0))
+    task = GenerateTask(GenerationParams(max_tokens=2, temperature=0))
     content = jsonl({"prompt": "a", "text": "mine", "id": 1}, {"prompt": "b", "id": 2})
     rows, full = written_rows(model, task, content)
     assert json.loads(full.splitlines()[0])["text"] != "mine"  # the result's text won
@@ -262,7 +260,7 @@ def test_resume_compares_passed_fields_but_not_those_a_result_replaces(model: GP
 
 
 def test_resume_takes_a_line_that_is_not_utf8_as_any_invalid_row(model: GPT2, tmp_path: Path):
-    task = GenerateTask(GenerateOptions(max_tokens=2, temperature=0))
+    task = GenerateTask(GenerationParams(max_tokens=2, temperature=0))
     content = b'{"prompt": "a"}\n{"prompt": "\xff"}\n{"prompt": "b"}\n'
     rows, full = written_rows(model, task, content)
     lines = full.splitlines(keepends=True)
@@ -290,7 +288,7 @@ def test_resume_takes_a_line_that_is_not_utf8_as_any_invalid_row(model: GPT2, tm
 def test_resume_refuses_another_inputs_results(
     model: GPT2, tmp_path: Path, content: str, problem: str
 ):
-    task = GenerateTask(GenerateOptions(max_tokens=2, temperature=0))
+    task = GenerateTask(GenerationParams(max_tokens=2, temperature=0))
     _, full = written_rows(model, task, jsonl(*[{"prompt": f"p {i}"} for i in range(5)]))
     out = tmp_path / "out.jsonl"
     out.write_bytes(full)

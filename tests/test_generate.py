@@ -13,12 +13,19 @@ from safetensors.numpy import load_file, save_file
 from gpt2cli.errors import GPT2Error
 from gpt2cli.generate import Generation, generate_ids, generate_text
 from gpt2cli.model import GPT2
+from gpt2cli.params import GenerationParams
 from gpt2cli.sampling import SamplingOptions, sample
 from gpt2cli.scheduler import TextStream
 from gpt2cli.tokenizer import Tokenizer
 from tests.factory import TINY, write_random_gpt2
 
 MULTIBYTE = "Robots 🤖🦾 say 日本語 and ﷽ or Ǆ̈́ — naïve café"
+
+
+def _params(sampling: SamplingOptions | None = None, **fields: object) -> GenerationParams:
+    """`GenerationParams` with the sampling options given as one object."""
+    s = sampling or SamplingOptions()
+    return GenerationParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, **fields)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +121,12 @@ def test_pieces_join_to_the_decoded_text_for_any_ids(ids: list[int]):
 def test_greedy_generation_follows_the_full_forward_argmax(tiny: GPT2):
     prompt = tiny.tokenizer.encode("Once upon a time")
     generation = Generation(
-        tiny, prompt, max_tokens=30, sampling=SamplingOptions(temperature=0), ignore_eos=True
+        tiny,
+        prompt,
+        _params(max_tokens=30, sampling=SamplingOptions(temperature=0), ignore_eos=True),
     )
     list(generation)
-    ids = generation.completions[0].ids
+    ids = generation.samples[0].ids
     logits = tiny(prompt + ids)  # [T, V], no cache
     assert ids == logits[len(prompt) - 1 : -1].argmax(axis=-1).tolist()
 
@@ -126,7 +135,7 @@ def test_a_sampled_batch_equals_recomputing_each_step_with_the_same_random_strea
     prompt = tiny.tokenizer.encode("Hello")
     options = SamplingOptions(temperature=0.9, top_k=40, top_p=0.95)
     generation = Generation(
-        tiny, prompt, max_tokens=12, sampling=options, seed=7, num_samples=3, ignore_eos=True
+        tiny, prompt, _params(max_tokens=12, sampling=options, seed=7, n=3, ignore_eos=True)
     )
     list(generation)
     rng = np.random.default_rng(7)
@@ -135,15 +144,15 @@ def test_a_sampled_batch_equals_recomputing_each_step_with_the_same_random_strea
         last = np.stack([tiny(row)[-1] for row in rows])  # [3, V], full forward each time
         for row, id in zip(rows, sample(last, rng, options), strict=True):
             row.append(int(id))
-    assert [c.ids for c in generation.completions] == [row[len(prompt) :] for row in rows]
-    assert len({tuple(c.ids) for c in generation.completions}) > 1
+    assert [c.ids for c in generation.samples] == [row[len(prompt) :] for row in rows]
+    assert len({tuple(c.ids) for c in generation.samples}) > 1
 
 
 def test_logprobs_are_the_models_log_softmax_of_each_chosen_token(tiny: GPT2):
     prompt = tiny.tokenizer.encode("Hello there")
-    generation = Generation(tiny, prompt, max_tokens=8, seed=3, ignore_eos=True)
+    generation = Generation(tiny, prompt, _params(max_tokens=8, seed=3, ignore_eos=True))
     list(generation)
-    c = generation.completions[0]
+    c = generation.samples[0]
     logits = tiny(prompt + c.ids)[len(prompt) - 1 : -1].astype(np.float64)  # [8, V]
     expected = logits[np.arange(8), c.ids] - np.log(np.exp(logits).sum(axis=-1))
     np.testing.assert_allclose(c.logprobs, expected, atol=1e-4)
@@ -151,27 +160,29 @@ def test_logprobs_are_the_models_log_softmax_of_each_chosen_token(tiny: GPT2):
 
 def test_end_of_text_ends_a_sample_unless_ignored(eot_model: GPT2):
     prompt = eot_model.tokenizer.encode("Hi")
-    stopped = Generation(eot_model, prompt, max_tokens=5)
-    assert [e[:4] for e in stopped] == [(0, 50256, "", True)]
-    assert stopped.completions[0].ids == [50256]
-    assert stopped.completions[0].finish_reason == "eos"
+    stopped = Generation(eot_model, prompt, _params(max_tokens=5))
+    assert [e[:4] for e in stopped] == [(0, 50256, "", "eos")]
+    assert stopped.samples[0].ids == [50256]
+    assert stopped.samples[0].finish_reason == "eos"
 
-    ignored = Generation(eot_model, prompt, max_tokens=5, ignore_eos=True)
+    ignored = Generation(eot_model, prompt, _params(max_tokens=5, ignore_eos=True))
     assert "".join(t.text for t in ignored) == "<|endoftext|>" * 5
-    assert ignored.completions[0].finish_reason == "length"
+    assert ignored.samples[0].finish_reason == "length"
 
 
 def test_stop_string_ends_a_sample_and_is_cut_from_its_text(tiny: GPT2):
     prompt = tiny.tokenizer.encode("The")
     greedy = SamplingOptions(temperature=0)
-    full = Generation(tiny, prompt, max_tokens=20, sampling=greedy, ignore_eos=True)
+    full = Generation(tiny, prompt, _params(max_tokens=20, sampling=greedy, ignore_eos=True))
     list(full)
-    whole = full.completions[0]
+    whole = full.samples[0]
     starts = np.cumsum([len(tiny.tokenizer.decode([i])) for i in whole.ids])
     stop = whole.text[starts[3] - 2 : starts[3] + 2]  # straddles the 4th/5th token boundary
-    cut = Generation(tiny, prompt, max_tokens=20, sampling=greedy, stop=[stop], ignore_eos=True)
+    cut = Generation(
+        tiny, prompt, _params(max_tokens=20, sampling=greedy, stop=[stop], ignore_eos=True)
+    )
     printed = "".join(t.text for t in cut)
-    c = cut.completions[0]
+    c = cut.samples[0]
     assert c.finish_reason == "stop"
     assert printed == c.text == whole.text[: whole.text.find(stop)]
     assert c.ids == whole.ids[: len(c.ids)] and len(c.ids) < 20
@@ -179,10 +190,10 @@ def test_stop_string_ends_a_sample_and_is_cut_from_its_text(tiny: GPT2):
 
 def test_generation_stops_at_the_context_limit(tiny: GPT2):
     prompt = [464] * (TINY.n_ctx - 5)
-    generation = Generation(tiny, prompt, max_tokens=40, ignore_eos=True)
+    generation = Generation(tiny, prompt, _params(max_tokens=40, ignore_eos=True))
     list(generation)
-    assert len(generation.completions[0].ids) == 5
-    assert generation.completions[0].finish_reason == "length"
+    assert len(generation.samples[0].ids) == 5
+    assert generation.samples[0].finish_reason == "length"
 
 
 def test_prompt_that_fills_the_context_is_an_error_naming_both_lengths(tiny: GPT2):
@@ -198,37 +209,37 @@ def test_truncate_keeps_the_prompts_last_tokens_leaving_room_for_max_tokens(
 ):
     prompt = np.random.default_rng(n_prompt).integers(0, 50257, n_prompt).tolist()
     options = {"max_tokens": max_tokens, "ignore_eos": True, "seed": 0}
-    generation = Generation(tiny, prompt, truncate=True, **options)
+    generation = Generation(tiny, prompt, _params(truncate=True, **options))
     ids = [token.id for token in generation]
-    [completion] = generation.completions
+    [completion] = generation.samples
     assert completion.prompt_ids == prompt[-kept:]
     assert len(ids) == min(max_tokens, 128 - kept)
-    expected = Generation(tiny, prompt[-kept:], **options)
+    expected = Generation(tiny, prompt[-kept:], _params(**options))
     assert ids == [token.id for token in expected]
 
 
 def test_empty_prompt_starts_from_end_of_text(tiny: GPT2):
-    generation = Generation(tiny, [], max_tokens=3)
-    assert generation.completions[0].prompt_ids == [tiny.tokenizer.eot_token]
+    generation = Generation(tiny, [], _params(max_tokens=3))
+    assert generation.samples[0].prompt_ids == [tiny.tokenizer.eot_token]
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"max_tokens": 0}, "max_tokens must be at least 1"),
-        ({"num_samples": 0}, r"n \(samples\) must be at least 1"),
+        ({"n": 0}, r"n \(samples\) must be at least 1"),
         ({"stop": ["ok", ""]}, "a stop string must not be empty"),
     ],
 )
 def test_bad_generation_options_are_errors(tiny: GPT2, kwargs: dict[str, object], message: str):
     with pytest.raises(GPT2Error, match=message):
-        Generation(tiny, [464], **kwargs)  # type: ignore[arg-type]
+        Generation(tiny, [464], _params(**kwargs))  # type: ignore[arg-type]
 
 
 def test_timings_add_up(tiny: GPT2):
-    generation = Generation(tiny, [464], max_tokens=10, ignore_eos=True, load_s=0.5)
+    generation = Generation(tiny, [464], _params(max_tokens=10, ignore_eos=True), load_s=0.5)
     list(generation)
-    t = generation.completions[0].timings
+    t = generation.samples[0].timings
     assert t.load_s == 0.5 and t.prefill_s > 0 and t.decode_s > 0
     assert t.tokens_per_s == pytest.approx(9 / t.decode_s)
 
@@ -239,23 +250,22 @@ def test_generate_text_yields_the_continuation_in_pieces(tiny: GPT2):
     generation = Generation(
         tiny,
         tiny.tokenizer.encode("Hello"),
-        max_tokens=25,
-        sampling=SamplingOptions(top_k=50),
-        seed=11,
-        ignore_eos=True,
+        _params(max_tokens=25, sampling=SamplingOptions(top_k=50), seed=11, ignore_eos=True),
     )
     list(generation)
     assert len(pieces) > 1
-    assert "".join(pieces) == generation.completions[0].text
+    assert "".join(pieces) == generation.samples[0].text
 
 
 def test_model_generate_takes_the_sampling_options(tiny: GPT2):
     prompt = tiny.tokenizer.encode("Hello")
     options = SamplingOptions(temperature=0.8, top_k=20, top_p=0.9)
-    generation = Generation(tiny, prompt, max_tokens=15, sampling=options, seed=2, ignore_eos=True)
+    generation = Generation(
+        tiny, prompt, _params(max_tokens=15, sampling=options, seed=2, ignore_eos=True)
+    )
     list(generation)
     sampled = generate_ids(tiny, prompt, 15, temperature=0.8, top_k=20, top_p=0.9, seed=2)
-    assert list(sampled) == generation.completions[0].ids
+    assert list(sampled) == generation.samples[0].ids
 
 
 def test_model_generate_ends_at_end_of_text_only_when_asked(eot_model: GPT2):

@@ -1,9 +1,10 @@
-"""Continuous batching: requests join and leave one decode batch, each as it would run alone."""
+"""Continuous batching: requests queue, join and leave one decode batch, each as it would run
+alone; the scheduler's `step` is the one loop every front end drives."""
 
 from __future__ import annotations
 
-from collections import deque
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,11 +12,20 @@ import pytest
 from gpt2cli.errors import GPT2Error
 from gpt2cli.generate import Generation
 from gpt2cli.model import GPT2
-from gpt2cli.sampling import SamplingOptions
-from gpt2cli.scheduler import Event, Request, Scheduler
+from gpt2cli.params import GenerationParams
+from gpt2cli.scheduler import (
+    Event,
+    FailedEvent,
+    PromptEvent,
+    Request,
+    RequestState,
+    Scheduler,
+    TokenEvent,
+)
+from gpt2cli.score import score_ids
 
-GREEDY = SamplingOptions(temperature=0)
-SAMPLED = SamplingOptions(temperature=0.9, top_k=40, top_p=0.95)
+GREEDY: dict[str, Any] = {"temperature": 0}
+SAMPLED: dict[str, Any] = {"temperature": 0.9, "top_k": 40, "top_p": 0.95}
 
 
 @pytest.fixture(scope="module")
@@ -27,51 +37,49 @@ def _prompt(n: int, seed: int) -> list[int]:
     return np.random.default_rng(seed).integers(0, 50257, n).tolist()
 
 
+def _request(prompt: list[int], **params: Any) -> Request:
+    return Request(prompt, GenerationParams(**params))
+
+
 def _requests() -> list[Request]:
     """Mixed prompt lengths, budgets, samples and options: greedy, seeded and stop strings."""
     return [
-        Request(_prompt(3, 0), max_tokens=9, sampling=GREEDY, ignore_eos=True),
-        Request(_prompt(17, 1), max_tokens=4, sampling=SAMPLED, seed=5, n=2, ignore_eos=True),
-        Request(_prompt(40, 2), max_tokens=12, sampling=SAMPLED, seed=6, ignore_eos=True),
-        Request(_prompt(1, 3), max_tokens=2, sampling=GREEDY, ignore_eos=True),
-        Request(_prompt(25, 4), max_tokens=7, sampling=SAMPLED, seed=7, n=3, ignore_eos=True),
-        Request(_prompt(9, 5), max_tokens=10, sampling=GREEDY, stop=["e"]),
+        _request(_prompt(3, 0), max_tokens=9, **GREEDY, ignore_eos=True),
+        _request(_prompt(17, 1), max_tokens=4, **SAMPLED, seed=5, n=2, ignore_eos=True),
+        _request(_prompt(40, 2), max_tokens=12, **SAMPLED, seed=6, ignore_eos=True),
+        _request(_prompt(1, 3), max_tokens=2, **GREEDY, ignore_eos=True),
+        _request(_prompt(25, 4), max_tokens=7, **SAMPLED, seed=7, n=3, ignore_eos=True),
+        _request(_prompt(9, 5), max_tokens=10, **GREEDY, stop=("e",)),
     ]
 
 
 def _alone(model: GPT2, request: Request) -> list[list[int]]:
     """The request's samples when it runs by itself (`gpt2 generate -n N --seed S`)."""
-    generation = Generation(
-        model,
-        request.prompt_ids,
-        max_tokens=request.max_tokens,
-        sampling=request.sampling,
-        seed=request.seed,
-        num_samples=request.n,
-        stop=request.stop,
-        ignore_eos=request.ignore_eos,
-    )
+    generation = Generation(model, request.prompt_ids, request.params)
     list(generation)
-    return [c.ids for c in generation.completions]
+    return [s.ids for s in generation.samples]
 
 
-def _run_all(
-    scheduler: Scheduler, requests: list[Request], *, together: bool = False
-) -> list[Event]:
-    """Admit requests as rows free up (one at a time, or all that fit in one call), stepping in
-    between; every event, in order."""
-    pending, events = deque(requests), []
+def _drain(scheduler: Scheduler) -> list[Event]:
+    """Step until the scheduler has nothing waiting or running; every event, in order."""
+    events: list[Event] = []
     for _ in range(10_000):  # bounded: every step finishes a token of every running sample
-        joining: list[Request] = []
-        while pending and pending[0].n <= scheduler.free - sum(r.n for r in joining):
-            joining.append(pending.popleft())
-            if not together:
-                events += scheduler.admit(joining.pop())
-        events += scheduler.admit(*joining)
-        if not pending and not scheduler.running:
+        if not scheduler.busy:
             return events
         events += scheduler.step()
     raise AssertionError("the scheduler did not finish")
+
+
+def _submit_all(
+    scheduler: Scheduler, requests: list[Request], *, together: bool
+) -> tuple[list[RequestState], list[Event]]:
+    """Submit every request at once, or one per step while the others decode; run them all."""
+    states, events = [], []
+    for request in requests:
+        states.append(scheduler.submit(request))
+        if not together:
+            events += scheduler.step()
+    return states, events + _drain(scheduler)
 
 
 @pytest.mark.parametrize("together", [False, True], ids=["one-by-one", "together"])
@@ -80,106 +88,145 @@ def test_each_request_gets_what_it_gets_alone_whatever_joins_the_batch(
     tiny: GPT2, max_batch: int, together: bool
 ):
     requests = _requests()
-    expected = [_alone(tiny, r) for r in _requests()]
-    _run_all(Scheduler(tiny, max_batch=max_batch), requests, together=together)
-    assert [[c.ids for c in r.completions] for r in requests] == expected
-    assert all(r.finished and not r.cancelled for r in requests)
+    expected = [_alone(tiny, r) for r in requests]
+    states, _ = _submit_all(Scheduler(tiny, max_batch=max_batch), requests, together=together)
+    assert [[s.ids for s in state.samples] for state in states] == expected
+    assert all(state.finished and not state.cancelled for state in states)
 
 
 def test_events_spell_each_samples_ids_text_and_finish(tiny: GPT2):
-    requests = _requests()
-    events = _run_all(Scheduler(tiny, max_batch=4), requests)
-    for request in requests:
-        for i, c in enumerate(request.completions):
-            mine = [e for e in events if e.request is request and e.sample == i]
-            assert [e.id for e in mine] == c.ids
-            assert "".join(e.text for e in mine) == c.text
+    states, events = _submit_all(Scheduler(tiny, max_batch=4), _requests(), together=False)
+    tokens = [e for e in events if isinstance(e, TokenEvent)]
+    assert len(tokens) == len(events)  # no echo asked for, no failure
+    for state in states:
+        for i, s in enumerate(state.samples):
+            mine = [e for e in tokens if e.state is state and e.sample == i]
+            assert [e.id for e in mine] == s.ids
+            assert "".join(e.text for e in mine) == s.text
             assert [e.done for e in mine] == [False] * (len(mine) - 1) + [True]
-            assert c.logprobs == pytest.approx([e.logprob for e in mine])
-    assert requests[5].completions[0].finish_reason == "stop"  # its stop string "e"
-    assert "e" not in requests[5].completions[0].text
+            assert mine[-1].finish_reason == s.finish_reason
+            assert s.logprobs == pytest.approx([e.logprob for e in mine])
+    assert states[5].samples[0].finish_reason == "stop"  # its stop string "e"
+    assert "e" not in states[5].samples[0].text
+
+
+def test_requests_wait_in_order_until_their_samples_find_free_rows(tiny: GPT2):
+    scheduler = Scheduler(tiny, max_batch=2)
+    first = scheduler.submit(_request([1, 2, 3], max_tokens=5, **GREEDY, ignore_eos=True))
+    pair = scheduler.submit(_request([4, 5], max_tokens=4, **GREEDY, n=2, ignore_eos=True))
+    last = scheduler.submit(_request([6], max_tokens=2, **GREEDY, ignore_eos=True))
+    scheduler.step()
+    # one row is free, but the pair needs two, and the last does not overtake it
+    assert scheduler.running == [first] and scheduler.waiting == 3 and scheduler.free == 1
+    while first.admitted and not first.finished:
+        scheduler.step()
+    scheduler.step()
+    assert scheduler.running == [pair] and scheduler.queued == [last]
+    _drain(scheduler)
+    assert all(s.finished for s in (first, pair, last))
 
 
 def test_a_request_admitted_while_others_decode_reuses_a_freed_row(tiny: GPT2):
     scheduler = Scheduler(tiny, max_batch=2, capacity=64)
-    short = Request(_prompt(30, 8), max_tokens=2, sampling=GREEDY, ignore_eos=True)
-    long = Request(_prompt(5, 9), max_tokens=20, sampling=GREEDY, ignore_eos=True)
-    scheduler.admit(short)
-    scheduler.admit(long)
-    assert scheduler.free == 0
-    scheduler.step()  # short's second token: it leaves, its row (which held 31 positions) frees
+    short = scheduler.submit(_request(_prompt(30, 8), max_tokens=2, **GREEDY, ignore_eos=True))
+    long = scheduler.submit(_request(_prompt(5, 9), max_tokens=20, **GREEDY, ignore_eos=True))
+    scheduler.step()  # both join; short gets its second token, leaves, and its row frees
     assert short.finished and scheduler.free == 1
-    late = Request(_prompt(4, 10), max_tokens=6, sampling=SAMPLED, seed=3, ignore_eos=True)
-    scheduler.admit(late)
-    for _ in range(30):
-        if not scheduler.running:
-            break
-        scheduler.step()
-    for request in (long, late):
-        fresh = Request(request.prompt_ids, max_tokens=request.max_tokens, seed=request.seed)
-        fresh.sampling, fresh.ignore_eos = request.sampling, True
-        assert [c.ids for c in request.completions] == _alone(tiny, fresh)
+    late = scheduler.submit(
+        _request(_prompt(4, 10), max_tokens=6, **SAMPLED, seed=3, ignore_eos=True)
+    )
+    _drain(scheduler)
+    for state in (long, late):
+        assert [s.ids for s in state.samples] == _alone(tiny, state.request)
 
 
 def test_top_logprobs_are_the_most_likely_tokens_best_first(tiny: GPT2):
-    request = Request(_prompt(6, 11), max_tokens=5, sampling=GREEDY, top_logprobs=5)
-    events = Scheduler(tiny, max_batch=1).admit(request)
-    logits = tiny(request.prompt_ids)[-1].astype(np.float64)  # [V]
+    scheduler = Scheduler(tiny, max_batch=1)
+    state = scheduler.submit(_request(_prompt(6, 11), max_tokens=5, **GREEDY, top_logprobs=5))
+    event = scheduler.step()[0]  # the first token, sampled from the prompt's own logits
+    logits = tiny(state.prompt_ids)[-1].astype(np.float64)  # [V]
     logprobs = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
     best = np.argsort(-logprobs)[:5]
-    (event,) = events
+    assert isinstance(event, TokenEvent)
     assert [t for t, _ in event.top] == best.tolist()
     assert [lp for _, lp in event.top] == pytest.approx(logprobs[best], abs=1e-4)
     assert event.id == best[0] and event.logprob == pytest.approx(logprobs[best[0]], abs=1e-4)
 
 
+def test_echo_scores_the_prompt_from_its_own_prefill_then_generates(tiny: GPT2):
+    scheduler = Scheduler(tiny, max_batch=2)
+    prompt = _prompt(20, 14)
+    params = {"max_tokens": 3, **GREEDY, "ignore_eos": True, "top_logprobs": 3}
+    echoed = scheduler.submit(_request(prompt, **params, echo=True, echo_logprobs=True))
+    events = _drain(scheduler)
+    assert isinstance(events[0], PromptEvent) and events[0].state is echoed
+    score, expected = echoed.prompt_score, score_ids(tiny, prompt, top=3)
+    assert score is not None
+    np.testing.assert_allclose(score.logprobs, expected.logprobs, atol=1e-4)
+    np.testing.assert_array_equal(score.top_ids, expected.top_ids)
+    assert echoed.samples[0].ids == _alone(tiny, _request(prompt, **params))[0]
+
+
+def test_a_prompt_alone_takes_no_row_and_ends_once_echoed(tiny: GPT2):
+    scheduler = Scheduler(tiny, max_batch=1)
+    running = scheduler.submit(_request([1, 2], max_tokens=50, **GREEDY, ignore_eos=True))
+    scheduler.step()
+    alone = scheduler.submit(_request([3] * 128, max_tokens=0, echo=True))  # the whole context
+    events = scheduler.step()
+    assert [e.state for e in events if isinstance(e, PromptEvent)] == [alone]
+    assert alone.finished and alone.prompt_score is None and alone.samples[0].ids == []
+    assert scheduler.running == [running]
+
+
+def test_a_prompt_that_fails_leaves_with_its_error_and_the_batch_goes_on(tiny: GPT2):
+    params = dict(tiny.params)
+    params["wpe"] = tiny.params["wpe"].copy()
+    params["wpe"][6] = np.nan  # a prompt of 7 tokens or more has logits that are not finite
+    broken = GPT2(tiny.config, params, tiny.folder)
+    scheduler = Scheduler(broken, max_batch=2)
+    kept = scheduler.submit(_request([1, 2], max_tokens=3, **GREEDY, ignore_eos=True))
+    scheduler.step()
+    failing = scheduler.submit(_request(_prompt(10, 15), max_tokens=3, **GREEDY))
+    events = _drain(scheduler)
+    [failed] = [e for e in events if isinstance(e, FailedEvent)]
+    assert failed.state is failing and "not finite" in str(failed.error)
+    assert failing.finished and kept.finished and len(kept.samples[0].ids) == 3
+
+
 def test_a_cancelled_request_leaves_at_once_and_frees_its_rows(tiny: GPT2):
     scheduler = Scheduler(tiny, max_batch=4)
-    gone = Request(_prompt(8, 12), max_tokens=50, sampling=GREEDY, n=3, ignore_eos=True)
-    kept = Request(_prompt(8, 13), max_tokens=6, sampling=GREEDY, ignore_eos=True)
-    scheduler.admit(gone)
-    scheduler.admit(kept)
+    gone = scheduler.submit(_request(_prompt(8, 12), max_tokens=50, **GREEDY, n=3, ignore_eos=True))
+    kept = scheduler.submit(_request(_prompt(8, 13), max_tokens=6, **GREEDY, ignore_eos=True))
+    waiting = scheduler.submit(_request([1], max_tokens=6, n=4))
     scheduler.step()
     scheduler.cancel(gone)
-    assert scheduler.running == [kept] and scheduler.free == 3
+    scheduler.cancel(waiting)
+    assert scheduler.running == [kept] and scheduler.free == 3 and not scheduler.queued
     events = scheduler.step()
-    assert {e.request for e in events} == {kept}
-    for _ in range(10):
-        if not scheduler.running:
-            break
-        scheduler.step()
-    fresh = Request(kept.prompt_ids, max_tokens=6, sampling=GREEDY, ignore_eos=True)
-    assert [c.ids for c in kept.completions] == _alone(tiny, fresh)
+    assert {e.state for e in events} == {kept}
+    _drain(scheduler)
+    assert [s.ids for s in kept.samples] == _alone(tiny, kept.request)
 
 
 @pytest.mark.parametrize(
-    ("request_", "message"),
+    ("prompt", "params", "message"),
     [
-        (Request([1, 2], n=5), r"n \(samples\) must be at most the batch size 4"),
-        (Request([1] * 60, max_tokens=10), r"need 70 positions, but this batch holds 64"),
-        (Request([1, 2], top_logprobs=6), "top_logprobs must be between 0 and 5"),
-        (Request([1, 2], max_tokens=0), "max_tokens must be at least 1"),
-        (Request([1, 2], stop=[""]), "a stop string must not be empty"),
-        (Request([1, 50257]), "token id 50257 at position 1 is outside the vocabulary"),
-        (Request([1] * 128), "prompt is 128 tokens but the model's context is 128"),
+        ([1, 2], {"n": 5}, r"n \(samples\) must be at most the batch size 4"),
+        ([1] * 60, {"max_tokens": 10}, r"need 70 positions, but this batch holds 64"),
+        ([1, 2], {"top_logprobs": 6}, "top_logprobs must be between 0 and 5"),
+        ([1, 2], {"max_tokens": 0}, "max_tokens must be at least 1"),
+        ([1, 2], {"stop": ("",)}, "a stop string must not be empty"),
+        ([1, 50257], {}, "token id 50257 at position 1 is outside the vocabulary"),
+        ([1] * 128, {}, "prompt is 128 tokens but the model's context is 128"),
     ],
 )
 def test_a_request_that_can_never_run_is_refused_before_any_work(
-    tiny: GPT2, request_: Request, message: str
+    tiny: GPT2, prompt: list[int], params: dict[str, Any], message: str
 ):
     scheduler = Scheduler(tiny, max_batch=4, capacity=64)
     with pytest.raises(GPT2Error, match=message):
-        scheduler.check(request_)
-    with pytest.raises(GPT2Error, match=message):
-        scheduler.admit(request_)
-    assert scheduler.free == 4 and not scheduler.running
-
-
-def test_admitting_more_samples_than_free_rows_is_an_error(tiny: GPT2):
-    scheduler = Scheduler(tiny, max_batch=2)
-    scheduler.admit(Request([1, 2, 3], max_tokens=5, sampling=GREEDY, ignore_eos=True))
-    with pytest.raises(GPT2Error, match="2 rows needed, 1 free"):
-        scheduler.admit(Request([4, 5], n=2))
+        scheduler.submit(_request(prompt, **params))
+    assert scheduler.free == 4 and not scheduler.busy
 
 
 def test_a_padded_vocabulary_never_yields_an_id_the_tokenizer_lacks(tiny: GPT2):
@@ -198,7 +245,7 @@ def test_a_padded_vocabulary_never_yields_an_id_the_tokenizer_lacks(tiny: GPT2):
     padded = GPT2(replace(tiny.config, n_vocab=50304), params, tiny.folder)
     assert int(padded.prefill([[1, 2]])[1].argmax()) == 50300
     scheduler = Scheduler(padded, 2)
-    request = Request([1, 2], max_tokens=3, sampling=GREEDY, ignore_eos=True, top_logprobs=5)
-    events = _run_all(scheduler, [request])
+    scheduler.submit(_request([1, 2], max_tokens=3, **GREEDY, ignore_eos=True, top_logprobs=5))
+    events = [e for e in _drain(scheduler) if isinstance(e, TokenEvent)]
     assert [e.id for e in events] == [int(wte[:50257, 0].argmax())] * 3
     assert all(t < 50257 for e in events for t, _ in e.top)

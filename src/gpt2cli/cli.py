@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from gpt2cli import __version__
-from gpt2cli.errors import GPT2Error, WriteError
+from gpt2cli.errors import STOP_SIGNALS, GPT2Error, WriteError
 from gpt2cli.inputs import (
     argument_text,
     parse_ids,
+    printable,
     read_bytes,
     read_file,
     read_text,
@@ -32,7 +33,6 @@ from gpt2cli.inputs import (
 from gpt2cli.output import (
     SamplePrinter,
     escape_controls,
-    printable,
     settle_stdout,
     show_tokens,
     silence_stdout,
@@ -41,8 +41,9 @@ from gpt2cli.output import (
 )
 
 if TYPE_CHECKING:
-    from gpt2cli.dataset import Engine, Task
+    from gpt2cli.dataset import Runner, Task
     from gpt2cli.model import GPT2
+    from gpt2cli.params import GenerationParams
     from gpt2cli.tokenizer import Tokenizer
 
 EXIT_FAILURE = 1  # the system failed us: out of memory, an I/O error
@@ -50,7 +51,6 @@ EXIT_USAGE = 2  # bad input of any kind, as Click uses for usage errors
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what `cat big | head -1` reports for cat
 # signals that stop a command the way Ctrl-C does: output so far flushed, exit 128 + signal
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Stopped(KeyboardInterrupt):
@@ -69,7 +69,7 @@ class _StoppedRun(Exception):
         self.signum = signum
 
 
-def _stop(signum: int, frame: object) -> None:
+def _on_stop_signal(signum: int, frame: object) -> None:
     raise Stopped(signum)
 
 
@@ -244,7 +244,7 @@ class _DatasetOptions:
     ray_address: str | None
     threads_per_actor: int | None
 
-    def checked_engine(self) -> Engine:
+    def checked_engine(self) -> Runner:
         """The engine asked for (the ray extra checked before any work), or a usage error for
         options that go with another."""
         from gpt2cli import dataset
@@ -262,7 +262,7 @@ class _DatasetOptions:
 
         return ray_engine.engine(self.ray_address, self.threads_per_actor or 1)
 
-    def run(self, task: Task, model: GPT2, engine: Engine, source: str, what: str) -> None:
+    def run(self, task: Task, model: GPT2, engine: Runner, source: str, what: str) -> None:
         """Run a data-set job: every row checked, then those -o lacks run and written in order
         (to stdout without -o), progress on a terminal."""
         from gpt2cli import dataset
@@ -304,39 +304,37 @@ def cli() -> None:
 @click.option(
     "-t",
     "--max-tokens",
-    type=click.IntRange(min=1),
+    type=int,
     default=40,
     show_default=True,
     help="New tokens per sample (fewer when the context fills up).",
 )
 @click.option(
     "--temperature",
-    type=click.FloatRange(min=0),
+    type=float,
     default=1.0,
     show_default=True,
     help="Divides the logits; 0 is greedy (always the most likely token).",
 )
 @click.option(
     "--top-k",
-    type=click.IntRange(min=0),
+    type=int,
     default=5,
     show_default=True,
     help="Sample only among the k most likely tokens; 0 turns it off.",
 )
 @click.option(
     "--top-p",
-    type=click.FloatRange(0, 1, min_open=True),
+    type=float,
     default=1.0,
     show_default=True,
     help="Sample only among the most likely tokens whose probabilities reach p; 1 is off.",
 )
-@click.option(
-    "--seed", type=click.IntRange(min=0), help="Random seed: the same seed gives the same text."
-)
+@click.option("--seed", type=int, help="Random seed: the same seed gives the same text.")
 @click.option(
     "-n",
     "--num-samples",
-    type=click.IntRange(min=1),
+    type=int,
     default=1,
     show_default=True,
     help="Samples to generate, as one batch.",
@@ -401,45 +399,34 @@ def generate(
     import time
 
     from gpt2cli.generate import Generation
-    from gpt2cli.sampling import SamplingOptions
 
     stop = tuple(argument_text(s, "--stop") for s in stop)
+    params = _generation_params(
+        max_tokens, temperature, top_k, top_p, seed, num_samples, stop, ignore_eos, truncate
+    )
     options = _DatasetOptions(**dataset_options)
     engine = options.checked_engine()
     if options.jsonl is not None:
-        from gpt2cli.dataset import GenerateOptions, GenerateTask
+        from gpt2cli.dataset import GenerateTask
 
         if prompt is not None:
             raise click.UsageError("--jsonl reads the prompts: give no PROMPT")
-        defaults = GenerateOptions(
-            max_tokens, temperature, top_k, top_p, seed, num_samples, stop, ignore_eos, truncate
-        )
         batch_size = options.batch_size or 8
         if num_samples > batch_size:  # every row without its own "n" would be refused
             raise click.UsageError(
                 f"-n {num_samples} is more than --batch-size {batch_size}: a row's samples "
                 f"decode in one batch, so give --batch-size {num_samples} or more"
             )
-        task = GenerateTask(defaults, batch_size, logprobs)
+        task = GenerateTask(params, batch_size, logprobs)
         options.run(task, _load_model(model_name, revision), engine, options.jsonl, "generating")
         return
     if logprobs:
         raise click.UsageError("--logprobs goes with --jsonl (--json always has them)")
     text = read_text(prompt, "prompt")
-    sampling = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p)
     start = time.perf_counter()
     model = _load_model(model_name, revision)
     generation = Generation(
-        model,
-        model.tokenizer.encode(text),
-        max_tokens=max_tokens,
-        sampling=sampling,
-        seed=seed,
-        num_samples=num_samples,
-        stop=stop,
-        ignore_eos=ignore_eos,
-        truncate=truncate,
-        load_s=time.perf_counter() - start,
+        model, model.tokenizer.encode(text), params, load_s=time.perf_counter() - start
     )
     printer = SamplePrinter(generation, text, as_json=as_json, live=not no_stream)
     try:
@@ -453,11 +440,25 @@ def generate(
     printer.summary()
 
 
+def _generation_params(*values: Any) -> GenerationParams:
+    """`gpt2 generate`'s options as one checked `GenerationParams`; a bad value is a usage
+    error naming its option."""
+    from gpt2cli.params import GenerationParams, ParamError
+
+    try:
+        return GenerationParams(*values)
+    except ParamError as e:
+        ctx = click.get_current_context()
+        name = {"n": "num_samples"}.get(e.param, e.param)
+        option = next((p for p in ctx.command.params if p.name == name), None)
+        raise click.BadParameter(str(e), ctx=ctx, param=option) from None
+
+
 @contextlib.contextmanager
 def _ctrl_c_deferred() -> Iterator[None]:
     """Hold stop signals (Ctrl-C, SIGTERM, SIGHUP) until the block ends, so text is never both
     printed and still counted unprinted (which would print it twice after the interruption)."""
-    ours = [s for s in STOP_SIGNALS if signal.getsignal(s) is _stop]  # others: left alone
+    ours = [s for s in STOP_SIGNALS if signal.getsignal(s) is _on_stop_signal]  # others: left alone
     caught: list[int] = []
     for signum in ours:
         signal.signal(signum, lambda signum, frame: caught.append(signum))
@@ -465,7 +466,7 @@ def _ctrl_c_deferred() -> Iterator[None]:
         yield
     finally:
         for signum in ours:
-            signal.signal(signum, _stop)
+            signal.signal(signum, _on_stop_signal)
     if caught:
         raise Stopped(caught[0])
 
@@ -642,10 +643,9 @@ def score(
         print_gltr,
         print_score_summary,
         print_token_rows,
-        score_json,
         token_progress,
     )
-    from gpt2cli.score import combined, score_texts
+    from gpt2cli.score import combined, score_json, score_texts
 
     if top and not tokens:
         raise click.UsageError("--top goes with --tokens")
@@ -787,5 +787,5 @@ def main() -> None:
             del os.environ[name]
     for signum in STOP_SIGNALS:  # one that is ignored (nohup's SIGHUP) stays ignored
         if signal.getsignal(signum) in (signal.default_int_handler, signal.SIG_DFL):
-            signal.signal(signum, _stop)
+            signal.signal(signum, _on_stop_signal)
     cli.main(prog_name="gpt2")

@@ -25,3 +25,13 @@ class GPT2Config:
         d = self.n_embd
         block = 4 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
         return self.n_vocab * d + self.n_ctx * d + self.n_layer * block + 2 * d
+
+
+def too_long(n_tokens: int, n_ctx: int, *, room: bool = True) -> str:
+    """The message for a prompt that does not fit the context (`room`: leaving a new token)."""
+    most = n_ctx - 1 if room else n_ctx
+    why = " to leave room to generate" if room else ""
+    return (
+        f"prompt is {n_tokens} tokens but the model's context is {n_ctx} tokens; "
+        f"shorten it to at most {most} tokens{why}, or truncate it to its last tokens"
+    )

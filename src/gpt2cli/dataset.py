@@ -9,9 +9,10 @@ engine. `run` writes the results of the rows an output file does not hold yet (`
 checks those it does) through an `OrderedWriter`: input order, one flushed line at a time, so a
 crash loses only the rows in flight.
 
-Output lines hold only deterministic fields: generate's `--json` fields without `timings`, and
-without `logprobs` unless asked for (float sums whose last digits depend on the batch's shape),
-so files from any batch size or engine compare byte for byte.
+Generate's output lines hold its `--json` fields without `timings`, and without `logprobs` unless
+asked for, so its files from any batch size or engine compare byte for byte. Floats (scores,
+logprobs) are sums whose last digits depend on the batch's shape and BLAS's threads: across
+engines, batch sizes and resumes they agree within 1e-4, and every other field is identical.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import json
 import os
 import re
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,11 +29,12 @@ from typing import TYPE_CHECKING, Any, AnyStr, ClassVar, NamedTuple, Protocol
 
 from gpt2cli import jsonfile
 from gpt2cli.errors import GPT2Error, WriteError
-from gpt2cli.inputs import decode_utf8
+from gpt2cli.inputs import decode_utf8, printable
+from gpt2cli.params import GenerationParams, ParamError
 
 if TYPE_CHECKING:
     from gpt2cli.model import GPT2
-    from gpt2cli.scheduler import Request
+    from gpt2cli.scheduler import Request, RequestState
 
 SHOWN_ERRORS = 10  # invalid lines named before a run is refused
 SEED_STRIDE = 2**64  # a row without a seed, under --seed S, uses seed S * SEED_STRIDE + index
@@ -101,43 +102,17 @@ GENERATE_FLAGS = ("ignore_eos", "truncate")
 
 
 @dataclass(frozen=True)
-class GenerateOptions:
-    """A row's generation options: the command line's defaults, overridden by the row's fields."""
-
-    max_tokens: int = 40
-    temperature: float = 1.0
-    top_k: int = 5
-    top_p: float = 1.0
-    seed: int | None = None
-    n: int = 1
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-    truncate: bool = False
-
-
-@dataclass(frozen=True)
 class Prompt:
     """A valid generate row's work: its prompt's ids and its options, seed already derived."""
 
     prompt_ids: list[int]
-    options: GenerateOptions
+    params: GenerationParams
 
     def request(self) -> Request:
-        """A fresh scheduler request for this prompt."""
-        from gpt2cli.sampling import SamplingOptions
+        """The scheduler request for this prompt."""
         from gpt2cli.scheduler import Request
 
-        o = self.options
-        return Request(
-            prompt_ids=self.prompt_ids,
-            max_tokens=o.max_tokens,
-            sampling=SamplingOptions(temperature=o.temperature, top_k=o.top_k, top_p=o.top_p),
-            seed=o.seed,
-            n=o.n,
-            stop=o.stop,
-            ignore_eos=o.ignore_eos,
-            truncate=o.truncate,
-        )
+        return Request(self.prompt_ids, self.params)
 
 
 def row_seed(row: int | None, command_line: int | None, index: int) -> int | None:
@@ -154,7 +129,7 @@ class GenerateTask:
     """`gpt2 generate --jsonl`: each row's prompt continued, `batch_size` rows decoding at once
     (continuous batching: a finished row's place goes to the next one at once)."""
 
-    defaults: GenerateOptions = field(default_factory=GenerateOptions)
+    defaults: GenerationParams = field(default_factory=GenerationParams)
     batch_size: int = 8
     logprobs: bool = False
     key: ClassVar[str] = "prompt"
@@ -165,61 +140,52 @@ class GenerateTask:
 
     def parse(self, row: dict[str, Any], index: int, where: str, model: GPT2) -> Prompt:
         """The row's prompt ids and options, checked as the scheduler will run them."""
+        from gpt2cli.scheduler import prepare
+
         prompt = _text(jsonfile.field(row, "prompt", where), f'{where} "prompt"')
-        options = _row_options(self.defaults, row, where)
-        own = options.seed if "seed" in row else None
-        options = replace(options, seed=row_seed(own, self.defaults.seed, index))
-        if options.n > self.batch_size:
+        params = _row_params(self.defaults, row, where)
+        own = params.seed if "seed" in row else None
+        params = replace(params, seed=row_seed(own, self.defaults.seed, index))
+        if params.n > self.batch_size:
             raise GPT2Error(
-                f'{where} "n" is {options.n} but the batch holds {self.batch_size} rows '
+                f'{where} "n" is {params.n} but the batch holds {self.batch_size} rows '
                 "(--batch-size): a row's samples run in one batch"
             )
-        work = Prompt(model.tokenizer.encode(prompt), options)
+        work = Prompt(model.tokenizer.encode(prompt), params)
         try:
-            work.request().prepare(model)  # the scheduler's own checks (length, ids, options)
+            prepare(model, work.request())  # the scheduler's own checks (length, ids)
         except GPT2Error as e:
             raise GPT2Error(f"{where}: {e}") from None
         return work
 
     def run(self, model: GPT2, rows: Sequence[Row]) -> Iterator[Result]:
         """Decode the rows `batch_size` at a time, admitting the next as soon as one finishes."""
-        from gpt2cli.scheduler import Scheduler
+        from gpt2cli.scheduler import FailedEvent, Scheduler, TokenEvent
 
         if not rows:
             return
         # no more rows than the rows' samples could fill: a huge --batch-size costs nothing
-        size = min(self.batch_size, sum(row.work.options.n for row in rows))
+        size = min(self.batch_size, sum(row.work.params.n for row in rows))
         scheduler = Scheduler(model, max_batch=size)
-        pending = deque(enumerate(rows))
-        running: dict[int, tuple[int, Row, Request]] = {}  # id(request) -> position, row, request
-        while pending or running:
-            joining = []  # admitted together: their prompts run as one padded prefill
-            free = scheduler.free
-            while pending and pending[0][1].work.options.n <= free:
-                position, row = pending.popleft()
-                request = row.work.request()
-                running[id(request)] = position, row, request
-                joining.append(request)
-                free -= request.n
-            scheduler.admit(*joining)
-            if scheduler.running:
-                scheduler.step()
-            for key, (position, row, request) in list(running.items()):
-                if request.finished:
-                    del running[key]
-                    tokens = sum(len(c.ids) for c in request.completions)
-                    yield Result(position, self.line(row, request), tokens)
+        left = {scheduler.submit(row.work.request()): (p, row) for p, row in enumerate(rows)}
+        for event in scheduler.run():
+            if isinstance(event, FailedEvent):
+                raise event.error
+            if isinstance(event, TokenEvent) and event.state.finished and event.state in left:
+                position, row = left.pop(event.state)  # at its last sample's last token
+                tokens = sum(len(s.ids) for s in event.state.samples)
+                yield Result(position, self.line(row, event.state), tokens)
 
-    def line(self, row: Row, request: Request) -> str:
+    def line(self, row: Row, state: RequestState) -> str:
         """The output line of a finished row: index, passed-through fields, then the sample's
         `--json` fields (no timings), or `prompt_ids` and a list `samples` when n > 1."""
         kept = ["text", "ids", "prompt_ids", "finish_reason"] + (["logprobs"] * self.logprobs)
-        samples = [{k: c.to_json()[k] for k in kept} for c in request.completions]
+        samples = [{k: s.to_json()[k] for k in kept} for s in state.samples]
         result = samples[0]
         if len(samples) > 1:
             kept.remove("prompt_ids")
             result = {
-                "prompt_ids": request.completions[0].prompt_ids,
+                "prompt_ids": state.prompt_ids,
                 "samples": [{k: sample[k] for k in kept} for sample in samples],
             }
         return _json_line({"index": row.index} | row.fields | result)
@@ -236,7 +202,7 @@ class GenerateTask:
 @dataclass(frozen=True)
 class ScoreTask:
     """`gpt2 score --jsonl`: each row's text scored, `batch_size` rows per padded batch (rows
-    grouped in input order, so every engine runs the same batches and gets the same floats)."""
+    grouped in input order, so every engine runs the same batches)."""
 
     batch_size: int = 8
     stride: int | None = None
@@ -260,8 +226,7 @@ class ScoreTask:
 
     def run(self, model: GPT2, rows: Sequence[Row]) -> Iterator[Result]:
         """Score the rows `batch_size` at a time, in order."""
-        from gpt2cli.output import score_json
-        from gpt2cli.score import score_texts
+        from gpt2cli.score import score_json, score_texts
 
         for start in range(0, len(rows), self.batch_size):
             group = rows[start : start + self.batch_size]
@@ -295,10 +260,9 @@ def _text(value: Any, where: str) -> str:
     return text
 
 
-def _row_options(defaults: GenerateOptions, row: dict[str, Any], where: str) -> GenerateOptions:
-    """`defaults` with the options the row sets, each checked (a GPT2Error names the field)."""
-    from gpt2cli.sampling import SamplingOptions
-
+def _row_params(defaults: GenerationParams, row: dict[str, Any], where: str) -> GenerationParams:
+    """`defaults` with the options the row sets: their JSON types checked here, their values by
+    `GenerationParams` (a GPT2Error names the field)."""
     changes: dict[str, Any] = {}
     for name in (*GENERATE_FIELDS, *GENERATE_FLAGS):
         if name not in row:
@@ -309,21 +273,16 @@ def _row_options(defaults: GenerateOptions, row: dict[str, Any], where: str) -> 
         elif name == "stop":
             stops = [value] if isinstance(value, str) else jsonfile.array(value, at)
             changes[name] = tuple(_text(s, at) for s in stops)
-            if "" in changes[name]:
-                raise GPT2Error(f"{at}: a stop string must not be empty")
         elif name in GENERATE_FLAGS:
             if not isinstance(value, bool):
                 raise GPT2Error(f"{at} must be true or false, not {jsonfile.show(value)}")
             changes[name] = value
         else:
-            minimum = 1 if name in ("max_tokens", "n") else 0
-            changes[name] = jsonfile.integer(value, at, minimum=minimum)
-    options = replace(defaults, **changes)
+            changes[name] = jsonfile.integer(value, at)
     try:
-        SamplingOptions(options.temperature, options.top_k, options.top_p)
-    except GPT2Error as e:
+        return replace(defaults, **changes)
+    except ParamError as e:
         raise GPT2Error(f"{where}: {e}") from None
-    return options
 
 
 def _number(value: Any, where: str) -> float:
@@ -361,8 +320,6 @@ def read_rows(name: str, content: bytes | str, task: Task, model: GPT2) -> list[
     `content` is the input as read (each line decoded as strict UTF-8 on its own, so a byte that
     is not UTF-8 makes only its line invalid) or as text.
     """
-    from gpt2cli.output import printable
-
     where = "stdin" if name == "-" else printable(name)  # in error objects, which are UTF-8
     rows = []
     for index, line in enumerate(_lines(content)):
@@ -509,7 +466,7 @@ def file_writer(f: Any, path: Path) -> Callable[[bytes], None]:
     return write
 
 
-Engine = Callable[[Task, "GPT2", Sequence[Row]], Iterator[Result]]
+Runner = Callable[[Task, "GPT2", Sequence[Row]], Iterator[Result]]
 
 
 def run_local(task: Task, model: GPT2, rows: Sequence[Row]) -> Iterator[Result]:
@@ -523,7 +480,7 @@ def run(
     rows: Sequence[Row],
     writer: OrderedWriter,
     *,
-    engine: Engine = run_local,
+    engine: Runner = run_local,
     progress: Callable[[int, int], None] | None = None,
 ) -> None:
     """Run the rows from `writer.next` on with `engine`, writing every result in input order:

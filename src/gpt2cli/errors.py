@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+
+# the signals that stop a command or a server cleanly: Ctrl-C, `kill`, a closed terminal
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class GPT2Error(Exception):

@@ -183,3 +183,13 @@ def parse_ids(source: str, where: str) -> list[int]:
             raise GPT2Error(f"{jsonfile.show(item)} {at} is not an integer token id")
         ids.append(item)
     return ids
+
+
+def printable(text: str) -> str:
+    """`text` as valid Unicode: a file name's non-UTF-8 bytes (which Python keeps as lone
+    surrogates) as \\xNN, any other lone surrogate as \\uNNNN."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from gpt2cli.config import GPT2Config
+from gpt2cli.config import GPT2Config, too_long
 from gpt2cli.errors import GPT2Error
 from gpt2cli.kvcache import DecodeState, keep_freed_memory, lazy_zeros
 
@@ -453,10 +453,7 @@ class GPT2:
             )
         if len(array) > n_ctx:
             if not truncate:
-                raise GPT2Error(
-                    f"prompt is {len(array)} tokens but the model's context is {n_ctx} tokens; "
-                    f"shorten it, or truncate it to its last {n_ctx} tokens"
-                )
+                raise GPT2Error(too_long(len(array), n_ctx, room=False))
             array = array[-n_ctx:]
         self.check_ids(array)
         return array.astype(np.intp)

@@ -13,19 +13,19 @@ import codecs
 import math
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gpt2cli import jsonfile
 from gpt2cli.errors import GPT2Error
-from gpt2cli.sampling import SamplingOptions
+from gpt2cli.params import MAX_TOP_LOGPROBS, GenerationParams, ParamError
 
 if TYPE_CHECKING:
+    from gpt2cli.score import TextScore
     from gpt2cli.tokenizer import Tokenizer
 
 MAX_BODY = 1 << 20  # bytes: a larger request body is refused with 413
-MAX_LOGPROBS = 5  # OpenAI's limit on `logprobs` (alternatives per token)
 MAX_STOP = 4  # OpenAI's limit on stop strings
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the completions API
 ENDOFTEXT = "<|endoftext|>"  # OpenAI's default prompt: generate as from a document's start
@@ -89,20 +89,30 @@ def parse_body(data: bytes) -> Any:
 
 @dataclass(frozen=True)
 class CompletionParams:
-    """A checked `POST /v1/completions` body (prompts not yet tokenized)."""
+    """A checked `POST /v1/completions` body: the prompts (not yet tokenized), how each is
+    continued, and how the response is laid out."""
 
     prompts: list[str | list[int]]
-    max_tokens: int
-    sampling: SamplingOptions
-    n: int
-    stop: tuple[str, ...]
-    seed: int | None
+    generation: GenerationParams
     stream: bool
     include_usage: bool
-    echo: bool
     logprobs: int | None  # None: no logprobs object in the response
-    ignore_eos: bool
     return_token_ids: bool
+
+    @property
+    def n(self) -> int:
+        """Samples per prompt."""
+        return self.generation.n
+
+    @property
+    def max_tokens(self) -> int:
+        """New tokens per sample at most (0: the prompt alone, echoed)."""
+        return self.generation.max_tokens
+
+    @property
+    def echo(self) -> bool:
+        """Each choice starts with its prompt."""
+        return self.generation.echo
 
 
 class Fields:
@@ -196,28 +206,23 @@ def check_model(value: Any, names: Sequence[str]) -> None:
 def completion_params(body: Any, *, max_batch: int, names: Sequence[str]) -> CompletionParams:
     """Check every field of a completions request; the first bad one is an APIError naming it.
 
-    `names` are the served model's name and aliases; `max_batch` bounds `n`.
+    `names` are the served model's name and aliases; `max_batch` bounds `n`. Types are checked
+    here, values by `GenerationParams`' own rules.
     """
     fields = Fields(body)
     check_model(fields.get("model"), names)
     prompts = _prompts(fields.get("prompt"))
     n = fields.integer("n", 1, 1, max_batch)
-    sampling = _sampling(
-        fields.number("temperature", 1.0),
-        fields.integer("top_k", 0, -1, jsonfile.MAX_INT),
-        fields.number("top_p", 1.0),
-    )
+    temperature = fields.number("temperature", 1.0)
+    top_k = max(fields.integer("top_k", 0, -1, jsonfile.MAX_INT), 0)  # -1 is off, as in vLLM
+    top_p = fields.number("top_p", 1.0)
     stream = fields.boolean("stream")
     include_usage = _stream_options(fields.get("stream_options"), stream)
     echo = fields.boolean("echo")
     max_tokens = fields.integer("max_tokens", DEFAULT_MAX_TOKENS, 0, jsonfile.MAX_INT)
-    if max_tokens == 0 and not echo:
-        raise APIError(
-            400, "max_tokens must be at least 1 (0 only with echo: the prompt alone)", "max_tokens"
-        )
     logprobs = fields.get("logprobs")
     if logprobs is not None:
-        logprobs = fields.integer("logprobs", 0, 0, MAX_LOGPROBS)
+        logprobs = fields.integer("logprobs", 0, 0, MAX_TOP_LOGPROBS)
     best_of = fields.get("best_of")
     if best_of is not None and (type(best_of) is not int or best_of != n):  # not true, not 1.0
         raise APIError(400, "best_of is not supported: ask for n samples instead", "best_of")
@@ -228,22 +233,35 @@ def completion_params(body: Any, *, max_batch: int, names: Sequence[str]) -> Com
     user = fields.get("user")
     if user is not None and not isinstance(user, str):
         raise APIError(400, f"user must be a string, not {jsonfile.show(user)}", param="user")
-    params = CompletionParams(
+    stop, seed = _stops(fields.get("stop")), _seed(fields.get("seed"))
+    ignore_eos = fields.boolean("ignore_eos")
+    return_token_ids = fields.boolean("return_token_ids")
+    fields.done()
+    try:
+        generation = GenerationParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            n=n,
+            stop=stop,
+            ignore_eos=ignore_eos,
+            top_logprobs=logprobs or 0,
+            echo=echo,
+            echo_logprobs=echo and logprobs is not None,
+        )
+    except ParamError as e:
+        param = {"top_logprobs": "logprobs"}.get(e.param, e.param)
+        raise APIError(400, str(e), param=param) from None
+    return CompletionParams(
         prompts=prompts,
-        max_tokens=max_tokens,
-        sampling=sampling,
-        n=n,
-        stop=_stop(fields.get("stop")),
-        seed=_seed(fields.get("seed")),
+        generation=generation,
         stream=stream,
         include_usage=include_usage,
-        echo=echo,
         logprobs=logprobs,
-        ignore_eos=fields.boolean("ignore_eos"),
-        return_token_ids=fields.boolean("return_token_ids"),
+        return_token_ids=return_token_ids,
     )
-    fields.done()
-    return params
 
 
 def _prompts(value: Any) -> list[str | list[int]]:
@@ -286,23 +304,6 @@ def text(value: str, param: str) -> str:
     return value
 
 
-def _sampling(temperature: float, top_k: int, top_p: float) -> SamplingOptions:
-    """The sampling options, each checked by `SamplingOptions`' own rules; top_k -1 is off, as
-    in vLLM."""
-    top_k = max(top_k, 0)
-    checks: list[tuple[str, Callable[[], SamplingOptions]]] = [
-        ("temperature", lambda: SamplingOptions(temperature=temperature)),
-        ("top_k", lambda: SamplingOptions(top_k=top_k)),
-        ("top_p", lambda: SamplingOptions(top_p=top_p)),
-    ]
-    for param, check in checks:
-        try:
-            check()
-        except GPT2Error as e:
-            raise APIError(400, str(e), param=param) from None
-    return SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p)
-
-
 def _stream_options(value: Any, stream: bool) -> bool:
     """`stream_options.include_usage`; stream_options goes only with stream, as OpenAI says."""
     if value is None:
@@ -320,7 +321,7 @@ def _stream_options(value: Any, stream: bool) -> bool:
     return include_usage
 
 
-def _stop(value: Any) -> tuple[str, ...]:
+def _stops(value: Any) -> tuple[str, ...]:
     """`stop`: a string or a list of up to MAX_STOP non-empty strings."""
     if value is None:
         return ()
@@ -369,6 +370,26 @@ def prompt_ids(prompts: Sequence[str | list[int]], tokenizer: Tokenizer) -> list
     return out
 
 
+def check_text_lengths(
+    prompts: Sequence[str | list[int]], n_ctx: int, max_token_bytes: int
+) -> None:
+    """A text prompt whose length alone shows that it cannot fit the context is refused before it
+    is tokenized (an 800 KB word took a second of CPU and 100 MB to tokenize): no token stands
+    for more than `max_token_bytes` bytes, so a text of B bytes has at least B / that tokens."""
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            least = -(-len(prompt.encode("utf-8")) // max_token_bytes)
+            if least > n_ctx:
+                raise APIError(
+                    400,
+                    f"This model's maximum context length is {n_ctx} tokens. However, your "
+                    f"request has at least {least} input tokens. Please reduce the length of "
+                    "the prompt.",
+                    param="prompt",
+                    code="context_length_exceeded",
+                )
+
+
 def check_lengths(ids: Sequence[Sequence[int]], max_tokens: int, n_ctx: int) -> None:
     """Each prompt and its `max_tokens` must fit the context: 400 with both lengths, as vLLM
     says it."""
@@ -403,6 +424,20 @@ def token_text(tokenizer: Tokenizer, id: int) -> str:
 
 
 Top = Sequence[tuple[int, float]]  # (id, logprob) alternatives, most likely first
+
+
+def echo_logprobs(
+    score: TextScore | None,
+) -> tuple[list[float | None] | None, list[Top | None] | None]:
+    """A prompt's scores as echo's logprobs and alternatives per token (None: not asked for);
+    the first token has no context, so its entries are null."""
+    if score is None:
+        return None, None
+    tops: list[Top | None] = [
+        list(zip(t.tolist(), lp.tolist(), strict=True))
+        for t, lp in zip(score.top_ids, score.top_logprobs, strict=True)
+    ]
+    return [None, *score.logprobs.tolist()], [None, *tops]
 
 
 @dataclass

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from gpt2cli.errors import WriteError
+from gpt2cli.inputs import printable
 
 if TYPE_CHECKING:
     from gpt2cli.generate import Generation
@@ -81,7 +82,7 @@ class SamplePrinter:
     SEPARATOR = "\n---\n"
 
     def __init__(self, generation: Generation, prompt: str, *, as_json: bool, live: bool) -> None:
-        self.completions = generation.completions
+        self.samples = generation.samples
         self.prompt = prompt
         self.as_json = as_json
         self.live = live and not as_json
@@ -94,17 +95,17 @@ class SamplePrinter:
         """Print what became printable after a token of `sample` was generated."""
         if sample == self.head and self.live:
             self._show_text()
-        while self.head < len(self.completions) and self.completions[self.head].finish_reason:
+        while self.head < len(self.samples) and self.samples[self.head].finish_reason:
             self._end_sample()
             self.head += 1
-            if self.head < len(self.completions):
+            if self.head < len(self.samples):
                 self._begin_sample()
 
     def flush_partial(self) -> None:
         """After Ctrl-C: print what every unfinished sample generated so far (not in JSON)."""
         if self.as_json:
             return
-        for row in range(self.head, len(self.completions)):
+        for row in range(self.head, len(self.samples)):
             if row > self.head:
                 self.head, self.shown = row, 0
                 self._begin_sample()
@@ -117,8 +118,8 @@ class SamplePrinter:
             return
         from rich.console import Console
 
-        tokens = sum(len(c.ids) for c in self.completions)
-        timings = [c.timings for c in self.completions]
+        tokens = sum(len(c.ids) for c in self.samples)
+        timings = [c.timings for c in self.samples]
         decode_s = max(t.decode_s for t in timings)
         speed = sum(t.decoded for t in timings) / decode_s if decode_s else 0.0
         Console(stderr=True, color_system=self.console.color_system).print(
@@ -132,15 +133,15 @@ class SamplePrinter:
         if self.console is None:
             self._write(self.SEPARATOR if self.head and not self.as_json else "")
             return
-        if len(self.completions) > 1:
-            self.console.rule(f"sample {self.head + 1} of {len(self.completions)}", style="dim")
+        if len(self.samples) > 1:
+            self.console.rule(f"sample {self.head + 1} of {len(self.samples)}", style="dim")
         self.console.out(terminal_text(self.prompt), end="", style="dim")
 
     def _end_sample(self) -> None:
         if self.as_json:
             import json
 
-            self._write(json.dumps(self.completions[self.head].to_json(), ensure_ascii=False))
+            self._write(json.dumps(self.samples[self.head].to_json(), ensure_ascii=False))
             self._write("\n")
             return
         self._show_text()
@@ -148,7 +149,7 @@ class SamplePrinter:
         self.shown = 0
 
     def _show_text(self) -> None:
-        text = self.completions[self.head].text
+        text = self.samples[self.head].text
         self._write(text[self.shown :])
         self.shown = len(text)
 
@@ -211,16 +212,6 @@ _TERMINAL_ESCAPES = {
 def terminal_text(text: str) -> str:
     """`text` to show on a terminal: its line breaks and tabs kept, other controls escaped."""
     return printable(text).translate(_TERMINAL_ESCAPES)
-
-
-def printable(text: str) -> str:
-    """`text` as valid Unicode: a file name's non-UTF-8 bytes (which Python keeps as lone
-    surrogates) as \\xNN, any other lone surrogate as \\uNNNN."""
-    try:
-        raw = text.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return raw.decode("utf-8", "backslashreplace")
 
 
 def terminal_console(*, stderr: bool = False) -> Any:
@@ -325,35 +316,6 @@ def print_gltr(tokenizer: Tokenizer, source: str, ids: Sequence[int], s: TextSco
         f"{s.bits_per_byte:.4f} bits per byte",
         style="dim",
     )
-
-
-def score_json(s: TextScore, tokenizer: Tokenizer, *, tokens: bool, first: dict[str, Any]) -> str:
-    """One `--json` / `--jsonl` line: `first` (source or index and passed-through fields), the
-    totals, and with `tokens` every scored token as {id, text, logprob, rank[, top]}."""
-    import json
-
-    out = first | s.totals()
-    if tokens:
-        out["tokens"] = [
-            {
-                "id": token,
-                "text": tokenizer.decode([token]),
-                "logprob": round(float(s.logprobs[i]), 6),
-                "rank": int(s.ranks[i]),
-            }
-            | (
-                {
-                    "top": [
-                        {"id": alt, "text": tokenizer.decode([alt]), "logprob": round(float(lp), 6)}
-                        for alt, lp in zip(s.top_ids[i].tolist(), s.top_logprobs[i], strict=True)
-                    ]
-                }
-                if s.top_ids.shape[1]
-                else {}
-            )
-            for i, token in enumerate(s.ids.tolist())
-        ]
-    return json.dumps(out, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 def _cell(text: str) -> str:

@@ -6,7 +6,8 @@ starts a local instance, and puts the model in Ray's object store: its weights o
 tokenizer as loaded. Each actor of a fixed pool takes the weights from the object store
 (zero-copy: actors on one node share one copy in shared memory, as they would share a
 memory-mapped file's pages) and runs the same task function as the local engine on chunks of
-rows (`ray.data.from_items` -> `map_batches`), so the output is byte for byte the local engine's.
+rows (`ray.data.from_items` -> `map_batches`), so the output is the local engine's: the same
+ids, text and fields, and floats within 1e-4 (an actor's BLAS runs with its own thread count).
 Workers never read the model from disk nor from the hub: a cluster needs no shared file system
 and no hub access, only gpt2cli[ray] installed on every node and room in each node's object
 store for the weights (float32: 4 bytes per parameter, 0.5 GB for gpt2).

@@ -1,10 +1,13 @@
-"""Continuous batching: many requests share one decode batch, joining and leaving between steps.
+"""Continuous batching: the one decode loop. Requests queue, join the batch and leave it.
 
-A `Request` is one prompt with its options: `n` samples drawn together from one random
-generator. A `Scheduler` owns one KV cache of `max_batch` rows. `admit` runs requests' prompts
-once (one padded batch) into free rows and samples each sample's first token; `step` feeds
-every running sample its last token and samples the next. A request leaves the batch as soon as
-all its samples have finished (or it is cancelled), and its rows are free for the next `admit`.
+`submit` checks a `Request` (a prompt and its `GenerationParams`) and queues it; its
+`RequestState` is what the scheduler fills in as it runs: one `Sample` per sample. Each `step`
+admits waiting requests in order while their samples find free rows of the KV cache (their
+prompts run once, as one padded batch, and each sample's first token is sampled), decodes one
+token for every running sample, and releases the rows of finished and cancelled requests. It
+returns what happened as events: a `TokenEvent` per sampled token, and a `PromptEvent` when a
+request that asked for `echo` is admitted. `gpt2 generate`, `--jsonl` (local and on Ray) and
+`gpt2 serve` all run requests through this loop, and nothing else admits or steps.
 
 A request's samples do not depend on what else is in the batch or when it joined: its rows'
 logits are those it gets alone (rows never see each other), and its generator draws for its
@@ -19,22 +22,25 @@ from __future__ import annotations
 
 import codecs
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 
 from gpt2cli.errors import GPT2Error
+from gpt2cli.kvcache import DecodeState
 from gpt2cli.ops import log_softmax, top_ids
-from gpt2cli.sampling import SamplingOptions, sample
+from gpt2cli.params import GenerationParams, fit_prompt
+from gpt2cli.sampling import sample
 
 if TYPE_CHECKING:
-    from gpt2cli.model import GPT2, DecodeState
+    from gpt2cli.model import GPT2
+    from gpt2cli.score import TextScore
     from gpt2cli.tokenizer import Tokenizer
 
 FinishReason = Literal["length", "stop", "eos"]
-MAX_TOP_LOGPROBS = 5  # alternatives per token a request may ask for (OpenAI's limit)
 
 
 @dataclass
@@ -58,7 +64,7 @@ class Timings:
 
 
 @dataclass
-class Completion:
+class Sample:
     """One sample: its ids, their log-probabilities, its text and why it ended.
 
     `ids` holds every generated id, including an ending `<|endoftext|>` or the tokens of a stop
@@ -135,98 +141,98 @@ class TextStream:
         return 0
 
 
-@dataclass(eq=False)  # compared by identity: a scheduler tracks requests as objects
+@dataclass(frozen=True, eq=False)  # compared by identity: each is one request
 class Request:
-    """One prompt and its options: `n` samples drawn together from one generator.
-
-    An empty prompt starts from `<|endoftext|>`. A prompt that leaves no room in the context is
-    an error, or with `truncate` keeps its last tokens, leaving room for `max_tokens`. The
-    scheduler fills `completions` (one per sample, filled in as they run) and `budget` (the new
-    tokens that fit: at most `max_tokens`, at most what the context has left).
-    """
+    """One prompt and how to continue it: what a caller submits, never changed after."""
 
     prompt_ids: Sequence[int]
-    max_tokens: int = 16
-    sampling: SamplingOptions = field(default_factory=SamplingOptions)
-    seed: int | None = None
-    n: int = 1
-    stop: Sequence[str] = ()
-    ignore_eos: bool = False
-    top_logprobs: int = 0  # alternatives returned with each token, most likely first
-    truncate: bool = False
-    load_s: float = 0.0  # reported in each sample's timings
-    completions: list[Completion] = field(default_factory=list)
-    budget: int = 0
+    params: GenerationParams = field(default_factory=GenerationParams)
+
+
+@dataclass(eq=False)
+class RequestState:
+    """A submitted request as it runs: the prompt as it runs (`fit_prompt`), its budget of new
+    tokens, one `Sample` per sample (filled in as they run), the prompt's scores (with
+    `echo_logprobs`, once admitted) and, while admitted, its rows, generator and text streams."""
+
+    request: Request
+    prompt_ids: list[int]
+    budget: int
+    samples: list[Sample]
+    prompt_score: TextScore | None = None
     cancelled: bool = False
+    admitted: bool = False
+    rows: list[int] = field(default_factory=list)
+    rng: np.random.Generator | None = None
+    streams: list[TextStream] = field(default_factory=list)
+    logits: Any = None  # [n, V] of each sample's next token
+    start: float = 0.0  # when its prefill began
 
-    def prepare(self, model: GPT2) -> None:
-        """Check the options against `model` and fill the kept prompt and `budget`, or raise
-        GPT2Error naming the first bad one. Idempotent."""
-        n_ctx = model.config.n_ctx
-        if self.max_tokens < 1:
-            raise GPT2Error(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.n < 1:
-            raise GPT2Error(f"n (samples) must be at least 1, got {self.n}")
-        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise GPT2Error(
-                f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.top_logprobs}"
-            )
-        if any(not s for s in self.stop):
-            raise GPT2Error("a stop string must not be empty")
-        prompt = list(self.prompt_ids) or [model.tokenizer.eot_token]
-        if self.truncate:  # keep the last tokens, leaving room for max_tokens (and >= 1)
-            prompt = prompt[-max(1, n_ctx - self.max_tokens) :]
-        if len(prompt) >= n_ctx:
-            raise GPT2Error(
-                f"prompt is {len(prompt)} tokens but the model's context is {n_ctx} tokens; "
-                f"shorten it to at most {n_ctx - 1} tokens to leave room to generate, "
-                "or truncate it to its last tokens"
-            )
-        model.check_ids(np.asarray(prompt))
-        self.prompt_ids, self.budget = prompt, min(self.max_tokens, n_ctx - len(prompt))
+    @property
+    def params(self) -> GenerationParams:
+        """The request's options."""
+        return self.request.params
 
-    def open(self) -> None:
-        """Create the samples' completions, empty, once prepared and known to fit in memory."""
-        if not self.completions:
-            self.completions.extend(
-                Completion(prompt_ids=list(self.prompt_ids), timings=Timings(load_s=self.load_s))
-                for _ in range(self.n)
-            )
+    @property
+    def rows_needed(self) -> int:
+        """Rows of the batch it takes while it runs: one per sample, none for a prompt alone."""
+        return self.params.n if self.budget else 0
 
     @property
     def finished(self) -> bool:
         """Every sample has its finish reason, or the request was cancelled."""
-        return self.cancelled or all(c.finish_reason for c in self.completions)
+        return self.cancelled or all(s.finish_reason for s in self.samples)
 
 
-class Event(NamedTuple):
+class TokenEvent(NamedTuple):
     """One generated token of one sample of a request, with the text that became printable.
 
     `text` is often empty (bytes of a split character, a possible stop-string start, or the
     ending `<|endoftext|>`); `logprob` is the token's log-probability under the model itself
     (temperature 1, unfiltered); `top` the request's `top_logprobs` most likely (id, logprob)
-    pairs at this position; `done` marks the sample's last token.
+    pairs at this position; `finish_reason` is set on the sample's last token.
     """
 
     sample: int
     id: int
     text: str
-    done: bool
+    finish_reason: FinishReason | None
     logprob: float
     top: list[tuple[int, float]]
-    request: Request
+    state: RequestState
+
+    @property
+    def done(self) -> bool:
+        """This is the sample's last token."""
+        return self.finish_reason is not None
 
 
-@dataclass(eq=False)
-class _Running:
-    """An admitted request: its rows in the cache, generator, text streams and last logits."""
+class PromptEvent(NamedTuple):
+    """A request with `echo` was admitted: its prompt as it runs is `state.prompt_ids`, scored
+    in `state.prompt_score` with `echo_logprobs` (None otherwise)."""
 
-    request: Request
-    rows: list[int]
-    rng: np.random.Generator
-    streams: list[TextStream]
-    logits: Any  # [n, V] of the next tokens
-    start: float  # when its prefill began
+    state: RequestState
+
+
+class FailedEvent(NamedTuple):
+    """A request whose prompt could not run (the model's logits for it were not finite, memory
+    ran out): it has left, with `error`; the rest of the batch goes on."""
+
+    state: RequestState
+    error: Exception
+
+
+Event = TokenEvent | PromptEvent | FailedEvent
+
+
+def prepare(model: GPT2, request: Request) -> tuple[list[int], int]:
+    """The request's prompt as it runs and its budget of new tokens (`fit_prompt`), its ids
+    checked against the vocabulary; or a GPT2Error saying why it cannot run on `model`."""
+    prompt, budget = fit_prompt(
+        request.prompt_ids, request.params, model.config.n_ctx, model.tokenizer.eot_token
+    )
+    model.check_ids(np.asarray(prompt))
+    return prompt, budget
 
 
 class Scheduler:
@@ -245,156 +251,225 @@ class Scheduler:
             raise GPT2Error(f"capacity must be between 1 and the model's n_ctx ({n_ctx})")
         self.model = model
         self.max_batch = max_batch
-        self.state: DecodeState = model.empty_state(max_batch, capacity, logits=max_batch)
-        self._owner: list[_Running | None] = [None] * max_batch  # which request holds each row
-        self._running: list[_Running] = []
+        self.cache = DecodeState.empty(model.config, max_batch, capacity, logits=max_batch)
+        self._owner: list[RequestState | None] = [None] * max_batch  # who holds each row
+        self._waiting: deque[RequestState] = deque()
+        self._running: list[RequestState] = []
 
     @property
     def free(self) -> int:
-        """Rows free now: a request of n samples can be admitted when n <= free."""
+        """Rows free now."""
         return self._owner.count(None)
 
     @property
-    def running(self) -> list[Request]:
-        """Admitted requests that have not finished, in the order they were admitted."""
-        return [r.request for r in self._running]
+    def waiting(self) -> int:
+        """Sequences (samples, or prompts alone) of the requests waiting to be admitted."""
+        return sum(max(1, s.rows_needed) for s in self._waiting)
 
-    def check(self, request: Request) -> None:
-        """Validate `request` for this batch (`Request.prepare`, then its samples and length
-        against the rows and capacity), or raise GPT2Error saying why it can never run here."""
-        request.prepare(self.model)
-        if request.n > self.max_batch:
+    @property
+    def queued(self) -> list[RequestState]:
+        """Submitted requests not yet admitted, oldest first."""
+        return list(self._waiting)
+
+    @property
+    def running(self) -> list[RequestState]:
+        """Admitted requests that have not finished, in the order they were admitted."""
+        return list(self._running)
+
+    @property
+    def busy(self) -> bool:
+        """Requests are waiting or running: `step` has work."""
+        return bool(self._waiting or self._running)
+
+    def check(self, request: Request) -> tuple[list[int], int]:
+        """`prepare`, then the request's samples and length against this batch's rows and
+        capacity: a GPT2Error says why it can never run here."""
+        prompt, budget = prepare(self.model, request)
+        params = request.params
+        if params.n > self.max_batch:
             raise GPT2Error(
-                f"n (samples) must be at most the batch size {self.max_batch}, got {request.n}"
+                f"n (samples) must be at most the batch size {self.max_batch}, got {params.n}"
             )
-        needed, capacity = len(request.prompt_ids) + request.budget, self.state.capacity
+        needed, capacity = len(prompt) + budget, self.cache.capacity
         if needed > capacity:
             raise GPT2Error(
-                f"prompt ({len(request.prompt_ids)} tokens) and {request.budget} new tokens "
+                f"prompt ({len(prompt)} tokens) and {budget} new tokens "
                 f"need {needed} positions, but this batch holds {capacity} per row"
             )
+        return prompt, budget
 
-    def admit(self, *requests: Request) -> list[Event]:
-        """Run the requests' prompts into free rows and sample each sample's first token.
-
-        Needs their samples to fit the free rows. The prompts run as one padded batch (one
-        forward pass for all, about as fast as one) and each is copied to its n rows. Returns
-        one event per sample (a sample may already be done).
-        """
-        for request in requests:
-            self.check(request)
-        free = [row for row, owner in enumerate(self._owner) if owner is None]
-        needed = sum(r.n for r in requests)
-        if needed > len(free):
-            raise GPT2Error(f"{needed} rows needed, {len(free)} free")
-        if not requests:
-            return []
-        groups = []
-        for request in requests:
-            groups.append(free[: request.n])
-            free = free[request.n :]
-        start = time.perf_counter()
-        logits = self.model.prefill_into(self.state, [r.prompt_ids for r in requests], groups)
-        tokenizer = self.model.tokenizer
-        admitted = []
-        for request, rows, first in zip(requests, groups, logits, strict=True):
-            request.open()
-            running = _Running(
-                request,
-                rows,
-                np.random.default_rng(request.seed),
-                [TextStream(tokenizer, request.stop) for _ in rows],
-                np.broadcast_to(first, (len(rows), len(first))),
-                start,
-            )
-            for row in rows:
-                self._owner[row] = running
-            self._running.append(running)
-            admitted.append(running)
-        return self._sample(admitted)
+    def submit(self, request: Request) -> RequestState:
+        """Check a request (`check`) and queue it; its state fills in as `step` runs it."""
+        prompt, budget = self.check(request)
+        samples = [Sample(prompt_ids=prompt) for _ in range(request.params.n)]
+        state = RequestState(request, prompt, budget, samples)
+        self._waiting.append(state)
+        return state
 
     def step(self) -> list[Event]:
-        """One decode step for every running request: an event per unfinished sample."""
-        if not self._running:
+        """Admit the waiting requests that fit, in order, then decode one token for every
+        running sample; returns what happened, in that order."""
+        events = self._admit()
+        if self._running:
+            events += self._decode()
+        return events
+
+    def run(self) -> Iterator[Event]:
+        """Step until nothing is waiting or running, yielding every event."""
+        while self.busy:
+            yield from self.step()
+
+    def cancel(self, state: RequestState) -> None:
+        """Take a request out of the queue or the batch now (its client went away)."""
+        state.cancelled = True
+        if state in self._waiting:
+            self._waiting.remove(state)
+        self._release()
+
+    def flush(self, state: RequestState) -> None:
+        """After an interruption: move the text each unfinished sample holds back (a partial
+        character or a stop-string prefix) into its `text`."""
+        for s, stream in zip(state.samples, state.streams, strict=False):
+            if s.finish_reason is None:
+                s.text += stream.finish()
+
+    def _admit(self) -> list[Event]:
+        """Admit waiting requests, oldest first, while their samples find free rows: their
+        prompts run as one padded prefill into those rows (a prompt alone needs no rows, and no
+        prefill unless it is scored), and each sample's first token is sampled."""
+        free = [row for row, owner in enumerate(self._owner) if owner is None]
+        joining: list[RequestState] = []
+        while self._waiting and self._waiting[0].rows_needed <= len(free):
+            state = self._waiting.popleft()
+            state.rows, free = free[: state.rows_needed], free[state.rows_needed :]
+            joining.append(state)
+        if not joining:
             return []
-        used = 1 + max(row for r in self._running for row in r.rows)  # rows 0..used-1 run
+        start = time.perf_counter()
+        ran = [s for s in joining if s.budget or s.params.echo_logprobs]
+        events: list[Event] = []
+        try:
+            logits, hidden = self._prefill(ran)
+        except Exception as e:  # these requests fail; the batch goes on without them
+            for state in ran:
+                state.cancelled = True
+                events.append(FailedEvent(state, e))
+            joining = [s for s in joining if s not in ran]
+            ran, logits, hidden = [], [], []
+        generating = []
+        for state in joining:
+            state.admitted, state.start = True, start
+            if state in ran:
+                i = ran.index(state)
+                state.prompt_score = hidden[i]
+                state.logits = np.broadcast_to(logits[i], (len(state.rows), len(logits[i])))
+            if state.params.echo:
+                events.append(PromptEvent(state))
+            if not state.budget:  # the prompt alone: done once echoed
+                for s in state.samples:
+                    s.finish_reason = "length"
+                continue
+            state.rng = np.random.default_rng(state.params.seed)
+            state.streams = [
+                TextStream(self.model.tokenizer, state.params.stop) for _ in state.rows
+            ]
+            for row in state.rows:
+                self._owner[row] = state
+            self._running.append(state)
+            generating.append(state)
+        return events + self._sample(generating)
+
+    def _prefill(self, states: list[RequestState]) -> tuple[Any, list[TextScore | None]]:
+        """Run the prompts of `states` into their rows as one padded batch: each one's next-token
+        logits [B, V], and the prompt's scores for those that asked for `echo_logprobs`."""
+        if not states:
+            return [], []
+        logits, hidden = self.model.prefill_into(
+            self.cache,
+            [s.prompt_ids for s in states],
+            [s.rows for s in states],
+            hidden=[s.params.echo_logprobs for s in states],
+        )
+        scores = [
+            None if h is None else _score_prompt(self.model, h, s)
+            for h, s in zip(hidden, states, strict=True)
+        ]
+        return logits, scores
+
+    def _decode(self) -> list[Event]:
+        """One decode step for every running request: an event per unfinished sample."""
+        used = 1 + max(row for s in self._running for row in s.rows)  # rows 0..used-1 run
         ids = np.zeros(used, np.intp)  # free rows are fed id 0 at position 0, then ignored
         for row in range(used):
             owner = self._owner[row]
             if owner is None:
-                self.state.lengths[row] = 0
+                self.cache.lengths[row] = 0
             else:
-                c = owner.request.completions[owner.rows.index(row)]
+                s = owner.samples[owner.rows.index(row)]
                 # a finished sample of a running request is fed <|endoftext|>, logits unused
-                ids[row] = c.ids[-1] if c.finish_reason is None else self.model.tokenizer.eot_token
-        logits = self.model.step(self.state.rows(0, used), ids)  # [used, V]
-        for r in self._running:
-            r.logits = logits[r.rows]
+                ids[row] = s.ids[-1] if s.finish_reason is None else self.model.tokenizer.eot_token
+        logits = self.model.step(self.cache.rows(0, used), ids)  # [used, V]
+        for state in self._running:
+            state.logits = logits[state.rows]
         return self._sample(self._running)
 
-    def cancel(self, request: Request) -> None:
-        """Take `request` out of the batch now (its client went away); its rows are freed."""
-        request.cancelled = True
-        self._release()
-
-    def _sample(self, batch: list[_Running]) -> list[Event]:
+    def _sample(self, batch: list[RequestState]) -> list[Event]:
         """Choose each running sample's next id from its logits; finish and release requests."""
-        events = []
+        events: list[Event] = []
         now = time.perf_counter()
         known = self.model.tokenizer.n_vocab  # a padded vocabulary (nanoGPT's 50,304) has more
-        for r in batch:
-            request = r.request
-            logits = np.asarray(r.logits)[:, :known]  # [n, V]: only ids that have a text
-            ids = sample(logits, r.rng, request.sampling)  # [n]: all n drawn, as alone
+        for state in batch:
+            params = state.params
+            logits = np.asarray(state.logits)[:, :known]  # [n, V]: only ids that have a text
+            assert state.rng is not None
+            ids = sample(logits, state.rng, params.sampling)  # [n]: all n drawn, as alone
             logprobs = log_softmax(logits)  # [n, V]
             chosen = logprobs[np.arange(len(ids)), ids]  # [n]
-            best = top_ids(logprobs, request.top_logprobs)  # [n, top]
-            for i, c in enumerate(request.completions):
-                if c.finish_reason is None:
+            best = top_ids(logprobs, params.top_logprobs)  # [n, top]
+            for i, s in enumerate(state.samples):
+                if s.finish_reason is None:
                     top = [(int(t), float(logprobs[i, t])) for t in best[i]]
-                    events.append(
-                        self._advance(r, i, int(ids[i]), float(chosen[i]), top, now - r.start)
-                    )
+                    events.append(self._advance(state, i, int(ids[i]), float(chosen[i]), top, now))
         self._release()
         return events
 
     def _advance(
         self,
-        r: _Running,
+        state: RequestState,
         i: int,
         id: int,
         logprob: float,
         top: list[tuple[int, float]],
-        elapsed: float,
-    ) -> Event:
+        now: float,
+    ) -> TokenEvent:
         """Append one sampled id to sample i of a running request, finishing it if due."""
-        request, c, stream = r.request, r.request.completions[i], r.streams[i]
-        c.ids.append(id)
-        c.logprobs.append(logprob)
-        if len(c.ids) == 1:
-            c.timings.prefill_s = elapsed
+        params, s, stream = state.params, state.samples[i], state.streams[i]
+        s.ids.append(id)
+        s.logprobs.append(logprob)
+        elapsed = now - state.start
+        if len(s.ids) == 1:
+            s.timings.prefill_s = elapsed
         else:
-            c.timings.decode_s, c.timings.decoded = elapsed - c.timings.prefill_s, len(c.ids) - 1
-        eos = id == self.model.tokenizer.eot_token and not request.ignore_eos
+            s.timings.decode_s, s.timings.decoded = elapsed - s.timings.prefill_s, len(s.ids) - 1
+        eos = id == self.model.tokenizer.eot_token and not params.ignore_eos
         text = "" if eos else stream.push(id)
-        if eos or stream.stopped or len(c.ids) == request.budget:
-            c.finish_reason = "eos" if eos else "stop" if stream.stopped else "length"
+        if eos or stream.stopped or len(s.ids) == state.budget:
+            s.finish_reason = "eos" if eos else "stop" if stream.stopped else "length"
             text += stream.finish()
-        c.text += text
-        return Event(i, id, text, c.finish_reason is not None, logprob, top, request)
+        s.text += text
+        return TokenEvent(i, id, text, s.finish_reason, logprob, top, state)
 
     def _release(self) -> None:
         """Free the rows of every finished or cancelled request."""
-        for r in [r for r in self._running if r.request.finished]:
-            self._running.remove(r)
-            for row in r.rows:
+        for state in [s for s in self._running if s.finished]:
+            self._running.remove(state)
+            for row in state.rows:
                 self._owner[row] = None
 
-    def flush(self, request: Request) -> None:
-        """After an interruption: move the text each unfinished sample of `request` holds back
-        (a partial character or a stop-string prefix) into its `text`."""
-        for r in self._running:
-            if r.request is request:
-                for c, stream in zip(request.completions, r.streams, strict=True):
-                    if c.finish_reason is None:
-                        c.text += stream.finish()
+
+def _score_prompt(model: GPT2, hidden: Any, state: RequestState) -> TextScore:
+    """The prompt's own tokens scored from its prefill's hidden states (`gpt2 score --no-bos`'s
+    numbers: the first token has no context and is not scored)."""
+    from gpt2cli.score import score_hidden
+
+    return score_hidden(model, hidden, state.prompt_ids, top=state.params.top_logprobs)

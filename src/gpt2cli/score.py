@@ -13,6 +13,7 @@ and word perplexity) and llama.cpp's standard error of the mean NLL.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -29,6 +30,7 @@ from gpt2cli.model import HEAD_ROWS
 
 if TYPE_CHECKING:
     from gpt2cli.model import GPT2, Array, Ids
+    from gpt2cli.tokenizer import Tokenizer
 
 # windows of several texts run as one batch of at most BATCH_TOKENS positions
 BATCH_TOKENS = 1024
@@ -215,6 +217,33 @@ def _score(
         _text_score(blocks, text, top, first=first)
         for blocks, text in zip(collected, texts, strict=True)
     ]
+
+
+def score_json(s: TextScore, tokenizer: Tokenizer, *, tokens: bool, first: dict[str, Any]) -> str:
+    """One `--json` / `--jsonl` line: `first` (source or index and passed-through fields), the
+    totals, and with `tokens` every scored token as {id, text, logprob, rank[, top]}."""
+    out = first | s.totals()
+    if tokens:
+        out["tokens"] = [
+            {
+                "id": token,
+                "text": tokenizer.decode([token]),
+                "logprob": round(float(s.logprobs[i]), 6),
+                "rank": int(s.ranks[i]),
+            }
+            | (
+                {
+                    "top": [
+                        {"id": alt, "text": tokenizer.decode([alt]), "logprob": round(float(lp), 6)}
+                        for alt, lp in zip(s.top_ids[i].tolist(), s.top_logprobs[i], strict=True)
+                    ]
+                }
+                if s.top_ids.shape[1]
+                else {}
+            )
+            for i, token in enumerate(s.ids.tolist())
+        ]
+    return json.dumps(out, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 def combined(scores: Sequence[TextScore]) -> TextScore:

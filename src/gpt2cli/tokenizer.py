@@ -166,6 +166,12 @@ class Tokenizer:
         """The id of `<|endoftext|>` (50256 in GPT-2), which separates documents."""
         return self._specials[ENDOFTEXT]
 
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most bytes one token stands for: a text of B bytes is at least B / this many
+        tokens, which bounds a text's tokens before it is encoded."""
+        return max(map(len, self._decoder or self._build_decoder()))
+
     def encode(self, text: str, *, allowed_special: bool = True) -> list[int]:
         """Token ids of `text`.
 
