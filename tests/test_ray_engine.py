@@ -222,6 +222,8 @@ def test_without_the_extra_the_ray_engine_is_one_line_naming_it(tiny_model_dir: 
         timeout=60,
     )
     assert result.returncode == 2
+    root = Path(__file__).resolve().parents[1]  # from a clone: its own extra, into this Python
     assert result.stderr.decode().startswith(
-        "gpt2: error: --engine ray needs the ray extra: pip install 'gpt2cli[ray]'\n"
+        f"gpt2: error: --engine ray needs the ray extra: {sys.executable} -m pip install "
+        f"-e '{root}[ray]'\n"
     )

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import json
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -51,6 +52,8 @@ TIMEOUT = 60.0  # seconds for any one HTTP call or subprocess
 PROMPT = "The quick brown fox jumps over the lazy dog because"
 JSON = {"Content-Type": "application/json"}  # what a body sent as bytes must declare
 LOCAL = "http://localhost"  # the in-process app's address: a loopback name, as its Host check wants
+# the access log's line: client, method, path, status, what the route adds, seconds
+ACCESS_LINE = re.compile(r"gpt2 serve: \S+ [A-Z]+ \S* (\d{3}|-) (.* )?\d+\.\d{3} s\n")
 SETTLE_S = 0.2  # seconds for a few engine steps
 
 
@@ -279,6 +282,29 @@ def test_prints_one_line_with_its_url_and_health_needs_nothing(
     assert server.url.startswith("http://127.0.0.1:")
     response = httpx.get(server.url + "/health", timeout=TIMEOUT)
     assert response.status_code == 200 and response.json() == {"status": "ok"}
+
+
+def test_each_request_is_one_access_log_line_on_stderr(server: ServeProcess):
+    before = len(server.stderr)
+    assert post(server.url, {"prompt": "Hi", "max_tokens": 3, "temperature": 0}).status_code == 200
+    assert httpx.get(server.url + "/v1/nothing%1b%5b2J", timeout=TIMEOUT).status_code == 404
+    for _ in range(50):  # bounded: the lines follow the responses at once
+        if len(server.stderr) >= before + 2:
+            break
+        time.sleep(0.05)
+    completion, missing = server.stderr[before : before + 2]
+    assert ACCESS_LINE.fullmatch(completion) and ACCESS_LINE.fullmatch(missing)
+    assert completion.startswith(
+        "gpt2 serve: 127.0.0.1 POST /v1/completions 200 1+3 tokens "
+    )  # "Hi", 3 new
+    assert "GET /v1/nothing\\x1b[2J 404 " in missing  # a control in the path is escaped
+
+
+def test_quiet_serves_without_an_access_log(tiny_model_dir: Path, env: dict[str, str]):
+    with ServeProcess(tiny_model_dir, "--quiet", env=env) as quiet:
+        assert httpx.get(quiet.url + "/health", timeout=TIMEOUT).status_code == 200
+        time.sleep(0.3)
+        assert quiet.stderr == []
 
 
 def test_models_lists_the_one_model_and_accepts_its_folder_as_alias(
@@ -774,6 +800,11 @@ def test_unknown_model_path_and_method_and_the_chat_endpoint_are_openai_errors(h
     assert "/v1/completions" in assert_error(chat, 404)
 
 
+def test_models_with_no_name_after_the_slash_is_a_404_pointing_to_the_list(http: TestClient):
+    message = assert_error(http.get("/v1/models/"), 404)
+    assert "names no model" in message and "/v1/models for the list" in message
+
+
 def test_a_trailing_slash_is_a_404_not_a_redirect(http: TestClient):
     for method, path in (("POST", "/v1/completions/"), ("POST", "/tokenize/"), ("GET", "/health/")):
         response = http.request(method, path, json={}, follow_redirects=False)
@@ -835,7 +866,7 @@ def test_a_malformed_chunked_body_is_uvicorns_400_and_one_warning_not_a_tracebac
             assert sock.recv(1024).startswith(b"HTTP/1.1 400")
     assert post(server.url, {"prompt": "still here", "max_tokens": 1}).status_code == 200
     time.sleep(0.5)  # uvicorn logs from its own loop
-    logged = server.stderr[before:]
+    logged = [line for line in server.stderr[before:] if not ACCESS_LINE.fullmatch(line)]
     assert logged and all(line.startswith("WARNING:  Invalid HTTP request") for line in logged)
 
 
@@ -976,8 +1007,12 @@ def test_without_the_serve_extra_it_is_one_line_naming_it(tiny_model_dir: Path):
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT
     )
     assert result.returncode == 2 and result.stdout == ""
+    # the command that works from this clone, into the Python that runs gpt2 (an index has no
+    # gpt2cli to install from here)
+    root = Path(__file__).resolve().parents[1]
     assert result.stderr == (
-        "gpt2: error: gpt2 serve needs the serve extra: pip install 'gpt2cli[serve]'\n"
+        "gpt2: error: gpt2 serve needs the serve extra: "
+        f"{sys.executable} -m pip install -e '{root}[serve]'\n"
     )
 
 

@@ -298,7 +298,7 @@ def cli() -> None:
     """GPT-2 in pure NumPy: tokenize, download models, generate and score text."""
 
 
-@cli.command()
+@cli.command(short_help="Continue a prompt, streaming the text.")
 @click.argument("prompt", required=False)
 @_model_options
 @click.option(
@@ -389,12 +389,11 @@ def generate(
     stdout is not a terminal it gets the generated text only. Several samples (-n) are printed
     in order, the first one streaming; piped, they are separated by a line holding `---`.
 
-    \b
-    With --jsonl, each line is {"prompt": ...} and may set max_tokens, temperature, top_k, top_p,
-    seed, n, stop, ignore_eos or truncate for itself. Its result has the --json fields but
-    timings (and logprobs, see --logprobs); with n > 1, prompt_ids and a list `samples`. A row
-    without a seed, under --seed S, is seeded S * 2**64 + index: the same text on any batch
-    size or engine, and the same as `gpt2 generate --seed <that> --json`.
+    With --jsonl, each line is {"prompt": ...} and may set max_tokens, temperature, top_k,
+    top_p, seed, n, stop, ignore_eos or truncate for itself. Its result has the --json fields
+    except timings (and logprobs: see --logprobs); with n > 1, prompt_ids and a list `samples`.
+    A row without a seed, under --seed S, is seeded S * 2**64 + index: the same text on any
+    batch size or engine, and the same as `gpt2 generate --seed <that> --json`.
     """
     import time
 
@@ -471,7 +470,7 @@ def _ctrl_c_deferred() -> Iterator[None]:
         raise Stopped(caught[0])
 
 
-@cli.command()
+@cli.command(short_help="Fetch a model into the hub cache.")
 @click.argument("model", required=False)
 @click.option("--revision", help="Branch, tag or commit of a hub model.")
 @click.option(
@@ -543,7 +542,7 @@ _MODEL_OPTION = click.option(
 )
 
 
-@cli.command()
+@cli.command(short_help="Print the token ids of a text.")
 @click.argument("text", required=False)
 @_MODEL_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the ids as a JSON array.")
@@ -574,7 +573,9 @@ def encode(
         write_ids(batches, as_json=as_json)
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
+@cli.command(
+    short_help="Print the text of token ids.", context_settings={"ignore_unknown_options": True}
+)
 @click.argument("ids", nargs=-1)
 @_MODEL_OPTION
 def decode(ids: tuple[str, ...], model: str | None) -> None:
@@ -588,7 +589,7 @@ def decode(ids: tuple[str, ...], model: str | None) -> None:
     write_stdout(_tokenizer(model).decode_bytes(tokens))  # bytes: written as they are
 
 
-@cli.command()
+@cli.command(short_help="Perplexity and per-token surprisal of texts.")
 @click.argument("files", nargs=-1, metavar="[FILE]...")
 @click.option("--text", "literal", metavar="TEXT", help="Score TEXT itself instead of files.")
 @_model_options
@@ -718,7 +719,7 @@ def _score_model(name: str, revision: str | None, stride: int | None) -> GPT2:
     return model
 
 
-@cli.command()
+@cli.command(short_help="Serve the OpenAI completions API over HTTP.")
 @_model_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(
@@ -747,6 +748,7 @@ def _score_model(name: str, revision: str | None, stride: int | None) -> GPT2:
     envvar="GPT2_API_KEY",
     help="Require `Authorization: Bearer KEY` on every endpoint but /health [env: GPT2_API_KEY].",
 )
+@click.option("-q", "--quiet", is_flag=True, help="No access log (one line per request on stderr).")
 def serve(
     model_name: str,
     revision: str | None,
@@ -755,6 +757,7 @@ def serve(
     max_batch: int,
     max_queue: int,
     api_key: str | None,
+    quiet: bool,
 ) -> None:
     """Serve the model over HTTP with OpenAI's completions API until Ctrl-C or SIGTERM.
 
@@ -775,6 +778,7 @@ def serve(
         max_batch=max_batch,
         max_queue=max_queue,
         api_key=api_key,
+        access_log=not quiet,
     )
     write_stdout(f"Serving {model_name} at {server.url}\n")  # flushed: scripts wait for it
     server.run()

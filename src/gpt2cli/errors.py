@@ -32,3 +32,22 @@ class CorruptWeightsError(GPT2Error):
 class WriteError(GPT2Error):
     """Output that could not be written once its destination was open: a full disk, an I/O
     error. The system failed, not the input, so the CLI exits with status 1."""
+
+
+def missing_extra(extra: str, needed_by: str) -> GPT2Error:
+    """The error for a feature whose optional extra is not installed, naming the command that
+    installs it here: into this Python, from this source tree when gpt2cli runs from a clone
+    (where `pip install 'gpt2cli[...]'` finds no such package), else from the package index."""
+    import shlex
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]  # src/gpt2cli/errors.py -> the clone, if any
+    if (root / "pyproject.toml").is_file() and Path(__file__).resolve().parent.parent.name == "src":
+        target = f"-e {shlex.quote(f'{root}[{extra}]')}"
+    else:
+        target = shlex.quote(f"gpt2cli[{extra}]")
+    return GPT2Error(
+        f"{needed_by} needs the {extra} extra: "
+        f"{shlex.quote(sys.executable)} -m pip install {target}"
+    )

@@ -14,10 +14,11 @@ import contextlib
 import ipaddress
 import signal
 import socket
+import time
 from collections.abc import Callable, Iterator
 
 from gpt2cli import jsonfile, openai_api
-from gpt2cli.errors import STOP_SIGNALS, GPT2Error
+from gpt2cli.errors import STOP_SIGNALS, GPT2Error, missing_extra
 from gpt2cli.openai_api import APIError
 
 try:
@@ -27,7 +28,7 @@ try:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
     from uvicorn.protocols.http.h11_impl import H11Protocol
 except ModuleNotFoundError:
-    raise GPT2Error("gpt2 serve needs the serve extra: pip install 'gpt2cli[serve]'") from None
+    raise missing_extra("serve", "gpt2 serve") from None
 
 GRACE_S = 10  # seconds open connections get to finish once the server is stopping
 BODY_TIMEOUT_S = 30.0  # seconds a client has to send its whole request body
@@ -173,6 +174,42 @@ def quiet_when_answered(app: ASGIApp) -> ASGIApp:
                 await asyncio.wait_for(_disconnected(receive), timeout=1.0)
 
     return quiet
+
+
+def access_log(app: ASGIApp, log: Callable[[str], None]) -> ASGIApp:
+    """`app`, logging one line per request once its response ends: client, method, path,
+    status, what the route adds (`request.state.detail()`, e.g. its tokens) and the time taken.
+    Controls in the path are escaped (a request line must not drive the server's terminal)."""
+    from gpt2cli.output import escape_controls
+
+    async def logged(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), 0
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await app(scope, receive, sending)
+        finally:
+            client = scope.get("client") or ("-",)
+            detail = scope.get("state", {}).get("detail")
+            parts = [
+                str(client[0]),
+                scope["method"],
+                escape_controls(scope["path"]),
+                str(status or "-"),
+                *([detail()] if detail is not None else []),
+                f"{time.perf_counter() - start:.3f} s",
+            ]
+            log(" ".join(parts))
+
+    return logged
 
 
 async def _disconnected(receive: Receive) -> None:

@@ -586,6 +586,11 @@ class Completion:
             "total_tokens": prompt + completion,
         }
 
+    def tokens_line(self) -> str:
+        """The tokens so far, as the access log shows them: "7+16 tokens" (prompt + generated)."""
+        usage = self.usage()
+        return f"{usage['prompt_tokens']}+{usage['completion_tokens']} tokens"
+
     def response(self) -> dict[str, Any]:
         """The whole `text_completion` object."""
         choices = []

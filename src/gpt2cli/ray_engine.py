@@ -33,13 +33,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gpt2cli.dataset import Result, Row, Task
-from gpt2cli.errors import GPT2Error
+from gpt2cli.errors import GPT2Error, missing_extra
 
 if TYPE_CHECKING:
     from gpt2cli.config import GPT2Config
     from gpt2cli.model import GPT2
 
-MISSING = "--engine ray needs the ray extra: pip install 'gpt2cli[ray]'"
 CHUNK_BATCHES = 4  # at most this many of the task's batches per chunk of rows sent to an actor
 CONNECT_TIMEOUT = 10.0  # seconds to wait for a cluster's address to answer
 FAILED = -1  # the position of an actor's row that carries a GPT2Error's message
@@ -53,7 +52,7 @@ def require() -> Any:
         import ray
         import ray.data
     except ImportError:
-        raise GPT2Error(MISSING) from None
+        raise missing_extra("ray", "--engine ray") from None
     return ray
 
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from gpt2cli import httpd, openai_api
 from gpt2cli.engine import MAX_QUEUE, Engine, Job, QueueFull, Stopping, TooLarge
-from gpt2cli.errors import GPT2Error
+from gpt2cli.errors import GPT2Error, missing_extra
 from gpt2cli.openai_api import APIError, Completion, Fields
 from gpt2cli.scheduler import FailedEvent, PromptEvent, Request, TokenEvent
 
@@ -40,7 +40,7 @@ try:
     from starlette.routing import Route
     from starlette.types import Send
 except ModuleNotFoundError:
-    raise GPT2Error("gpt2 serve needs the serve extra: pip install 'gpt2cli[serve]'") from None
+    raise missing_extra("serve", "gpt2 serve") from None
 
 if TYPE_CHECKING:
     from gpt2cli.engine import Item
@@ -184,7 +184,15 @@ class App:
 
     async def model_info(self, request: HTTPRequest) -> Response:
         """`GET /v1/models/{model}`: the model, under its name or an alias; 404 otherwise."""
-        openai_api.check_model(request.path_params["model"], self.names)
+        name = request.path_params["model"]
+        if not name:
+            raise APIError(
+                404,
+                f"GET /v1/models/ names no model: ask for /v1/models/{self.names[0]}, or "
+                "/v1/models for the list.",
+                code="unknown_url",
+            )
+        openai_api.check_model(name, self.names)
         return json_response(self._model_card())
 
     def _model_card(self) -> dict[str, Any]:
@@ -221,6 +229,7 @@ class App:
         openai_api.check_lengths(ids, params.max_tokens, n_ctx)
         job = Job([Request(p, params.generation) for p in ids], asyncio.get_running_loop())
         completion = Completion(params, ids, self.tokenizer, self.names[0])
+        request.state.detail = completion.tokens_line  # the access log's tokens, once it ends
         self.engine.submit(job)
         if params.stream:
             return _Stream(self._stream(job, completion))
@@ -405,6 +414,7 @@ class APIServer:
         max_batch: int = 8,
         max_queue: int = MAX_QUEUE,
         api_key: str | None = None,
+        access_log: bool = True,
     ) -> None:
         from gpt2cli import hub
 
@@ -432,12 +442,16 @@ class APIServer:
         self.app = App(self.engine, aliases, folder, api_key, local_only=local_only)
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         self.url = f"http://{shown}:{bound_port}"
+        self.access_log = access_log
 
     def run(self) -> None:
         """Serve until Ctrl-C, SIGTERM or SIGHUP, then stop cleanly and return."""
         self.engine.start()
         try:
-            httpd.run(self.app.starlette(), self.socket, self.stop)
+            app = self.app.starlette()
+            httpd.run(
+                httpd.access_log(app, _log) if self.access_log else app, self.socket, self.stop
+            )
         finally:
             self.engine.close()
             self.engine.join()
