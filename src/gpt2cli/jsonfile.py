@@ -177,10 +177,21 @@ def string(value: Any, where: str) -> str:
 def integer(value: Any, where: str, *, minimum: int = 0) -> int:
     """`value` if it is an integer from `minimum` to MAX_INT (not a bool, not 1.0)."""
     if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_INT:
-        raise GPT2Error(
-            f"{where} must be an integer from {minimum} to 2**63 - 1, not {show(value)}"
-        )
+        raise GPT2Error(not_an_integer(where, value, minimum))
     return value
+
+
+def not_an_integer(where: str, value: Any, low: int, high: int = MAX_INT) -> str:
+    """The message for `value` that is not an integer from `low` to `high`, saying the limit as
+    a user meets it: "n must be an integer from 1 to 8", "seed must be an integer >= 0", and
+    for a number past what 64 bits hold, that it must fit in them (not 2**63 - 1 in digits)."""
+    if high < MAX_INT:
+        wanted = f"an integer from {low} to {high}"
+    elif isinstance(value, int) and not isinstance(value, bool) and value > MAX_INT:
+        wanted = f"an integer >= {low} that fits in 64 bits"
+    else:
+        wanted = f"an integer >= {low}"
+    return f"{where} must be {wanted}, not {show(value)}"
 
 
 def positive_number(value: Any, where: str) -> float:

@@ -138,11 +138,7 @@ class Fields:
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise APIError(
-                400,
-                f"{name} must be an integer from {low} to {high}, not {jsonfile.show(value)}",
-                param=name,
-            )
+            raise APIError(400, jsonfile.not_an_integer(name, value, low, high), param=name)
         return value
 
     def number(self, name: str, default: float) -> float:
@@ -344,11 +340,7 @@ def _seed(value: Any) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= jsonfile.MAX_INT:
-        raise APIError(
-            400,
-            f"seed must be an integer from 0 to 2**63 - 1, not {jsonfile.show(value)}",
-            param="seed",
-        )
+        raise APIError(400, jsonfile.not_an_integer("seed", value, 0), param="seed")
     return value
 
 
