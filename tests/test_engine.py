@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from gpt2cli.engine import Engine, Item, Job, QueueFull, Stopping, TooLarge
+from gpt2cli.engine import Call, Engine, Item, Job, QueueFull, Stopping, TooLarge
 from gpt2cli.errors import GPT2Error
 from gpt2cli.model import GPT2
 from gpt2cli.params import GenerationParams
@@ -414,3 +414,49 @@ def test_a_failed_decode_step_ends_the_running_jobs_and_the_waiting_ones_run_on(
     assert isinstance(error, GPT2Error) and "not finite" in str(error)
     assert len(failing_ids[0, 0]) == 6  # the first from the prefill, then positions 1-5 fed
     assert waiting == ({(0, 0): alone(nan_model, hi, SHORT)[0]}, None)
+
+
+def test_a_call_advances_one_step_per_loop_between_decode_steps(model: GPT2):
+    """A call (scoring a long text) takes one step per worker loop, in turn with the batch's
+    decode steps: a stream keeps going while it runs, and its result reaches its inbox."""
+    ids = model.tokenizer.encode("Hi")
+    decoded: list[int] = []  # tokens the running job had at each of the call's steps
+
+    async def main() -> tuple[Outcome, Any]:
+        with engine_of(model) as engine:
+            job = job_of((ids, GenerationParams(max_tokens=8, temperature=0, ignore_eos=True)))
+            engine.submit(job)
+            first = await asyncio.wait_for(job.inbox.get(), TIMEOUT)  # it runs
+
+            def steps() -> Iterator[int]:
+                for _ in range(5):
+                    decoded.append(len(engine._scheduler.running[0].samples[0].ids))
+                    yield 0
+                return "scored"
+
+            call = Call(steps(), asyncio.get_running_loop())  # type: ignore[arg-type]
+            engine.submit(call)
+            [result] = await asyncio.wait_for(call.inbox.get(), TIMEOUT)
+            rest = await outcome(job)
+            return (rest, first), result
+
+    (rest, first), result = asyncio.run(main())
+    assert result == "scored"
+    assert decoded == sorted(decoded) and len(set(decoded)) == len(decoded)  # a step between
+    assert len(first) + sum(len(v) for v in rest[0].values()) >= 8
+
+
+def test_a_call_that_fails_ends_with_its_error(model: GPT2):
+    def steps() -> Iterator[int]:
+        yield 0
+        raise GPT2Error("nothing to score")
+
+    async def main() -> Any:
+        with engine_of(model) as engine:
+            call = Call(steps(), asyncio.get_running_loop())  # type: ignore[arg-type]
+            engine.submit(call)
+            [result] = await asyncio.wait_for(call.inbox.get(), TIMEOUT)
+            return result
+
+    result = asyncio.run(main())
+    assert isinstance(result, GPT2Error) and str(result) == "nothing to score"

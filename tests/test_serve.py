@@ -471,6 +471,55 @@ def test_echo_logprobs_of_the_prompt_equal_gpt2_score_no_bos(
         assert lp.text_offset == [len(b) for b in before]
 
 
+@pytest.mark.parametrize("extra", [(), ("--stride", "16"), ("--no-bos",)], ids=str)
+def test_score_endpoint_returns_what_gpt2_score_prints_for_the_text(
+    http: TestClient, tiny_model_dir: Path, extra: tuple[str, ...]
+):
+    # multi-byte characters, a newline, markup, and longer than the 128-token context
+    text = "Scores 🤖 日本語 <script>alert(1)</script>\nover windows. " * 12
+    out = gpt2("score", "-m", tiny_model_dir, "--json", "--tokens", "--top", "5", *extra,
+               "--text", text)  # fmt: skip
+    body: dict[str, Any] = {"text": text}
+    if "--stride" in extra:
+        body["stride"] = 16
+    if "--no-bos" in extra:
+        body["bos"] = False
+    response = http.post("/v1/score", json=body)
+    assert response.status_code == 200, response.text
+    assert json.loads(out)["n_tokens"] > TINY.n_ctx
+    assert_same_output(response.json(), json.loads(out))
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"text": 5}, "text"),
+        ({"text": ""}, "text"),
+        ({"text": "x", "top": 6}, "top"),
+        ({"text": "x", "stride": 0}, "stride"),
+        ({"text": "x", "bos": "yes"}, "bos"),
+        ({"text": "x", "frobnicate": 1}, "frobnicate"),
+        ({"text": "word " * 5000}, "text"),  # past the 32 contexts /v1/score takes
+    ],
+)
+def test_score_endpoint_refuses_bad_fields_naming_them(
+    http: TestClient, body: dict[str, Any], param: str
+):
+    assert_error(http.post("/v1/score", json=body), 400, param)
+
+
+def test_a_long_score_and_a_stream_run_together(http: TestClient, tokenizer: Tokenizer):
+    long = {"prompt": "A stream", "max_tokens": 60, "temperature": 0, "ignore_eos": True}
+    results: list[httpx.Response] = []
+    streaming = threading.Thread(target=lambda: results.append(post(http, long)))
+    streaming.start()
+    text = "word " * 3000
+    scored = http.post("/v1/score", json={"text": text})
+    streaming.join(TIMEOUT)
+    assert scored.status_code == 200 and results[0].status_code == 200
+    assert scored.json()["n_tokens"] == len(tokenizer.encode(text))
+
+
 def test_echo_with_one_generated_token_is_the_prompt_scored_then_the_token(
     complete: Any, tokenizer: Tokenizer
 ):

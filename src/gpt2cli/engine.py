@@ -14,8 +14,8 @@ import asyncio
 import contextlib
 import threading
 from collections import deque
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Generator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from gpt2cli.errors import GPT2Error
 from gpt2cli.scheduler import Event, FailedEvent, Request, RequestState, Scheduler
@@ -57,6 +57,20 @@ class Job:
         return sum(r.params.n if r.params.max_tokens else 1 for r in self.requests)
 
 
+class Call:
+    """Work on the model that is not a generation, such as scoring a long text: a generator the
+    worker advances one step per loop (between the batch's decode steps, so streams go on), whose
+    return value, or error, reaches the inbox."""
+
+    sequences = 1  # what it counts against the queue
+
+    def __init__(self, steps: Generator[Any, None, Any], loop: asyncio.AbstractEventLoop) -> None:
+        self.steps = steps
+        self.loop = loop
+        self.inbox: asyncio.Queue[list[Any]] = asyncio.Queue()
+        self.cancelled = False
+
+
 class Engine:
     """The worker thread that owns the model and its scheduler, and the queue that feeds it.
 
@@ -71,7 +85,8 @@ class Engine:
         self._scheduler = Scheduler(model, max_batch)
         self._lock = threading.Condition()
         self._new: deque[Job] = deque()  # submitted, not yet handed to the scheduler
-        self._cancelled: list[Job] = []
+        self._calls: deque[Call] = deque()  # advanced one step each, in turn, between steps
+        self._cancelled: list[Job | Call] = []
         self._queued = 0  # sequences waiting in the scheduler after the worker's last step
         self._free = max_batch  # rows free after the worker's last step: they take jobs at once
         self._closing = False
@@ -93,7 +108,7 @@ class Engine:
                 f"{self.max_batch}); send fewer prompts per request."
             )
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Job | Call) -> None:
         """Queue a job. The queue counts sequences (a prompt's n samples), not requests, so one
         request of many prompts cannot hold up every other: TooLarge beyond the whole queue,
         QueueFull when it does not fit beside those already waiting beyond the free rows,
@@ -102,16 +117,20 @@ class Engine:
         with self._lock:
             if self._closing:
                 raise Stopping("The server is shutting down.")
-            waiting = self._queued + sum(j.sequences for j in self._new)
+            queued: list[Job | Call] = [*self._new, *self._calls]
+            waiting = self._queued + sum(j.sequences for j in queued)
             if waiting + job.sequences > self.max_queue + self._free:
                 raise QueueFull(
                     f"The server is busy: {waiting} sequences are waiting for the "
                     f"{self.max_batch} it decodes at once. Retry after a moment."
                 )
-            self._new.append(job)
+            if isinstance(job, Call):
+                self._calls.append(job)
+            else:
+                self._new.append(job)
             self._lock.notify()
 
-    def cancel(self, job: Job) -> None:
+    def cancel(self, job: Job | Call) -> None:
         """Drop a job whose client went away: its rows are free before the next step."""
         with self._lock:
             if not job.cancelled:
@@ -134,23 +153,35 @@ class Engine:
         """The worker: take new and cancelled jobs, then one scheduler step, until closed."""
         while True:
             with self._lock:
-                while not (self._closing or self._cancelled or self._new or self._scheduler.busy):
+                while not (
+                    self._closing
+                    or self._cancelled
+                    or self._new
+                    or self._calls
+                    or self._scheduler.busy
+                ):
                     self._lock.wait()
                 if self._closing:
                     break
                 cancelled, self._cancelled = self._cancelled, []
                 new, self._new = list(self._new), deque()
+                call = self._calls.popleft() if self._calls else None
             for job in cancelled:
-                self._drop(job)
+                if isinstance(job, Job):
+                    self._drop(job)
             for job in new:
                 self._take(job)
             self._count()  # the jobs just taken wait in the scheduler now: counted there
+            if call is not None:
+                self._advance(call)
             if self._scheduler.busy:
                 self._step()
             self._count()
         with self._lock:
-            jobs = [*self._new, *(job for job, _ in self._owners.values())]
+            jobs: list[Job | Call] = [*self._new, *self._calls]
+            jobs += [job for job, _ in self._owners.values()]
             self._new.clear()
+            self._calls.clear()
         for job in dict.fromkeys(jobs):  # each once, in order
             _post(job, [Stopping("The server is shutting down.")])
 
@@ -159,6 +190,21 @@ class Engine:
         free rows."""
         with self._lock:
             self._queued, self._free = self._scheduler.waiting, self._scheduler.free
+
+    def _advance(self, call: Call) -> None:
+        """One step of a call, which then waits for its next turn; its end reaches its inbox."""
+        if call.cancelled:
+            return
+        try:
+            next(call.steps)
+        except StopIteration as finished:
+            _post(call, [finished.value])
+            return
+        except Exception as e:
+            _post(call, [e])
+            return
+        with self._lock:
+            self._calls.append(call)
 
     def _take(self, job: Job) -> None:
         """Hand a new job's requests to the scheduler (one that cannot run fails the job)."""
@@ -225,7 +271,7 @@ class Engine:
             _post(job, [error])
 
 
-def _post(job: Job, items: list[Item]) -> None:
+def _post(job: Job | Call, items: list[Any]) -> None:
     """Put items in a job's inbox, from the worker, through the job's event loop."""
     with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
         job.loop.call_soon_threadsafe(job.inbox.put_nowait, items)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -147,15 +147,31 @@ def score_texts(
     block with the tokens scored so far and the total to score. `names` name the texts in
     errors (default: "text N").
     """
+    steps = scoring_steps(model, texts, stride=stride, bos=bos, top=top, names=names)
+    return drain(steps, progress)
+
+
+def scoring_steps(
+    model: GPT2,
+    texts: Sequence[str],
+    *,
+    stride: int | None = None,
+    bos: bool = True,
+    top: int = 0,
+    names: Sequence[str] | None = None,
+    encoded: Sequence[Sequence[int]] | None = None,
+) -> Generator[tuple[int, int], None, list[TextScore]]:
+    """`score_texts` one batch of windows at a time: yields (tokens scored, tokens to score)
+    after each block and returns the scores, so a caller can do other work in between (the
+    server decodes its streams between a long text's batches). `encoded`, when given, holds
+    the texts' token ids, already encoded (off the thread that scores)."""
     names = names or [f"text {i} (counting from 0)" for i in range(len(texts))]
     sequences = [
-        scoring_ids(model, text, bos=bos, name=name)
-        for text, name in zip(texts, names, strict=True)
+        scoring_ids(model, text, bos=bos, name=name, ids=None if encoded is None else encoded[i])
+        for i, (text, name) in enumerate(zip(texts, names, strict=True))
     ]
     blocks = scored_logits(model, sequences, stride=stride)
-    return _score(
-        model, blocks, sequences, texts, top=top, first=1 if bos else 0, progress=progress
-    )
+    return (yield from _scoring(model, blocks, sequences, texts, top=top, first=1 if bos else 0))
 
 
 def score_ids(model: GPT2, ids: Sequence[int], *, top: int = 0) -> TextScore:
@@ -165,7 +181,8 @@ def score_ids(model: GPT2, ids: Sequence[int], *, top: int = 0) -> TextScore:
     scored in windows, as texts are."""
     sequence = scoring_sequence(model, ids, bos=False)
     blocks = scored_logits(model, [sequence])
-    return _score(model, blocks, [sequence], [model.tokenizer.decode(ids)], top=top, first=0)[0]
+    text = model.tokenizer.decode(ids)
+    return drain(_scoring(model, blocks, [sequence], [text], top=top, first=0))[0]
 
 
 def score_hidden(model: GPT2, hidden: Array, ids: Sequence[int], *, top: int = 0) -> TextScore:
@@ -187,10 +204,25 @@ def score_hidden(model: GPT2, hidden: Array, ids: Sequence[int], *, top: int = 0
     scored = np.arange(1, len(sequence))  # [T - 1]: positions scored, each from the one before
     blocks = _head_blocks(model, hidden[:-1], scored, np.zeros_like(scored), [0], [sequence])
     text = model.tokenizer.decode(sequence.tolist())
-    return _score(model, blocks, [sequence], [text], top=top, first=0)[0]
+    return drain(_scoring(model, blocks, [sequence], [text], top=top, first=0))[0]
 
 
-def _score(
+def drain(
+    steps: Generator[tuple[int, int], None, list[TextScore]],
+    progress: Callable[[int, int], None] | None = None,
+) -> list[TextScore]:
+    """Run scoring steps to their end, calling `progress(done, total)` after each; the scores."""
+    while True:
+        try:
+            done, total = next(steps)
+        except StopIteration as finished:
+            scores: list[TextScore] = finished.value
+            return scores
+        if progress is not None:
+            progress(done, total)
+
+
+def _scoring(
     model: GPT2,
     blocks: Iterator[ScoredBlock],
     sequences: Sequence[NDArray[np.intp]],
@@ -198,11 +230,11 @@ def _score(
     *,
     top: int,
     first: int,
-    progress: Callable[[int, int], None] | None = None,
-) -> list[TextScore]:
-    """Reduce the scored blocks of checked sequences (`scoring_ids`) to each text's TextScore;
-    `first` is the position of each text's first token in its sequence (1 after
-    `<|endoftext|>`). `top` is checked before the first block is drawn."""
+) -> Generator[tuple[int, int], None, list[TextScore]]:
+    """Reduce the scored blocks of checked sequences (`scoring_ids`) to each text's TextScore,
+    yielding (tokens scored, tokens to score) after each block; `first` is the position of each
+    text's first token in its sequence (1 after `<|endoftext|>`). `top` is checked before the
+    first block is drawn."""
     if top < 0:
         raise GPT2Error(f"top must be >= 0, got {top}")
     top = min(top, model.config.n_vocab)
@@ -211,8 +243,7 @@ def _score(
     for block in blocks:
         collected[block.row].append(_reduce(block, top))
         done += len(block.targets)
-        if progress is not None:
-            progress(done, total)
+        yield done, total
     return [
         _text_score(blocks, text, top, first=first)
         for blocks, text in zip(collected, texts, strict=True)
@@ -260,14 +291,24 @@ def combined(scores: Sequence[TextScore]) -> TextScore:
     )
 
 
-def scoring_ids(model: GPT2, text: str, *, bos: bool, name: str | None = None) -> NDArray[np.intp]:
-    """The ids a text is scored over (`<|endoftext|>` first with `bos`), checked for length.
+def scoring_ids(
+    model: GPT2,
+    text: str,
+    *,
+    bos: bool,
+    name: str | None = None,
+    ids: Sequence[int] | None = None,
+) -> NDArray[np.intp]:
+    """The ids a text is scored over (`<|endoftext|>` first with `bos`), checked for length;
+    `ids` are the text's tokens when the caller has encoded it already.
 
     A text with nothing to score (empty, or one token without `bos`) is a GPT2Error, which
     starts with `name` when given.
     """
     try:
-        return scoring_sequence(model, model.tokenizer.encode(text), bos=bos)
+        return scoring_sequence(
+            model, model.tokenizer.encode(text) if ids is None else ids, bos=bos
+        )
     except GPT2Error as e:
         raise GPT2Error(f"{name}: {e}" if name else str(e)) from None
 

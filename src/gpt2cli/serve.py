@@ -25,10 +25,11 @@ import traceback
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from gpt2cli import httpd, openai_api
-from gpt2cli.engine import MAX_QUEUE, Engine, Job, QueueFull, Stopping, TooLarge
+from gpt2cli import httpd, jsonfile, openai_api
+from gpt2cli.engine import MAX_QUEUE, Call, Engine, Job, QueueFull, Stopping, TooLarge
 from gpt2cli.errors import GPT2Error, missing_extra
 from gpt2cli.openai_api import APIError, Completion, Fields
+from gpt2cli.params import MAX_TOP_LOGPROBS
 from gpt2cli.scheduler import FailedEvent, PromptEvent, Request, TokenEvent
 
 try:
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 
 RETRY_AFTER = "1"  # seconds a client told 429 should wait
 TOKENIZING = 2  # requests whose prompts are tokenized at once; the others wait their turn
+SCORE_CONTEXTS = 32  # /v1/score takes texts of at most this many contexts' tokens
 
 
 def _log(message: str) -> None:
@@ -111,6 +113,7 @@ class App:
             Route("/v1/models", self._endpoint(self.models), methods=["GET"]),
             Route("/v1/models/{model:path}", self._endpoint(self.model_info), methods=["GET"]),
             Route("/v1/completions", self._endpoint(self.completions), methods=["POST"]),
+            Route("/v1/score", self._endpoint(self.score), methods=["POST"]),
             Route("/tokenize", self._endpoint(self.tokenize), methods=["POST"]),
             Route("/detokenize", self._endpoint(self.detokenize), methods=["POST"]),
             Route("/v1/chat/completions", self._endpoint(self.chat), methods=every),
@@ -274,6 +277,55 @@ class App:
             if not completion.finished:
                 self.engine.cancel(job)
 
+    async def score(self, request: HTTPRequest) -> Response:
+        """`POST /v1/score`: `{"text", "top": 5, "stride": null, "bos": true}` -> exactly what
+        `gpt2 score --json --tokens --top TOP --text TEXT` prints: the totals and each token's
+        logprob, rank and top alternatives, a text longer than the context in strided windows.
+        Its windows run on the engine's worker a batch at a time, between decode steps."""
+        from gpt2cli.score import score_json, scoring_sequence, scoring_steps
+
+        body = openai_api.parse_body(await httpd.read_body(request, self.stopping))
+        fields = Fields(body)
+        openai_api.check_model(fields.get("model"), self.names)
+        text = fields.get("text")
+        if not isinstance(text, str):
+            raise APIError(400, f"text must be a string, not {jsonfile.show(text)}", param="text")
+        openai_api.text(text, "text")
+        top = fields.integer("top", MAX_TOP_LOGPROBS, 0, MAX_TOP_LOGPROBS)
+        n_ctx = self.model.config.n_ctx
+        given = fields.get("stride")  # absent: gpt2 score's default
+        stride = None if given is None else fields.integer("stride", 0, 1, n_ctx)
+        bos = fields.boolean("bos", True)
+        fields.done()
+        async with self.tokenizing:  # a thread: tokenizing must not hold up the loop's streams
+            ids = await asyncio.to_thread(self.tokenizer.encode, text)
+        most = SCORE_CONTEXTS * n_ctx
+        if len(ids) > most:
+            raise APIError(
+                400,
+                f"text is {len(ids)} tokens; /v1/score takes at most {most} (gpt2 score has no "
+                "limit)",
+                param="text",
+                code="context_length_exceeded",
+            )
+        try:
+            scoring_sequence(self.model, ids, bos=bos)
+        except GPT2Error as e:
+            raise APIError(400, str(e), param="text") from None
+        steps = scoring_steps(self.model, [text], stride=stride, bos=bos, top=top, encoded=[ids])
+        call = Call(steps, asyncio.get_running_loop())
+        self.engine.submit(call)
+        watch = asyncio.ensure_future(_watch_disconnect(request, call))
+        try:
+            [result] = await call.inbox.get()
+        finally:
+            watch.cancel()
+            self.engine.cancel(call)  # nothing once it has ended
+        if isinstance(result, Exception):
+            raise result if isinstance(result, httpd.ClientGone) else api_error(result)
+        line = score_json(result[0], self.tokenizer, tokens=True, first={"source": "<text>"})
+        return Response(line.encode(), media_type="application/json")
+
     async def tokenize(self, request: HTTPRequest) -> Response:
         """`POST /tokenize` (llama.cpp's): `{"content"}` -> `{"tokens": [ids]}`, or with
         `with_pieces` `[{"id", "piece"}]` (a piece that is not UTF-8 is a list of its bytes).
@@ -372,7 +424,7 @@ def _apply(completion: Completion, items: list[Item]) -> list[dict[str, Any]]:
     return chunks
 
 
-async def _watch_disconnect(request: HTTPRequest, job: Job) -> None:
+async def _watch_disconnect(request: HTTPRequest, job: Job | Call) -> None:
     """Wait until the client disconnects (the body has been read, so `receive` says nothing else
     before the response), then end the job's wait."""
     while (await request.receive())["type"] != "http.disconnect":
