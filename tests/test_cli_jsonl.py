@@ -3,7 +3,12 @@ batch sizes, resuming a killed run, line-numbered errors, --skip-invalid and pro
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import pty
+import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.compare import assert_same_output
+from tests.factory import TINY, write_random_gpt2
 from tests.terminal import run_on_terminal
 
 GPT2 = [sys.executable, "-m", "gpt2cli"]
@@ -154,6 +160,7 @@ def test_a_score_run_resumes_after_a_torn_last_line(tiny_model_dir: Path, tmp_pa
     lines = expected.splitlines(keepends=True)
     assert len(lines) == 9
     out = tmp_path / "scores.jsonl"
+    assert gpt2(*args, "-o", out).returncode == 0
     kept = "".join(lines[:3])
     out.write_text(kept + lines[3][:20])  # as a crash mid-write leaves it
     result = gpt2(*args, "-o", out)
@@ -162,18 +169,23 @@ def test_a_score_run_resumes_after_a_torn_last_line(tiny_model_dir: Path, tmp_pa
     assert_same_output(out.read_text(), expected)  # the rest from another run: floats within 1e-4
 
 
-def test_an_output_file_of_another_input_is_refused_untouched(tiny_model_dir: Path, tmp_path: Path):
+def test_an_output_file_whose_lines_are_not_the_inputs_results_is_refused_untouched(
+    tiny_model_dir: Path, tmp_path: Path
+):
     source = tmp_path / "in.jsonl"
     source.write_text(jsonl({"prompt": "a"}, {"prompt": "b"}))
     out = tmp_path / "out.jsonl"
-    out.write_text(
+    args = ("generate", "-m", tiny_model_dir, "--jsonl", source, "-t", 2, "-o", out)
+    assert gpt2(*args).returncode == 0
+    out.write_text(  # its record is right, but its first line was edited since
         '{"index": 0, "text": "x", "ids": [1], "prompt_ids": [2], "finish_reason": "length"}\n'
     )
     before = out.read_bytes()
-    result = gpt2("generate", "-m", tiny_model_dir, "--jsonl", source, "-o", out)
+    result = gpt2(*args)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
     assert "line 1 is not the result of input line 1" in result.stderr
+    assert "add --overwrite to start it again" in result.stderr
     assert out.read_bytes() == before
 
 
@@ -305,3 +317,224 @@ def test_progress_on_a_terminal_counts_rows_and_tokens(tiny_model_dir: Path, pro
     assert status == 0
     assert "rows/s" in shown and "tokens/s" in shown and "/12" in shown
     assert len(piped.splitlines()) == 12
+
+
+AGAIN = "; write to another file, or add --overwrite to start it again\n"
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A finished -o file of each command, with its record, from `BASE[command]`."""
+    folder = tmp_path_factory.mktemp("finished")
+    source = folder / "in.jsonl"
+    source.write_text(jsonl(*[{"prompt": f"Row {i}", "text": f"Row {i} text"} for i in range(4)]))
+    outputs = {}
+    for command, args in BASE.items():
+        out = folder / f"{command}.jsonl"
+        result = gpt2(command, "-m", tiny_model_dir, "--jsonl", source, *args, "-o", out)
+        assert result.returncode == 0, result.stderr
+        outputs[command] = out
+    return outputs
+
+
+BASE = {"generate": ["-t", "4", "--seed", "5"], "score": []}
+
+
+@pytest.mark.parametrize(
+    ("command", "changed", "words"),
+    [
+        ("generate", ["-t", "5"], "--max-tokens 4, not --max-tokens 5"),
+        ("generate", ["--temperature", "0.5"], "--temperature 1, not --temperature 0.5"),
+        ("generate", ["--top-k", "0"], "--top-k 5, not --top-k 0"),
+        ("generate", ["--top-p", "0.9"], "--top-p 1, not --top-p 0.9"),
+        ("generate", ["--seed", "6"], "--seed 5, not --seed 6"),
+        ("generate", ["-n", "2"], "-n 1, not -n 2"),
+        ("generate", ["--stop", "a b"], "no --stop, not --stop 'a b'"),
+        ("generate", ["--ignore-eos"], "no --ignore-eos, not --ignore-eos"),
+        ("generate", ["--truncate"], "no --truncate, not --truncate"),
+        ("generate", ["--logprobs"], "no --logprobs, not --logprobs"),
+        ("score", ["--stride", "3"], "no --stride, not --stride 3"),
+        ("score", ["--no-bos"], "no --no-bos, not --no-bos"),
+        ("score", ["--tokens"], "no --tokens, not --tokens"),
+        ("score", ["--tokens", "--top", "2"], "--top 0 no --tokens, not --top 2 --tokens"),
+    ],
+)
+def test_an_option_that_changes_results_is_refused_naming_both_values(
+    tiny_model_dir: Path,
+    finished: dict[str, Path],
+    tmp_path: Path,
+    command: str,
+    changed: list[str],
+    words: str,
+):
+    out, record = tmp_path / "out.jsonl", tmp_path / "out.jsonl.gpt2cli.json"
+    out.write_bytes(finished[command].read_bytes())
+    record.write_bytes(Path(f"{finished[command]}.gpt2cli.json").read_bytes())
+    source = finished[command].parent / "in.jsonl"
+    args = [command, "-m", tiny_model_dir, "--jsonl", source, *BASE[command], *changed]
+    result = gpt2(*args, "-o", out)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == f"gpt2: error: {out} was made with {words}{AGAIN}"
+    assert out.read_bytes() == finished[command].read_bytes()  # untouched, record and all
+    assert record.read_bytes() == Path(f"{finished[command]}.gpt2cli.json").read_bytes()
+
+
+def test_the_issue_case_a_finished_file_of_other_options_is_refused_not_passed_off(
+    tiny_model_dir: Path, prompts: Path, tmp_path: Path
+):
+    out = tmp_path / "out.jsonl"
+    args = ("generate", "-m", tiny_model_dir, "--jsonl", prompts, "-o", out)
+    assert gpt2(*args, "-t", 12, "--seed", 5).returncode == 0
+    result = gpt2(*args, "-t", 30, "--seed", 99)
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"gpt2: error: {out} was made with --max-tokens 12 --seed 5, not --max-tokens 30 "
+        f"--seed 99{AGAIN}"
+    )
+
+
+def test_a_resume_may_change_only_what_does_not_change_results(
+    tiny_model_dir: Path, prompts: Path, tmp_path: Path
+):
+    out = tmp_path / "out.jsonl"
+    args = ("generate", "-m", tiny_model_dir, "--jsonl", prompts, "--seed", 3, "-o", out)
+    assert gpt2(*args, "--batch-size", 5).returncode == 0
+    full = out.read_bytes()
+    out.write_bytes(b"".join(full.splitlines(keepends=True)[:4]))  # as if stopped at row 4
+    resumed = gpt2(*args, "--batch-size", 1, "--skip-invalid")
+    assert resumed.returncode == 0, resumed.stderr
+    assert out.read_bytes() == full
+
+
+def test_overwrite_starts_the_file_again_with_its_new_record(
+    tiny_model_dir: Path, prompts: Path, tmp_path: Path
+):
+    out = tmp_path / "out.jsonl"
+    args = ("generate", "-m", tiny_model_dir, "--jsonl", prompts, "--seed", 3)
+    assert gpt2(*args, "-t", 3, "-o", out).returncode == 0
+    result = gpt2(*args, "-t", 4, "-o", out, "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert out.read_text() == gpt2(*args, "-t", 4).stdout
+    record = json.loads(Path(f"{out}.gpt2cli.json").read_text())
+    assert record["command"] == "generate" and record["options"]["max_tokens"] == 4
+    assert record["input"] == {
+        "name": str(prompts),
+        "sha256": hashlib.sha256(prompts.read_bytes()).hexdigest(),
+    }
+    assert record["model"]["name"] == str(tiny_model_dir) and len(record["model"]["sha256"]) == 64
+    assert gpt2(*args, "-t", 4, "-o", out).returncode == 0  # the new record: continued
+
+
+def test_a_changed_input_is_refused_but_the_same_bytes_on_stdin_are_not(
+    tiny_model_dir: Path, prompts: Path, tmp_path: Path
+):
+    out = tmp_path / "out.jsonl"
+    args = ("generate", "-m", tiny_model_dir, "-t", 3, "--seed", 3, "-o", out)
+    assert gpt2(*args, "--jsonl", prompts).returncode == 0
+    assert gpt2(*args, "--jsonl", "-", input=prompts.read_bytes()).returncode == 0
+    old = hashlib.sha256(prompts.read_bytes()).hexdigest()[:12]
+    with prompts.open("a") as f:
+        f.write(jsonl({"prompt": "one more"}))
+    new = hashlib.sha256(prompts.read_bytes()).hexdigest()[:12]
+    result = gpt2(*args, "--jsonl", prompts)
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"gpt2: error: {out} was made from other contents of {prompts} (sha256 {old}, now "
+        f"{new}){AGAIN}"
+    )
+
+
+def test_another_model_is_refused_but_a_copy_of_the_same_files_is_not(
+    tiny_model_dir: Path, tmp_path: Path
+):
+    source = tmp_path / "in.jsonl"
+    source.write_text(jsonl({"text": "Some words"}, {"text": "More words here"}))
+    out = tmp_path / "out.jsonl"
+    assert gpt2("score", "-m", tiny_model_dir, "--jsonl", source, "-o", out).returncode == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    assert gpt2("score", "-m", copy, "--jsonl", source, "-o", out).returncode == 0
+    other = write_random_gpt2(tmp_path / "other", TINY, seed=1)
+    result = gpt2("score", "-m", other, "--jsonl", source, "-o", out)
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        f"gpt2: error: {out} was made with -m {tiny_model_dir} (sha256 "
+    )
+    assert f", not -m {other} (sha256 " in result.stderr and result.stderr.endswith(AGAIN)
+
+
+def test_a_file_without_a_record_is_refused_unless_overwritten(
+    tiny_model_dir: Path, prompts: Path, tmp_path: Path
+):
+    out = tmp_path / "out.jsonl"
+    args = ("generate", "-m", tiny_model_dir, "--jsonl", prompts, "-t", 3, "--seed", 3)
+    out.write_text(gpt2(*args).stdout)  # what `> out.jsonl` or an older gpt2cli left
+    result = gpt2(*args, "-o", out)
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"gpt2: error: {out} has no record of what made it (out.jsonl.gpt2cli.json beside it: "
+        f"an older gpt2cli or another program wrote it){AGAIN}"
+    )
+    assert gpt2(*args, "-o", out, "--overwrite").returncode == 0
+    assert gpt2(*args, "-o", out).returncode == 0
+
+
+def test_overwrite_needs_an_output_file(tiny_model_dir: Path):
+    for args in (["--jsonl", "-"], ["--jsonl", "-", "-o", "-"]):
+        result = gpt2("generate", "-m", tiny_model_dir, *args, "--overwrite", input=b"\n")
+        assert result.returncode == 2
+        assert result.stderr.endswith("gpt2: error: --overwrite goes with -o FILE\n")
+
+
+def test_a_terminal_gets_a_summary_of_rows_written_skipped_and_invalid(
+    tiny_model_dir: Path, tmp_path: Path
+):
+    source = tmp_path / "in.jsonl"
+    source.write_text(jsonl({"prompt": "a"}, {"prompt": 5}, {"prompt": "b"}, {"prompt": "c"}))
+    out = tmp_path / "out.jsonl"
+    args = ["generate", "-m", str(tiny_model_dir), "--jsonl", str(source), "--skip-invalid"]
+    args += ["-t", "2", "-o", str(out)]
+    status, shown, _ = run_on_terminal(args, stream="stderr")
+    assert status == 0
+    assert f"{out}: 3 rows written, 0 skipped (already there), 1 error (invalid line), in " in shown
+    status, shown, _ = run_on_terminal(args, stream="stderr")
+    assert f"{out}: 0 rows written, 4 skipped (already there), 0 errors (invalid lines)" in shown
+
+
+def test_ctrl_c_on_a_terminal_says_how_many_rows_are_kept_and_how_to_continue(
+    tiny_model_dir: Path, tmp_path: Path
+):
+    source = tmp_path / "in.jsonl"
+    source.write_text(jsonl(*[{"prompt": f"Row {i}"} for i in range(200)]))
+    out = tmp_path / "out.jsonl"
+    args = ["-m", str(tiny_model_dir), "--jsonl", str(source), "-t", "40", "--ignore-eos"]
+    args += ["--batch-size", "1", "-o", str(out)]
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        [*GPT2, "generate", *args], stdout=subprocess.DEVNULL, stderr=follower
+    )
+    os.close(follower)
+    shown = b""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 2):
+        shown += _read_terminal(leader, 0.05)
+    process.send_signal(signal.SIGINT)
+    while chunk := _read_terminal(leader, 30):
+        shown += chunk
+    os.close(leader)
+    assert process.wait(timeout=30) == 130
+    kept = out.read_text().count("\n")
+    assert 2 <= kept < 200
+    assert (
+        f"interrupted: {kept} of 200 rows kept in {out}; run the same command to continue"
+        in shown.decode()
+    )
+
+
+def _read_terminal(leader: int, timeout: float) -> bytes:
+    """What the terminal shows within `timeout` seconds; b"" once the program closed it."""
+    ready, _, _ = select.select([leader], [], [], timeout)
+    try:
+        return os.read(leader, 65536) if ready else b""
+    except OSError:  # EIO: the child closed the terminal
+        return b""

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -309,10 +313,175 @@ def test_resume_of_scores_compares_the_texts_sizes_and_fields(model: GPT2, tmp_p
             dataset.resume(out, dataset.read_rows("in", other, task, model), task)
 
 
+def origin(
+    model: GPT2, task: dataset.Task, content: bytes | str = b"", name: str = "in.jsonl"
+) -> dataset.Origin:
+    data = content.encode() if isinstance(content, str) else content
+    return dataset.Origin.of(task, model, "tiny", None, name, data)
+
+
 def test_the_output_may_not_be_the_input(model: GPT2, tmp_path: Path):
     source = tmp_path / "in.jsonl"
     source.write_text(jsonl({"prompt": "x"}))
     rows = dataset.read_rows(str(source), source.read_text(), GenerateTask(), model)
+    made = origin(model, GenerateTask(), source.read_bytes())
     with pytest.raises(GPT2Error, match="is the input file"):
-        dataset.open_output(source, str(source), rows, GenerateTask())
+        dataset.open_output(source, str(source), rows, GenerateTask(), made, overwrite=True)
     assert source.read_text() == jsonl({"prompt": "x"})
+    assert not dataset.record_path(source).exists()
+
+
+def test_only_options_that_change_results_make_another_origin(model: GPT2):
+    base = GenerationParams(max_tokens=12, seed=5)
+    made = origin(model, GenerateTask(base, batch_size=8))
+    assert made.mismatch(origin(model, GenerateTask(base, batch_size=1))) is None
+    cases = [
+        (
+            replace(base, max_tokens=30, seed=99),
+            False,
+            "--max-tokens 12 --seed 5, not --max-tokens 30 --seed 99",
+        ),
+        (replace(base, seed=None), False, "--seed 5, not without --seed"),
+        (replace(base, temperature=0.5), False, "--temperature 1, not --temperature 0.5"),
+        (replace(base, stop=("a b", ".")), False, "no --stop, not --stop 'a b' --stop ."),
+        (replace(base, n=2), False, "-n 1, not -n 2"),
+        (replace(base, ignore_eos=True), False, "no --ignore-eos, not --ignore-eos"),
+        (base, True, "no --logprobs, not --logprobs"),
+    ]
+    for params, logprobs, words in cases:
+        assert made.mismatch(origin(model, GenerateTask(params, logprobs=logprobs))) == (
+            f"with {words}"
+        )
+    scored = origin(model, ScoreTask(batch_size=8))
+    assert scored.mismatch(origin(model, ScoreTask(batch_size=2))) is None
+    assert scored.mismatch(origin(model, ScoreTask(bos=False, top=2, tokens=True))) == (
+        "with no --no-bos --top 0 no --tokens, not --no-bos --top 2 --tokens"
+    )
+    assert scored.mismatch(made) == "by gpt2 score, not gpt2 generate"
+
+
+def test_the_input_and_model_are_compared_by_content_not_by_name(
+    model: GPT2, tiny_model_dir: Path, tmp_path: Path
+):
+    task = GenerateTask()
+    made = origin(model, task, "rows\n")
+    assert made.mismatch(origin(model, task, "rows\n", name="-")) is None  # stdin, same bytes
+    was, now = (hashlib.sha256(text).hexdigest()[:12] for text in (b"rows\n", b"rows\nmore\n"))
+    assert made.mismatch(origin(model, task, "rows\nmore\n")) == (
+        f"from other contents of in.jsonl (sha256 {was}, now {now})"
+    )
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in tiny_model_dir.iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    assert dataset.model_sha256(copy) == dataset.model_sha256(tiny_model_dir)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(config | {"layer_norm_epsilon": 1e-6}))
+    other = replace(made, model_name=str(copy), model_sha256=dataset.model_sha256(copy))
+    assert other.mismatch(made) == (
+        f"with -m {copy} (sha256 {other.model_sha256[:12]}), "
+        f"not -m tiny (sha256 {str(made.model_sha256)[:12]})"
+    )
+
+
+def test_a_hub_weights_file_is_known_by_its_blob_name_unread(tmp_path: Path):
+    blob = "ab" * 32
+    blobs = tmp_path / "models--someone--tiny" / "blobs"
+    blobs.mkdir(parents=True)
+    (blobs / blob).write_bytes(b"not even safetensors")
+    link = tmp_path / "model.safetensors"
+    link.symlink_to(blobs / blob)
+    assert dataset._file_sha256(link) == blob
+    (tmp_path / "plain").write_bytes(b"abc")
+    assert dataset._file_sha256(tmp_path / "plain") == hashlib.sha256(b"abc").hexdigest()
+
+
+def test_the_record_reads_back_and_an_option_it_lacks_is_its_default(model: GPT2, tmp_path: Path):
+    made = origin(model, GenerateTask(GenerationParams(max_tokens=3)), "x")
+    out = tmp_path / "out.jsonl"
+    dataset.write_record(out, made)
+    assert dataset.record_path(out).name == "out.jsonl.gpt2cli.json"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl.gpt2cli.json"]  # no partial left
+    record = json.loads(dataset.record_path(out).read_text())
+    assert dataset.Origin.from_json(record, "r") == made
+    del record["options"]["echo_logprobs"]  # as a version before the option would write it
+    assert dataset.Origin.from_json(record, "r").mismatch(made) is None
+    record["options"]["max_tokens"] = 4
+    assert dataset.Origin.from_json(record, "r").mismatch(made) == (
+        "with --max-tokens 4, not --max-tokens 3"
+    )
+    for broken, problem in [
+        ({**record, "format": 2}, "r is of format 2 (gpt2cli '0.1.0')"),
+        ({**record, "input": {"name": "x"}}, "r has no 'sha256'"),
+        ({**record, "command": 1}, "r: command must be a string, not 1"),
+    ]:
+        with pytest.raises(GPT2Error, match=re.escape(problem)):
+            dataset.Origin.from_json(broken, "r")
+
+
+def test_open_output_continues_only_the_same_origin_and_overwrite_starts_again(
+    model: GPT2, tmp_path: Path
+):
+    task = GenerateTask(GenerationParams(max_tokens=2, temperature=0))
+    content = jsonl(*[{"prompt": f"p {i}"} for i in range(3)])
+    rows, full = written_rows(model, task, content)
+    made = origin(model, task, content)
+    out = tmp_path / "out.jsonl"
+    opened = dataset.open_output(out, "in.jsonl", rows, task, made)
+    with opened.file:
+        opened.file.write(full[: full.index(b"\n") + 1])
+    assert (opened.done, opened.resumable) == (0, True)
+    assert dataset.Origin.from_json(json.loads(dataset.record_path(out).read_text()), "r") == made
+    again = dataset.open_output(out, "in.jsonl", rows, task, made)
+    again.file.close()
+    assert again.done == 1
+    other = origin(model, replace(task, defaults=replace(task.defaults, max_tokens=3)), content)
+    with pytest.raises(GPT2Error, match=r"out\.jsonl was made with --max-tokens 2, not --max-to"):
+        dataset.open_output(out, "in.jsonl", rows, task, other)
+    assert out.read_bytes() == full[: full.index(b"\n") + 1]  # untouched
+    fresh = dataset.open_output(out, "in.jsonl", rows, task, other, overwrite=True)
+    fresh.file.close()
+    assert fresh.done == 0 and out.read_bytes() == b""
+    assert json.loads(dataset.record_path(out).read_text())["options"]["max_tokens"] == 3
+
+
+def test_a_file_without_a_record_is_not_continued(model: GPT2, tmp_path: Path):
+    task = GenerateTask(GenerationParams(max_tokens=2, temperature=0))
+    rows, full = written_rows(model, task, jsonl({"prompt": "a"}, {"prompt": "b"}))
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(full)  # as gpt2cli wrote it before records, or `> out.jsonl` did
+    made = origin(model, task, "")
+    with pytest.raises(GPT2Error, match=r"out\.jsonl has no record of what made it"):
+        dataset.open_output(out, "in.jsonl", rows, task, made)
+    dataset.record_path(out).write_text("{")
+    with pytest.raises(GPT2Error, match=r"its record cannot be used: .* is not valid JSON"):
+        dataset.open_output(out, "in.jsonl", rows, task, made)
+    assert out.read_bytes() == full
+    out.write_bytes(b"")  # empty: nothing to mix with, so it starts with a record
+    dataset.open_output(out, "in.jsonl", rows, task, made).file.close()
+    assert dataset.Origin.from_json(json.loads(dataset.record_path(out).read_text()), "r") == made
+
+
+def test_a_device_gets_rows_but_no_record(model: GPT2, tmp_path: Path):
+    task = GenerateTask()
+    rows = dataset.read_rows("in", jsonl({"prompt": "a"}), task, model)
+    opened = dataset.open_output(Path(os.devnull), "in", rows, task, origin(model, task))
+    opened.file.close()
+    assert (opened.done, opened.resumable) == (0, False)
+    assert not dataset.record_path(Path(os.devnull)).exists()
+
+
+def test_the_summary_counts_rows_written_skipped_and_invalid():
+    rows = [Row(i, {}, work="x", error="bad" if i == 3 else None) for i in range(6)]
+    assert dataset.summary(rows, 2, 6, 3.21, "out.jsonl") == (
+        "out.jsonl: 3 rows written, 2 skipped (already there), 1 error (invalid line), in 3.2 s"
+    )
+    assert dataset.summary(rows, 6, 6, 125, "out.jsonl").endswith(
+        ": 0 rows written, 6 skipped (already there), 0 errors (invalid lines), in 2 min 05 s"
+    )
+    assert dataset.interrupted(4, 6, "out.jsonl", resumable=True) == (
+        "interrupted: 4 of 6 rows kept in out.jsonl; run the same command to continue"
+    )
+    assert dataset.interrupted(4, 6, "stdout", resumable=False) == (
+        "interrupted: 4 of 6 rows written to stdout"
+    )

@@ -194,7 +194,13 @@ def _dataset_options(what: str) -> Callable[[Any], Any]:
             "--output",
             type=click.Path(dir_okay=False, path_type=Path),
             help="With --jsonl: write to FILE (- for stdout), line by line; if it holds results "
-            "of an earlier run of the same input, continue after them.",
+            "of an earlier run, continue after them, but only for the same input, model and "
+            "options that change results (recorded in FILE.gpt2cli.json).",
+        ),
+        click.option(
+            "--overwrite",
+            is_flag=True,
+            help="With -o FILE: start FILE again, discarding the results it holds.",
         ),
         click.option(
             "--skip-invalid",
@@ -238,6 +244,7 @@ class _DatasetOptions:
 
     jsonl: str | None
     output: Path | None
+    overwrite: bool
     skip_invalid: bool
     batch_size: int | None
     engine: str
@@ -249,11 +256,14 @@ class _DatasetOptions:
         options that go with another."""
         from gpt2cli import dataset
 
-        given = [self.output, self.skip_invalid, self.batch_size, self.engine != "local"]
-        if self.jsonl is None and any(given):
+        given = [self.output, self.overwrite, self.skip_invalid, self.batch_size]
+        if self.jsonl is None and any([*given, self.engine != "local"]):
             raise click.UsageError(
-                "-o/--output, --skip-invalid, --batch-size and --engine go with --jsonl"
+                "-o/--output, --overwrite, --skip-invalid, --batch-size and --engine go with "
+                "--jsonl"
             )
+        if self.overwrite and str(self.output or "-") == "-":
+            raise click.UsageError("--overwrite goes with -o FILE")
         if self.engine == "local":
             if self.ray_address or self.threads_per_actor:
                 raise click.UsageError("--ray-address and --threads-per-actor go with --engine ray")
@@ -262,34 +272,65 @@ class _DatasetOptions:
 
         return ray_engine.engine(self.ray_address, self.threads_per_actor or 1)
 
-    def run(self, task: Task, model: GPT2, engine: Runner, source: str, what: str) -> None:
+    def run(
+        self,
+        task: Task,
+        model: GPT2,
+        engine: Runner,
+        source: str,
+        what: str,
+        *,
+        model_name: str,
+        revision: str | None,
+    ) -> None:
         """Run a data-set job: every row checked, then those -o lacks run and written in order
-        (to stdout without -o), progress on a terminal."""
+        (to stdout without -o; -o continued only for what made it, see `dataset.open_output`),
+        progress on a terminal, and there a summary at the end or a note on how to continue."""
+        import time
+
         from gpt2cli import dataset
 
-        rows = dataset.read_rows(source, read_bytes(source), task, model)
+        start = time.perf_counter()
+        content = read_bytes(source)
+        rows = dataset.read_rows(source, content, task, model)
         try:
             dataset.check_rows(rows, source, skip_invalid=self.skip_invalid)
         except dataset.InvalidRows as e:
             for problem in e.problems:
                 _report(problem, EXIT_USAGE)
             raise
-        out, done = None, 0
+        output = dataset.Output(None, 0, resumable=False)
         write: Callable[[bytes], None] = write_stdout
+        where = "stdout"
         if self.output is not None and str(self.output) != "-":  # -o -: stdout, as no -o
-            out, done = dataset.open_output(self.output, source, rows, task)
-            write = dataset.file_writer(out, self.output)
+            origin = dataset.Origin.of(task, model, model_name, revision, source, content)
+            output = dataset.open_output(
+                self.output, source, rows, task, origin, overwrite=self.overwrite
+            )
+            write, where = dataset.file_writer(output.file, self.output), str(self.output)
 
         def write_whole(data: bytes) -> None:  # a stop signal never tears a line
             with _ctrl_c_deferred():
                 write(data)
 
-        with (
-            contextlib.closing(out) if out else contextlib.nullcontext(),
-            dataset.row_progress(len(rows), done, what) as progress,
-        ):
-            writer = dataset.OrderedWriter(write_whole, done)
-            dataset.run(task, model, rows, writer, engine=engine, progress=progress)
+        writer = dataset.OrderedWriter(write_whole, output.done)
+        terminal = sys.stderr.isatty()
+        try:
+            with (
+                contextlib.closing(output.file) if output.file else contextlib.nullcontext(),
+                dataset.row_progress(len(rows), output.done, what) as progress,
+            ):
+                dataset.run(task, model, rows, writer, engine=engine, progress=progress)
+        except KeyboardInterrupt:
+            if terminal:  # after the progress bar is gone
+                kept = dataset.interrupted(
+                    writer.next, len(rows), where, resumable=output.resumable
+                )
+                _report(kept, 0, prefix="")
+            raise
+        if terminal:
+            elapsed = time.perf_counter() - start
+            _report(dataset.summary(rows, output.done, writer.next, elapsed, where), 0, prefix="")
 
 
 @click.group(cls=_Gpt2Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -417,7 +458,11 @@ def generate(
                 f"decode in one batch, so give --batch-size {num_samples} or more"
             )
         task = GenerateTask(params, batch_size, logprobs)
-        options.run(task, _load_model(model_name, revision), engine, options.jsonl, "generating")
+        model = _load_model(model_name, revision)
+        source = options.jsonl
+        options.run(
+            task, model, engine, source, "generating", model_name=model_name, revision=revision
+        )
         return
     if logprobs:
         raise click.UsageError("--logprobs goes with --jsonl (--json always has them)")
@@ -657,7 +702,10 @@ def score(
 
         source = _jsonl_source(options.jsonl, files, literal)
         task = ScoreTask(options.batch_size or 8, stride, not no_bos, top, tokens)
-        options.run(task, _score_model(model_name, revision, stride), engine, source, "scoring")
+        model = _score_model(model_name, revision, stride)
+        options.run(
+            task, model, engine, source, "scoring", model_name=model_name, revision=revision
+        )
         return
     inputs = _score_inputs(files, literal)
     model = _score_model(model_name, revision, stride)
@@ -741,7 +789,7 @@ def _score_model(name: str, revision: str | None, stride: int | None) -> GPT2:
     type=click.IntRange(min=0),
     default=64,
     show_default=True,
-    help="Requests that may wait for a free sequence; beyond them the answer is 429.",
+    help="Sequences (prompts x n) that may wait for a free row; beyond them the answer is 429.",
 )
 @click.option(
     "--api-key",

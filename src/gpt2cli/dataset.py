@@ -9,6 +9,10 @@ engine. `run` writes the results of the rows an output file does not hold yet (`
 checks those it does) through an `OrderedWriter`: input order, one flushed line at a time, so a
 crash loses only the rows in flight.
 
+An output file never mixes runs: `open_output` keeps beside it a record (`Origin`, in
+`record_path(out)`) of what made its rows, the task, the options that change results, the
+model's files and the input's bytes, and continues the file only for the same ones.
+
 Generate's output lines hold its `--json` fields without `timings`, and without `logprobs` unless
 asked for, so its files from any batch size or engine compare byte for byte. Floats (scores,
 logprobs) are sums whose last digits depend on the batch's shape and BLAS's threads: across
@@ -18,16 +22,19 @@ engines, batch sizes and resumes they agree within 1e-4, and every other field i
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
+import shlex
+import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AnyStr, ClassVar, NamedTuple, Protocol
 
-from gpt2cli import jsonfile
+from gpt2cli import __version__, jsonfile
 from gpt2cli.errors import GPT2Error, WriteError
 from gpt2cli.inputs import decode_utf8, printable
 from gpt2cli.params import GenerationParams, ParamError
@@ -74,6 +81,7 @@ class Result(NamedTuple):
 class Task(Protocol):
     """What a data-set job does with each row; picklable, so that Ray actors run it too."""
 
+    command: ClassVar[str]  # the `gpt2` command that runs it: "generate" or "score"
     key: ClassVar[str]  # the input field holding the work: "prompt" or "text"
     options: ClassVar[tuple[str, ...]]  # the input fields that are options, not passed through
     results: ClassVar[tuple[str, ...]]  # the output fields a result sets (over passed-through ones)
@@ -81,6 +89,11 @@ class Task(Protocol):
     @property
     def batch_size(self) -> int:
         """Rows per batch; an engine that splits the rows splits them in whole batches."""
+        ...
+
+    def settings(self) -> dict[str, Any]:
+        """The options that change results, by name (as `Origin` records them); not those that
+        only change how the rows run, such as the batch size."""
         ...
 
     def parse(self, row: dict[str, Any], index: int, where: str, model: GPT2) -> Any:
@@ -132,11 +145,16 @@ class GenerateTask:
     defaults: GenerationParams = field(default_factory=GenerationParams)
     batch_size: int = 8
     logprobs: bool = False
+    command: ClassVar[str] = "generate"
     key: ClassVar[str] = "prompt"
     options: ClassVar[tuple[str, ...]] = (*GENERATE_FIELDS, *GENERATE_FLAGS)
     results: ClassVar[tuple[str, ...]] = (
         "text", "ids", "prompt_ids", "finish_reason", "logprobs", "samples",
     )  # fmt: skip
+
+    def settings(self) -> dict[str, Any]:
+        """Every row's default options (all of `GenerationParams`) and `logprobs`."""
+        return {**asdict(self.defaults), "logprobs": self.logprobs}
 
     def parse(self, row: dict[str, Any], index: int, where: str, model: GPT2) -> Prompt:
         """The row's prompt ids and options, checked as the scheduler will run them."""
@@ -209,12 +227,17 @@ class ScoreTask:
     bos: bool = True
     top: int = 0
     tokens: bool = False
+    command: ClassVar[str] = "score"
     key: ClassVar[str] = "text"
     options: ClassVar[tuple[str, ...]] = ()
     results: ClassVar[tuple[str, ...]] = (  # TextScore.totals()' keys, and --tokens' list
         *("n_tokens", "n_bytes", "n_words", "nll", "mean_nll", "nll_stderr", "perplexity"),
         *("bits_per_byte", "byte_perplexity", "word_perplexity", "tokens"),
     )
+
+    def settings(self) -> dict[str, Any]:
+        """The windows' stride, the <|endoftext|> before each text, and what is listed."""
+        return {"stride": self.stride, "bos": self.bos, "top": self.top, "tokens": self.tokens}
 
     def parse(self, row: dict[str, Any], index: int, where: str, model: GPT2) -> str:
         """The row's text, checked to have something to score."""
@@ -420,7 +443,7 @@ def resume(path: Path, rows: Sequence[Row], task: Task) -> int:
     return done
 
 
-_ANOTHER = "it holds other results; write to another file, or remove it to start again"
+_ANOTHER = "it holds other results; write to another file, or add --overwrite to start it again"
 
 
 def _written_mismatch(row: Row, written: Any, task: Task) -> str | None:
@@ -521,27 +544,355 @@ def row_progress(total: int, done: int, what: str) -> Iterator[Callable[[int, in
         yield update
 
 
-def open_output(path: Path, input_name: str, rows: Sequence[Row], task: Task) -> tuple[Any, int]:
-    """`path` opened to append results (unbuffered), and how many rows it already holds the
-    results of (see `resume`; only a regular file is resumed, a device or pipe is written to).
-    Refused when it is the input file itself; opening never waits for a pipe's reader."""
+class Output(NamedTuple):
+    """An output file opened to append results (unbuffered), how many rows it already holds the
+    results of, and whether it is a regular file, kept with its record so that a stopped run can
+    continue (a device or pipe is only written to)."""
+
+    file: Any
+    done: int
+    resumable: bool
+
+
+def open_output(
+    path: Path,
+    input_name: str,
+    rows: Sequence[Row],
+    task: Task,
+    origin: Origin,
+    *,
+    overwrite: bool = False,
+) -> Output:
+    """`path` opened to append the results of `rows`, which `origin` describes.
+
+    A regular file that holds anything is continued only when its record says that the same
+    origin made it (`check_origin`) and its lines are results of these rows, in order (`resume`);
+    with `overwrite` it is emptied instead. A file that starts anew (missing, empty, emptied or
+    holding only a torn line) gets `origin` as its record, written before any row. Refused when
+    it is the input file itself; opening never waits for a pipe's reader.
+    """
     if input_name != "-":
         with contextlib.suppress(OSError):
             if os.path.samefile(path, input_name):
                 raise GPT2Error(f"{path} is the input file; write the results to another file")
     try:
         is_dir, is_file = path.is_dir(), path.is_file()
+        filled = is_file and path.stat().st_size > 0
     except OSError as e:  # a name too long to look up
         raise GPT2Error(f"{path}: cannot write it ({e.strerror})") from None
     if is_dir:
         raise GPT2Error(f"{path}: is a directory, not a file")
-    done = resume(path, rows, task) if is_file else 0
+    done = 0
+    if filled and not overwrite:
+        check_origin(path, origin)
+        done = resume(path, rows, task)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NONBLOCK, 0o666)
         os.set_blocking(fd, True)
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
     except OSError as e:
         raise GPT2Error(f"{path}: cannot write it ({e.strerror})") from None
-    return open(fd, "ab", buffering=0), done
+    try:
+        if regular and overwrite:  # the rows go first: a new record never describes old rows
+            try:
+                os.ftruncate(fd, 0)
+            except OSError as e:
+                raise GPT2Error(f"{path}: cannot empty it ({e.strerror})") from None
+        if regular and done == 0:
+            write_record(path, origin)
+    except BaseException:
+        os.close(fd)
+        raise
+    return Output(open(fd, "ab", buffering=0), done, regular)
 
 
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # opening a pipe nobody reads fails instead of waiting
+
+
+RECORD_SUFFIX = ".gpt2cli.json"  # the record of out.jsonl is out.jsonl.gpt2cli.json
+RECORD_FORMAT = 1  # change it when the record's fields change meaning
+_START_AGAIN = "write to another file, or add --overwrite to start it again"
+
+
+def record_path(out: Path) -> Path:
+    """Where the record of what made output file `out` is kept: beside it, named after it, in
+    sight of `ls` and `rm out.jsonl*` (a header line in `out` would break the JSON Lines it
+    holds for every other reader)."""
+    return out.with_name(out.name + RECORD_SUFFIX)
+
+
+@dataclass(frozen=True)
+class Origin:
+    """What makes an output file's rows, as its record keeps it (JSON, in `record_path(out)`):
+
+        {"format": 1, "gpt2cli": "0.1.0", "command": "generate",
+         "options": {"max_tokens": 12, "temperature": 1.0, ..., "logprobs": false},
+         "model": {"name": "gpt2", "revision": null, "sha256": "..."},
+         "input": {"name": "prompts.jsonl", "sha256": "..."}}
+
+    `options` are the task's `settings()`, the ones that change results (not the batch size,
+    the engine or its threads: their rows are the same). Two origins are the same when their
+    command, options and both hashes are: the names are only for messages (`-m gpt2` and
+    `-m 124M` are the same files; a renamed input holds the same bytes), and `gpt2cli` says
+    which version wrote the record. An option a record lacks (one added since) counts as its
+    default.
+    """
+
+    command: str
+    options: dict[str, Any]
+    model_name: str
+    revision: str | None
+    model_sha256: str | None
+    input_name: str
+    input_sha256: str
+
+    @classmethod
+    def of(
+        cls,
+        task: Task,
+        model: GPT2,
+        model_name: str,
+        revision: str | None,
+        input_name: str,
+        content: bytes,
+    ) -> Origin:
+        """The origin of `task`'s results on `model` (as `-m model_name --revision revision`
+        named it) from input `input_name`, whose bytes are `content`."""
+        return cls(
+            task.command,
+            _as_json(task.settings()),
+            model_name,
+            revision,
+            model_sha256(model.folder),
+            "stdin" if input_name == "-" else input_name,
+            hashlib.sha256(content).hexdigest(),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The record's JSON object."""
+        return {
+            "format": RECORD_FORMAT,
+            "gpt2cli": __version__,
+            "command": self.command,
+            "options": self.options,
+            "model": {
+                "name": self.model_name,
+                "revision": self.revision,
+                "sha256": self.model_sha256,
+            },
+            "input": {"name": self.input_name, "sha256": self.input_sha256},
+        }
+
+    @classmethod
+    def from_json(cls, value: Any, where: str) -> Origin:
+        """The origin a record's JSON holds, or a GPT2Error naming what is wrong with it."""
+        record = jsonfile.mapping(value, where)
+        version = jsonfile.field(record, "format", where)
+        if version != RECORD_FORMAT:
+            writer = jsonfile.show(record.get("gpt2cli"))
+            raise GPT2Error(f"{where} is of format {jsonfile.show(version)} (gpt2cli {writer})")
+        model = jsonfile.mapping(jsonfile.field(record, "model", where), f"{where}: model")
+        given = jsonfile.mapping(jsonfile.field(record, "input", where), f"{where}: input")
+
+        def text(obj: dict[str, Any], key: str, *, optional: bool = False) -> Any:
+            value = jsonfile.field(obj, key, where)
+            return (
+                value if optional and value is None else jsonfile.string(value, f"{where}: {key}")
+            )
+
+        return cls(
+            text(record, "command"),
+            jsonfile.mapping(jsonfile.field(record, "options", where), f"{where}: options"),
+            text(model, "name"),
+            text(model, "revision", optional=True),
+            text(model, "sha256", optional=True),
+            text(given, "name"),
+            text(given, "sha256"),
+        )
+
+    def mismatch(self, now: Origin) -> str | None:
+        """How the run that made an output file (this origin) differs from the one `now`, as
+        words that follow "OUT was made ", or None when it does not."""
+        if self.command != now.command:
+            return f"by gpt2 {self.command}, not gpt2 {now.command}"
+        clauses = []
+        if self.input_sha256 != now.input_sha256:
+            names = (self.input_name, now.input_name)
+            hashes = (self.input_sha256, now.input_sha256)
+            clauses.append(_other("from", "contents", names, hashes))
+        if self.model_sha256 != now.model_sha256:
+            names = (self._model, now._model)
+            hashes = (self.model_sha256 or "", now.model_sha256 or "")
+            clauses.append(_other("with", "files", names, hashes))
+        was, wanted = _changed_options(self.options, now.options, self.command)
+        if was:
+            clauses.append(f"with {was}, not {wanted}")
+        return ", and ".join(clauses) or None
+
+    @property
+    def _model(self) -> str:
+        return f"-m {self.model_name}" + (f" --revision {self.revision}" if self.revision else "")
+
+
+def _as_json(value: Any) -> Any:
+    """`value` as it reads back from JSON (tuples become lists), to compare with a record."""
+    return json.loads(json.dumps(value))
+
+
+def _other(by: str, what: str, names: tuple[str, str], hashes: tuple[str, str]) -> str:
+    """'from old (sha256 ...), not new (sha256 ...)', or when both have one name, 'from other
+    contents of name (sha256 ..., now ...)'."""
+    (old, new), (was, now) = names, (h[:12] for h in hashes)
+    if old == new:
+        return f"{by} other {what} of {old} (sha256 {was}, now {now})"
+    return f"{by} {old} (sha256 {was}), not {new} (sha256 {now})"
+
+
+def _changed_options(was: dict[str, Any], now: dict[str, Any], command: str) -> tuple[str, str]:
+    """The options that differ, as command-line words: as they were, and as they are now."""
+    tasks: dict[str, type[GenerateTask] | type[ScoreTask]] = {
+        "generate": GenerateTask,
+        "score": ScoreTask,
+    }
+    defaults = _as_json(tasks[command]().settings()) if command in tasks else {}
+    old, new = [], []
+    for name in dict.fromkeys([*now, *was]):
+        before, after = was.get(name, defaults.get(name)), now.get(name, defaults.get(name))
+        if before != after:
+            old.append(_option(name, before, "no"))
+            new.append(_option(name, after, "without"))
+    return " ".join(old), " ".join(new)
+
+
+_FLAGS = {"n": "-n"}  # options whose flag is not --name-with-dashes
+
+
+def _option(name: str, value: Any, absent: str) -> str:
+    """An option's value as the command line gives it: `--max-tokens 12`, `--ignore-eos`,
+    `--stop a --stop b`; or, when it is off or not given, `no --seed` (`absent` is the word)."""
+    flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
+    if name == "bos":  # on unless --no-bos
+        flag, value = "--no-bos", value is False
+    if value is None or value is False or value == []:
+        return f"{absent} {flag}"
+    if value is True:
+        return flag
+    return " ".join(f"{flag} {_word(v)}" for v in (value if isinstance(value, list) else [value]))
+
+
+def _word(value: Any) -> str:
+    """A value as typed on a command line: 1 for 1.0, a string quoted for the shell."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return shlex.quote(value) if isinstance(value, str) else str(value)
+
+
+def check_origin(out: Path, origin: Origin) -> None:
+    """Refuse (a GPT2Error naming what differs) to continue output file `out` unless its record
+    says that `origin` made it. A file without a record (written by an older gpt2cli, or by
+    another program) is refused too: what made its rows is not known, and taking it would
+    continue a file of other options without a word."""
+    record = record_path(out)
+    if not os.path.lexists(record):
+        raise GPT2Error(
+            f"{out} has no record of what made it ({record.name} beside it: an older gpt2cli "
+            f"or another program wrote it); {_START_AGAIN}"
+        )
+    try:
+        made = Origin.from_json(jsonfile.read(record), str(record))
+    except GPT2Error as e:
+        raise GPT2Error(f"{out}: its record cannot be used: {e}; {_START_AGAIN}") from None
+    problem = made.mismatch(origin)
+    if problem:
+        raise GPT2Error(f"{out} was made {problem}; {_START_AGAIN}")
+
+
+def write_record(out: Path, origin: Origin) -> None:
+    """Write `origin` as the record of output file `out`, atomically (a reader sees the old
+    record or the whole new one), or a GPT2Error naming it."""
+    record = record_path(out)
+    partial = record.with_name(f".{record.name}.{os.getpid()}.partial")
+    data = json.dumps(origin.to_json(), indent=2) + "\n"  # ASCII: any name, even undecodable
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with open(fd, "wb") as f:
+            f.write(data.encode())
+        os.replace(partial, record)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        raise GPT2Error(f"{record}: cannot write it ({e.strerror})") from None
+
+
+_HUB_BLOB = re.compile(r"[0-9a-f]{64}")  # the Hugging Face cache's name for an LFS file
+
+
+def model_sha256(folder: Path | None) -> str | None:
+    """A SHA-256 of the model files that decide results, `config.json`, the weights and the
+    tokenizer's files, each by its name and own SHA-256 (None for a model not loaded from a
+    folder). A weights file in the Hugging Face cache is a link to a blob named by its SHA-256,
+    which is taken as it is; any other file is read (about 1 s per GB)."""
+    if folder is None:
+        return None
+    from gpt2cli.tokenizer import HF_FILES, OPENAI_FILES
+    from gpt2cli.weights import weight_files
+
+    named = [folder / n for n in ("config.json", *HF_FILES, *OPENAI_FILES)]
+    digest = hashlib.sha256()
+    for path in sorted({*(p for p in named if p.is_file()), *weight_files(folder)}):
+        digest.update(f"{path.name} {_file_sha256(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    target = path.resolve()  # models--owner--name/blobs/<sha256> for a hub weights file
+    blobs = target.parent
+    if (
+        blobs.name == "blobs"
+        and blobs.parent.name.startswith("models--")
+        and _HUB_BLOB.fullmatch(target.name)
+    ):
+        return target.name
+    digest = hashlib.sha256()
+    try:
+        with jsonfile.open_file(path) as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except OSError as e:
+        raise GPT2Error(f"{path}: cannot read it ({e.strerror})") from None
+    return digest.hexdigest()
+
+
+def summary(rows: Sequence[Row], start: int, end: int, seconds: float, where: str) -> str:
+    """A finished run in one line: what it wrote to `where` (`rows[start:end]`, the results and
+    apart from them the error objects of invalid rows), the rows skipped (already there), and
+    the time."""
+    errors = sum(row.error is not None for row in rows[start:end])
+    lines = "(invalid line)" if errors == 1 else "(invalid lines)"
+    return (
+        f"{where}: {_count(end - start - errors, 'row')} written, {start} skipped (already "
+        f"there), {_count(errors, 'error')} {lines}, in {_duration(seconds)}"
+    )
+
+
+def interrupted(kept: int, total: int, where: str, *, resumable: bool) -> str:
+    """A stopped run in one line: how many of the `total` rows `where` holds, and how to go on."""
+    if resumable:
+        return (
+            f"interrupted: {kept} of {total} rows kept in {where}; run the same command to continue"
+        )
+    return f"interrupted: {kept} of {total} rows written to {where}"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _duration(seconds: float) -> str:
+    """1.2 s, 4 min 05 s, 2 h 03 min."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes = int(seconds) // 60
+    if minutes < 60:
+        return f"{minutes} min {int(seconds) % 60:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
