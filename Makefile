@@ -3,13 +3,18 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --quiet
+# optional extras for `make install`, comma-separated: `make install EXTRAS=serve,ray`
+EXTRAS ?=
 # one stamp per layer: the runtime (six dependencies, ~150 MB) and the test/bench extras on top
 RUNTIME := $(VENV)/.runtime-installed
 DEV     := $(VENV)/.dev-installed
 
-.PHONY: install test lint bench wheel-check clean
+.PHONY: install test test-fast lint bench wheel-check clean
 
 install: $(RUNTIME)
+ifneq ($(strip $(EXTRAS)),)
+	$(PIP) -e '.[$(EXTRAS)]'
+endif
 
 $(RUNTIME): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +27,14 @@ $(DEV): $(RUNTIME)
 	$(PIP) -e '.[test]'
 	touch $@
 
+# the whole suite, as CI runs it
 test: $(DEV)
 	$(PY) -m pytest -q
+
+# the inner loop: all but the tests marked slow in tests/conftest.py (server processes, the
+# 124M model, lm-eval, Ray, anything over ~3 s); under two minutes on 2 cores
+test-fast: $(DEV)
+	$(PY) -m pytest -q -m "not slow"
 
 lint: $(DEV)
 	$(VENV)/bin/ruff check src tests bench
