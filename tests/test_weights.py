@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import mmap
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -19,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
-from gpt2cli import weights
+from gpt2cli import cache, weights
 from gpt2cli.config import GPT2Config
 from gpt2cli.errors import CorruptWeightsError, GPT2Error
 from gpt2cli.model import GPT2 as Model
@@ -727,6 +729,14 @@ def test_gpt2_refuses_a_hostile_folder_in_one_line(
 # (weights.transposed_layout)
 
 
+@pytest.fixture
+def user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty user cache of the test's own, `$XDG_CACHE_HOME/gpt2cli`: entries are keyed by
+    content, so the session's shared cache may already hold one for the same weights."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    return tmp_path / "xdg" / "gpt2cli"
+
+
 def _layout_entries() -> list[Path]:
     return sorted(Path(os.environ["XDG_CACHE_HOME"], "gpt2cli").glob("layout-*.npy"))
 
@@ -756,7 +766,9 @@ def _assert_laid_out(loaded: weights.Params, laid_out: weights.Params) -> None:
         assert b_after["attn"]["c_proj"]["b"] is b_before["attn"]["c_proj"]["b"]
 
 
-def test_the_transposed_layout_is_made_once_then_memory_mapped_from_the_cache(tmp_path: Path):
+def test_the_transposed_layout_is_made_once_then_memory_mapped_from_the_cache(
+    tmp_path: Path, user_cache: Path
+):
     folder = write_random_gpt2(tmp_path / "m", TINY, seed=11)
     before = set(_layout_entries())
     loaded, laid_out = _layout(folder)
@@ -769,7 +781,7 @@ def test_the_transposed_layout_is_made_once_then_memory_mapped_from_the_cache(tm
     assert entry.stat().st_mtime_ns == made  # nor rewrote it
 
 
-def test_the_laid_out_model_gives_the_loaded_params_logits(tmp_path: Path):
+def test_the_laid_out_model_gives_the_loaded_params_logits(tmp_path: Path, user_cache: Path):
     folder = write_random_gpt2(tmp_path / "m", TINY, seed=17)
     loaded, laid_out = _layout(folder)
     ids = np.arange(40) * 997 % TINY.n_vocab
@@ -778,7 +790,7 @@ def test_the_laid_out_model_gives_the_loaded_params_logits(tmp_path: Path):
     np.testing.assert_allclose(Model.from_pretrained(folder)(ids), plain, rtol=1e-5, atol=1e-5)
 
 
-def test_rewritten_weights_get_a_new_layout_not_the_stale_one(tmp_path: Path):
+def test_rewritten_weights_get_a_new_layout_not_the_stale_one(tmp_path: Path, user_cache: Path):
     folder = write_random_gpt2(tmp_path / "m", TINY, seed=12)
     _layout(folder)
     write_random_gpt2(folder, TINY, seed=13)  # same file, same size, other values
@@ -786,7 +798,9 @@ def test_rewritten_weights_get_a_new_layout_not_the_stale_one(tmp_path: Path):
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip-head", "flip-c_proj", "fifo"])
-def test_a_damaged_layout_entry_is_rebuilt_not_used(tmp_path: Path, damage: str):
+def test_a_damaged_layout_entry_is_rebuilt_not_used(
+    tmp_path: Path, user_cache: Path, damage: str
+) -> None:
     folder = write_random_gpt2(tmp_path / "m", TINY, seed=14)
     before = set(_layout_entries())
     loaded, _ = _layout(folder)
@@ -813,8 +827,114 @@ def test_an_unwritable_cache_leaves_the_params_as_loaded(tmp_path: Path, monkeyp
     assert laid_out is loaded
 
 
-def test_an_untied_head_is_the_one_transposed(tmp_path: Path):
+def test_an_untied_head_is_the_one_transposed(tmp_path: Path, user_cache: Path):
     folder = write_save_pretrained_gpt2(tmp_path / "m", TINY, seed=16, tied=False)
     loaded, laid_out = _layout(folder)
     _assert_laid_out(loaded, laid_out)
     assert laid_out["wte"] is loaded["wte"]  # the embedding table stays as it is
+
+
+def _hub_snapshot(hub: Path, folder: Path) -> Path:
+    """`folder`'s files laid out as the Hugging Face cache stores a download: each file a blob
+    named by its hash (sha256 for the weights, as for LFS files), the snapshot's names symlinks."""
+    repo = hub / "models--someone--tiny"
+    snapshot = repo / "snapshots" / ("c0ffee" * 7)[:40]
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for path in folder.iterdir():
+        data = path.read_bytes()
+        name = hashlib.sha256(data) if path.suffix == ".safetensors" else hashlib.sha1(data)
+        (repo / "blobs" / name.hexdigest()).write_bytes(data)
+        (snapshot / path.name).symlink_to(Path("../../blobs", name.hexdigest()))
+    return snapshot
+
+
+def _index(user_cache: Path) -> dict[str, Any]:
+    return json.loads((user_cache / "index.json").read_text())
+
+
+def test_copies_of_the_same_weights_share_one_layout(tmp_path: Path, user_cache: Path):
+    folder = write_random_gpt2(tmp_path / "m", TINY, seed=18)
+    copy = shutil.copytree(folder, tmp_path / "copy")
+    snapshot = _hub_snapshot(tmp_path / "hub", folder)
+    for each in (folder, copy, snapshot):
+        _assert_laid_out(*_layout(each))
+    (entry,) = _layout_entries()
+    assert entry.stat().st_size == 128 + 4 * sum(m.size for m in _transposed(_layout(copy)[0]))
+    index = _index(user_cache)
+    assert index["sources"] == {entry.name: [str(folder), str(copy), str(snapshot)]}
+    # the local files were hashed (once: remembered with their identity); the hub's blob is
+    # named by its sha256, the same hash, so it needed none
+    assert sorted(index["files"]) == sorted(str(f / "model.safetensors") for f in (folder, copy))
+    digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    assert {known["sha256"] for known in index["files"].values()} == {digest}
+    assert (snapshot / "model.safetensors").resolve().name == digest
+
+
+def test_a_copy_that_differs_anywhere_gets_its_own_layout(tmp_path: Path, user_cache: Path):
+    folder = write_random_gpt2(tmp_path / "m", TINY, seed=19)
+    copy = shutil.copytree(folder, tmp_path / "copy")
+    tensors = load_file(copy / "model.safetensors")
+    tensors["h.1.mlp.c_proj.weight"][70, 5] += 1  # a row no check or sample looks at
+    save_file(tensors, copy / "model.safetensors")
+    _layout(folder)
+    loaded, laid_out = _layout(copy)
+    _assert_laid_out(loaded, laid_out)
+    assert len(_layout_entries()) == 2
+
+
+def test_a_files_hash_is_remembered_while_the_file_is_unchanged(tmp_path: Path, user_cache: Path):
+    folder = write_random_gpt2(tmp_path / "m", TINY, seed=20)
+    _layout(folder)
+    (entry,) = _layout_entries()
+    # the index says the unchanged file has another hash: it is believed (not hashed again),
+    # so the layout is made under another name; the layout still holds the file's own values
+    index = _index(user_cache)
+    (known,) = index["files"].values()
+    known["sha256"] = "0" * 64
+    (user_cache / "index.json").write_text(json.dumps(index))
+    _assert_laid_out(*_layout(folder))
+    (other,) = set(_layout_entries()) - {entry}
+    # touched, the file is hashed again: its own hash, its first layout
+    os.utime(folder / "model.safetensors")
+    _assert_laid_out(*_layout(folder))
+    assert _index(user_cache)["files"][str(folder / "model.safetensors")]["sha256"] != "0" * 64
+    assert _index(user_cache)["sources"] == {entry.name: [str(folder)], other.name: [str(folder)]}
+
+
+@pytest.mark.parametrize("damage", ["garbage", "fifo", "other-format", "wrong-types"])
+def test_a_damaged_index_is_ignored_and_rewritten(tmp_path: Path, user_cache: Path, damage: str):
+    folder = write_random_gpt2(tmp_path / "m", TINY, seed=21)
+    _layout(folder)
+    index = user_cache / "index.json"
+    weights_file = str(folder / "model.safetensors")
+    identity = _index(user_cache)["files"][weights_file]["identity"]
+    index.unlink()
+    if damage == "garbage":
+        index.write_bytes(b"{\x00 not json")
+    elif damage == "fifo":
+        os.mkfifo(index)
+    elif damage == "other-format":  # a hash it would believe, were the format its own
+        forged = {weights_file: {"identity": identity, "sha256": "0" * 64}}
+        index.write_text(json.dumps({"format": 99, "files": forged}))
+    else:
+        index.write_text(json.dumps({"format": 1, "files": {weights_file: 3}, "sources": []}))
+    _assert_laid_out(*within(10, lambda: _layout(folder)))  # type: ignore[misc]
+    (entry,) = _layout_entries()  # the same one: no forged hash was used
+    assert _index(user_cache)["sources"] == {entry.name: [str(folder)]}
+
+
+def test_two_loads_writing_the_index_at_once_both_are_kept(tmp_path: Path, user_cache: Path):
+    folder = write_random_gpt2(tmp_path / "a", TINY, seed=22)
+    copies = [shutil.copytree(folder, tmp_path / name) for name in ("b", "c")]
+    _layout(folder)
+    (entry,) = _layout_entries()
+    # two processes loading a copy each: both read the index before either writes it
+    indexes = [cache.Index.read(user_cache), cache.Index.read(user_cache)]
+    for index, copy in zip(indexes, copies, strict=True):
+        index.sha256(copy / "model.safetensors")
+        index.derived(entry.name, copy)
+    assert all(index.save() for index in indexes)
+    index = _index(user_cache)
+    assert index["sources"] == {entry.name: [str(f) for f in (folder, *copies)]}
+    assert sorted(index["files"]) == [str(f / "model.safetensors") for f in (folder, *copies)]

@@ -832,6 +832,44 @@ def serve(
     server.run()
 
 
+@cli.group("cache", invoke_without_command=True, short_help="List or clear what gpt2cli keeps.")
+@click.option("--json", "as_json", is_flag=True, help="Print the listing as one JSON object.")
+@click.pass_context
+def cache_group(ctx: click.Context, as_json: bool) -> None:
+    """List what gpt2cli keeps on disk, with sizes: its own cache of derived files and the
+    GPT-2 models in the Hugging Face hub cache.
+
+    gpt2cli's cache ($XDG_CACHE_HOME/gpt2cli, ~/.cache/gpt2cli) holds tokenizer tables and each
+    model's transposed layout of its head and c_proj weights, keyed by the weights' content: the
+    same weights in several folders are stored once. The hub cache (HF_HUB_CACHE) holds the
+    downloads, shared with transformers.
+    """
+    if ctx.invoked_subcommand is None:
+        from gpt2cli import cachelist
+
+        cachelist.print_listing(cachelist.listing(), as_json=as_json)
+
+
+@cache_group.command("clear", short_help="Remove gpt2cli's derived files (and hub models named).")
+@click.option(
+    "--hub",
+    "hub_models",
+    multiple=True,
+    metavar="NAME",
+    help="Also remove this model's downloads from the hub cache (gpt2, 124M, owner/name; all "
+    "its revisions). Repeatable.",
+)
+def cache_clear(hub_models: tuple[str, ...]) -> None:
+    """Remove gpt2cli's derived files (made again when needed) and print what was freed.
+
+    The hub cache is left alone unless a model is named with --hub.
+    """
+    from gpt2cli import cache as user_cache
+    from gpt2cli import cachelist
+
+    cachelist.print_cleared(cachelist.clear(hub_models), user_cache.folder())
+
+
 def main() -> None:
     """Run the `gpt2` command: stop signals handled like Ctrl-C, then the Click group."""
     for name in ("COLUMNS", "LINES"):  # rich would draw nothing in a width of 0

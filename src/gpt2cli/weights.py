@@ -80,9 +80,11 @@ def transposed_layout(params: Params, files: list[Path]) -> Params:
     Why: BLAS multiplies a few rows by these matrices faster stored that way (the head [D, V]:
     about 1.5x; `c_proj` as [n_out, n_in], used as w.T @ x.T: 1.1-1.9x, most on AVX2), and the
     checkpoint's own arrays are never paged in, so memory does not grow; the embedding lookup
-    reads the head's copy too. The key is the weight files' identity (path, size, modification
-    time, inode: a hub file's path is its content hash) and a hash of sampled head rows; a
-    loaded copy is checked against rows of every matrix it holds.
+    reads the head's copy too. The key is the weight files' content: their sha256 (a hub file's
+    blob name; a local file's hashed once and remembered by `cache.Index`), so every folder
+    holding the same weights shares one copy, with the matrices' shapes and a hash of sampled
+    head rows; a loaded copy is checked against rows of every matrix it holds. The folder is
+    recorded in the index as one the copy was derived from, for `gpt2 cache` to show.
     """
     folder = cache.folder()
     tied = "lm_head" not in params
@@ -99,11 +101,9 @@ def transposed_layout(params: Params, files: list[Path]) -> Params:
     shapes = [m.shape for m in matrices]
     key = hashlib.sha256(f"{LAYOUT_FORMAT} {shapes}".encode())
     try:
-        for path in files:
-            info = path.stat()
-            key.update(
-                f" {path.resolve()} {info.st_size} {info.st_mtime_ns} {info.st_ino}".encode()
-            )
+        folder.mkdir(parents=True, exist_ok=True)  # else hashing the weights would be for nothing
+        index = cache.Index.read(folder)
+        key.update(" ".join(index.sha256(path) for path in files).encode())
     except OSError:
         return params
     key.update(np.ascontiguousarray(head[rows]).tobytes())
@@ -139,7 +139,10 @@ def transposed_layout(params: Params, files: list[Path]) -> Params:
         if cache.store(entry, write):
             copies = cached()
     if copies is None:
+        index.save()  # the hashes at least
         return params
+    index.derived(entry.name, files[0].parent)
+    index.save()
     projections = iter(copies[1:])  # in the order of `matrices`
     laid_out = []
     for b in blocks:  # new dicts: the loaded `params` stay as they are
