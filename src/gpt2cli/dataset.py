@@ -824,14 +824,11 @@ def write_record(out: Path, origin: Origin) -> None:
         raise GPT2Error(f"{record}: cannot write it ({e.strerror})") from None
 
 
-_HUB_BLOB = re.compile(r"[0-9a-f]{64}")  # the Hugging Face cache's name for an LFS file
-
-
 def model_sha256(folder: Path | None) -> str | None:
     """A SHA-256 of the model files that decide results, `config.json`, the weights and the
     tokenizer's files, each by its name and own SHA-256 (None for a model not loaded from a
     folder). A weights file in the Hugging Face cache is a link to a blob named by its SHA-256,
-    which is taken as it is; any other file is read (about 1 s per GB)."""
+    which is taken as it is; any other file is hashed once (about 1 s per GB) and remembered."""
     if folder is None:
         return None
     from gpt2cli.tokenizer import HF_FILES, OPENAI_FILES
@@ -845,22 +842,20 @@ def model_sha256(folder: Path | None) -> str | None:
 
 
 def _file_sha256(path: Path) -> str:
-    target = path.resolve()  # models--owner--name/blobs/<sha256> for a hub weights file
-    blobs = target.parent
-    if (
-        blobs.name == "blobs"
-        and blobs.parent.name.startswith("models--")
-        and _HUB_BLOB.fullmatch(target.name)
-    ):
-        return target.name
-    digest = hashlib.sha256()
+    """A file's sha256, through the user cache's index (`gpt2cli.cache.Index`): a hub blob's is
+    its name, a local file is hashed once and remembered while it is unchanged."""
+    from gpt2cli import cache
+
+    where = cache.folder()
+    index = cache.Index.read(where) if where is not None else None
     try:
-        with jsonfile.open_file(path) as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
+        if index is None:
+            return cache.Index(path.parent).sha256(path)  # nothing remembered: hashed here
+        digest = index.sha256(path)
+        index.save()
+        return digest
     except OSError as e:
-        raise GPT2Error(f"{path}: cannot read it ({e.strerror})") from None
-    return digest.hexdigest()
+        raise GPT2Error(f"{path}: cannot read it ({e.strerror or e})") from None
 
 
 def summary(rows: Sequence[Row], start: int, end: int, seconds: float, where: str) -> str:
