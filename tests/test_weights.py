@@ -294,8 +294,8 @@ BROKEN: list[tuple[str, Callable[[Path], None], str]] = [
     ("eps 1e400", _config("layer_norm_epsilon", "1e400"), "positive finite number, not inf"),
     ("eps -1", _config("layer_norm_epsilon", "-1"), "layer_norm_epsilon must be a positive"),
     ("eps a string", _config("layer_norm_epsilon", '"1e-5"'), "finite number, not '1e-5'"),
-    ("n_embd true", _config("n_embd", "true"), "config.json: n_embd must be an integer from 1"),
-    ("n_embd 1.0", _config("n_embd", "32.0"), "n_embd must be an integer from 1 to 2**63 - 1"),
+    ("n_embd true", _config("n_embd", "true"), "config.json: n_embd must be an integer >= 1"),
+    ("n_embd 1.0", _config("n_embd", "32.0"), "n_embd must be an integer >= 1, not 32.0"),
     ("n_head list", _config("n_head", "[4]"), "config.json: n_head must be an integer"),
     ("n_layer 2**64", _config("n_layer", str(2**64)), "not 18446744073709551616"),
     ("n_ctx 10**12", _config("n_positions", "1000000000000"), "implies [1000000000000, 32]"),
@@ -367,11 +367,11 @@ BROKEN: list[tuple[str, Callable[[Path], None], str]] = [
     ("entry without dtype", _header("ln_f.bias", "-", ""), "tensor 'ln_f.bias' has no 'dtype'"),
     ("dtype a list", _header("ln_f.bias", "dtype", '["F32"]'), "dtype must be a string, not ['F"),
     ("shape an object", _header("ln_f.bias", "shape", "{}"), "shape must be a JSON array, not {}"),
-    ("shape [true]", _header("ln_f.bias", "shape", "[true]"), "shape must be an integer from 0"),
-    ("shape [NaN]", _header("ln_f.bias", "shape", "[NaN]"), "from 0 to 2**63 - 1, not nan"),
-    ("shape [Infinity]", _header("ln_f.bias", "shape", "[Infinity]"), "2**63 - 1, not inf"),
+    ("shape [true]", _header("ln_f.bias", "shape", "[true]"), "shape must be an integer >= 0"),
+    ("shape [NaN]", _header("ln_f.bias", "shape", "[NaN]"), ">= 0, not nan"),
+    ("shape [Infinity]", _header("ln_f.bias", "shape", "[Infinity]"), ">= 0, not inf"),
     ("shape [10**30]", _header("ln_f.bias", "shape", str([10**30])), "not 1000000000000000"),
-    ("shape [-1]", _header("ln_f.bias", "shape", "[-1]"), "2**63 - 1, not -1"),
+    ("shape [-1]", _header("ln_f.bias", "shape", "[-1]"), ">= 0, not -1"),
     ("shape 40-D", _header("ln_f.bias", "shape", str([1] * 40)), "shape has 40 dimensions"),
     (
         "shape 2**62 squared",
@@ -385,7 +385,7 @@ BROKEN: list[tuple[str, Callable[[Path], None], str]] = [
     ),
     ("offsets [5]", _header("ln_f.bias", "data_offsets", "[5]"), "must be [begin, end], not [5]"),
     ("offsets backwards", _header("ln_f.bias", "data_offsets", "[8, 4]"), "end before they begin"),
-    ("offsets 1.5", _header("ln_f.bias", "data_offsets", "[0, 1.5]"), "to 2**63 - 1, not 1.5"),
+    ("offsets 1.5", _header("ln_f.bias", "data_offsets", "[0, 1.5]"), ">= 0, not 1.5"),
     (  # the safetensors library refuses tensors that share bytes; loading them is wrong weights
         "offsets overlap",
         _header("ln_f.bias", "data_offsets", "[0, 128]"),
@@ -423,7 +423,7 @@ BROKEN: list[tuple[str, Callable[[Path], None], str]] = [
         "scale_attn_by_inverse_layer_idx=True is not supported",
     ),
     ("heads", lambda f: _edit_config(f, n_head=5), "n_embd 32 is not divisible by n_head 5"),
-    ("no layers", lambda f: _edit_config(f, n_layer=0), "n_layer must be an integer from 1"),
+    ("no layers", lambda f: _edit_config(f, n_layer=0), "n_layer must be an integer >= 1"),
 ]
 # The cases whose weight file is damaged: a CorruptWeightsError, which a downloader may fetch anew
 CORRUPT = {
