@@ -663,6 +663,14 @@ def decode(ids: tuple[str, ...], model: str | None) -> None:
     default=0,
     help="With --tokens, also the N most likely tokens at each place.",
 )
+@click.option(
+    "--html",
+    "html_out",
+    metavar="OUT",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the text's tokens coloured by rank, with their details, to OUT as one "
+    "self-contained HTML file (gpt2 serve's Inspect view; no server, no network).",
+)
 @_dataset_options("text")
 def score(
     files: tuple[str, ...],
@@ -674,6 +682,7 @@ def score(
     as_json: bool,
     tokens: bool,
     top: int,
+    html_out: Path | None,
     **dataset_options: Any,
 ) -> None:
     """Score text with GPT-2: perplexity, bits per byte and each token's surprisal.
@@ -695,6 +704,12 @@ def score(
 
     if top and not tokens:
         raise click.UsageError("--top goes with --tokens")
+    if html_out is not None:
+        if as_json or tokens or len(files) > 1 or dataset_options.get("jsonl") is not None:
+            raise click.UsageError("--html writes one text's view: one FILE or --text, alone")
+        from gpt2cli.webpage import TOP, write_score_html
+
+        top = TOP  # each token's alternatives, as the page's Inspect view shows them
     options = _DatasetOptions(**dataset_options)
     engine = options.checked_engine()
     if options.jsonl is not None:
@@ -721,6 +736,8 @@ def score(
             names=names,
         )
     tokenizer = model.tokenizer
+    if html_out is not None:
+        write_score_html(html_out, scores[0], tokenizer, inputs[0][2], inputs[0][1])
     if as_json:
         for (_, fields, _), result in zip(inputs, scores, strict=True):
             write_stdout(score_json(result, tokenizer, tokens=tokens, first=fields))
@@ -797,6 +814,7 @@ def _score_model(name: str, revision: str | None, stride: int | None) -> GPT2:
     help="Require `Authorization: Bearer KEY` on every endpoint but /health [env: GPT2_API_KEY].",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No access log (one line per request on stderr).")
+@click.option("--no-web", is_flag=True, help="No web page at / (then / is a 404 like any path).")
 def serve(
     model_name: str,
     revision: str | None,
@@ -806,12 +824,14 @@ def serve(
     max_queue: int,
     api_key: str | None,
     quiet: bool,
+    no_web: bool,
 ) -> None:
     """Serve the model over HTTP with OpenAI's completions API until Ctrl-C or SIGTERM.
 
     Endpoints: POST /v1/completions (streamed with "stream": true), GET /v1/models, GET /health,
     POST /tokenize and /detokenize. All requests share one decode batch. The URL is printed on
-    stdout once the server listens; errors and logs go to stderr.
+    stdout once the server listens; errors and logs go to stderr. Open the URL in a browser for
+    the web page: a playground and the GLTR view of a text (unless --no-web).
     """
     from gpt2cli.serve import APIServer  # the serve extra: a one-line error when it is missing
 
@@ -827,6 +847,7 @@ def serve(
         max_queue=max_queue,
         api_key=api_key,
         access_log=not quiet,
+        web=not no_web,
     )
     write_stdout(f"Serving {model_name} at {server.url}\n")  # flushed: scripts wait for it
     server.run()

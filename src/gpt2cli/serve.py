@@ -25,7 +25,7 @@ import traceback
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from gpt2cli import httpd, jsonfile, openai_api
+from gpt2cli import httpd, jsonfile, openai_api, webpage
 from gpt2cli.engine import MAX_QUEUE, Call, Engine, Job, QueueFull, Stopping, TooLarge
 from gpt2cli.errors import GPT2Error, missing_extra
 from gpt2cli.openai_api import APIError, Completion, Fields
@@ -82,7 +82,8 @@ Endpoint = Callable[[HTTPRequest], Awaitable[Response]]
 
 class App:
     """The HTTP endpoints over one engine and model: OpenAI's `/v1/models` and
-    `/v1/completions`, llama.cpp's `/tokenize` and `/detokenize`, and `/health`."""
+    `/v1/completions`, `/v1/score`, llama.cpp's `/tokenize` and `/detokenize`, `/health`, and
+    (unless `web` is off) the web page at `/` with its files under `/web/`."""
 
     def __init__(
         self,
@@ -92,8 +93,10 @@ class App:
         api_key: str | None,
         *,
         local_only: bool = True,
+        web: bool = True,
     ) -> None:
         self.engine = engine
+        self.web = web  # serve the page at / (gpt2cli.webpage)
         self.local_only = local_only  # listening on loopback: only local names may address it
         self.model = engine.model
         self.tokenizer = engine.model.tokenizer
@@ -118,6 +121,11 @@ class App:
             Route("/detokenize", self._endpoint(self.detokenize), methods=["POST"]),
             Route("/v1/chat/completions", self._endpoint(self.chat), methods=every),
         ]
+        if self.web:  # public: the page must load to ask for the key; the Host check applies
+            routes += [
+                Route("/", self._endpoint(self.page, public=True), methods=["GET"]),
+                Route("/web/{name}", self._endpoint(self.web_file, public=True), methods=["GET"]),
+            ]
         app = Starlette(
             routes=routes,
             exception_handlers={HTTPException: self._http_error, Exception: self._crash},
@@ -180,6 +188,18 @@ class App:
     async def health(self, request: HTTPRequest) -> Response:
         """`GET /health`: the server is up (no key needed)."""
         return json_response({"status": "ok"})
+
+    async def page(self, request: HTTPRequest) -> Response:
+        """`GET /`: the web page (Playground and Inspect), no key needed to load it."""
+        return Response(webpage.page(), media_type="text/html", headers=webpage.HEADERS)
+
+    async def web_file(self, request: HTTPRequest) -> Response:
+        """`GET /web/NAME`: one of the page's own files (gpt2cli/web/), or a 404."""
+        found = webpage.static_file(request.path_params["name"])
+        if found is None:
+            raise APIError(404, f"GET {request.url.path}: no such file", code="unknown_url")
+        body, media = found
+        return Response(body, media_type=media, headers=webpage.HEADERS)
 
     async def models(self, request: HTTPRequest) -> Response:
         """`GET /v1/models`: OpenAI's list object holding the one model."""
@@ -467,6 +487,7 @@ class APIServer:
         max_queue: int = MAX_QUEUE,
         api_key: str | None = None,
         access_log: bool = True,
+        web: bool = True,
     ) -> None:
         from gpt2cli import hub
 
@@ -491,7 +512,7 @@ class APIServer:
         self.socket = httpd.listen(host, port)
         bound_host, bound_port = self.socket.getsockname()[:2]
         local_only = ipaddress.ip_address(bound_host).is_loopback
-        self.app = App(self.engine, aliases, folder, api_key, local_only=local_only)
+        self.app = App(self.engine, aliases, folder, api_key, local_only=local_only, web=web)
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         self.url = f"http://{shown}:{bound_port}"
         self.access_log = access_log
