@@ -439,12 +439,14 @@ def test_stop_ends_the_stream_and_the_server_serves_the_next_request_at_once(
     page.click("#stop")
     expect(page.locator("#stats")).to_contain_text("stopped")
     texts = page.eval_on_selector_all("#output .sample-text", "s => s.map(e => e.textContent)")
-    shown = int(re.search(r"(\d+) tokens", page.locator("#stats").text_content() or "").group(1))  # type: ignore[union-attr]
-    assert 0 < shown < 1000
+    found = re.search(r"(\d+) tokens", page.locator("#stats").text_content() or "")
+    assert found is not None and 0 < int(found.group(1)) < 2000  # stopped midway
+    # both rows free at once: the whole run takes about 20 s on 2 cores, the next request
+    # would wait for it
     start = time.monotonic()
     completion(server.url, {"prompt": "Hello", "max_tokens": 1})
     took = time.monotonic() - start
-    assert took < 3.0, f"the next request waited {took:.1f} s: the stopped stream kept its rows"
+    assert took < 5.0, f"the next request waited {took:.1f} s: the stopped stream kept its rows"
     page.wait_for_timeout(300)
     assert (
         page.eval_on_selector_all("#output .sample-text", "s => s.map(e => e.textContent)") == texts
