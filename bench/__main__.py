@@ -16,7 +16,17 @@ from pathlib import Path
 
 from bench import common
 
-SECTIONS = ["startup", "tokenizer", "weights", "model", "generate", "score", "jsonl", "serve"]
+SECTIONS = [
+    "startup",
+    "tokenizer",
+    "weights",
+    "model",
+    "generate",
+    "load",
+    "score",
+    "jsonl",
+    "serve",
+]
 AVX2_SECTIONS = ("model", "generate")
 
 

@@ -170,11 +170,22 @@ def _model_options(command: Any) -> Any:
 
 
 def _load_model(name: str, revision: str | None) -> GPT2:
-    """The model `-m/--model` names, found or downloaded (a progress bar on a terminal)."""
+    """The model `-m/--model` names, found or downloaded (a progress bar on a terminal), with
+    BLAS on one thread for each core other processes left idle meanwhile, unless the user chose
+    (gpt2cli.threads; a dim line on a terminal says when that differs from OpenBLAS's own)."""
+    from gpt2cli import threads
+
+    sampler = threads.CpuSampler()
     from gpt2cli import hub
     from gpt2cli.model import GPT2
+    from gpt2cli.output import terminal_console
 
-    return GPT2.from_pretrained(hub.resolve(name, revision, progress=sys.stderr.isatty()))
+    model = GPT2.from_pretrained(hub.resolve(name, revision, progress=sys.stderr.isatty()))
+    fit = threads.fit_to_idle_cores(sampler)
+    console = terminal_console(stderr=True) if fit is not None and fit.changed else None
+    if fit is not None and console is not None:
+        console.print(fit.message(), style="dim")
+    return model
 
 
 def _dataset_options(what: str) -> Callable[[Any], Any]:
