@@ -32,7 +32,7 @@ test: $(DEV)
 	$(PY) -m pytest -q
 
 # the inner loop: all but the tests marked slow in tests/conftest.py (server processes, the
-# 124M model, lm-eval, Ray, anything over ~3 s); under two minutes on 2 cores
+# 124M model, lm-eval, Ray, the fake hub, the costliest tests); under two minutes on 2 cores
 test-fast: $(DEV)
 	$(PY) -m pytest -q -m "not slow"
 

@@ -16,6 +16,82 @@ from tests.factory import GPT2_124M, TINY, reference_model, write_random_gpt2
 from tests.hub_server import FakeHub
 
 ROOT = Path(__file__).resolve().parents[1]
+# `make test-fast` (-m "not slow") leaves out the tests marked slow here, in one place; `make test`
+# (CI) runs them all. A test is slow when it uses one of these fixtures, directly or through
+# another ("*": wherever it is defined) ...
+SLOW_FIXTURES = {
+    ("*", "model_124m_dir"): "the 124M-shaped model: 500 MB written, seconds for each forward",
+    ("*", "slow_model_dir"): "a model made slow on purpose, for requests seconds in flight",
+    ("*", "fake_hub"): "a hub on a port, reached from subprocesses importing huggingface_hub",
+    ("test_model", "reference_tiny"): "transformers' model of the tiny folder: 6 s to build",
+    ("test_score", "small_vocab_dir"): "the whole grid of lengths and strides over 1,024 tokens",
+    ("test_serve", "server"): "a `gpt2 serve` process for the module",
+    ("test_serve_lm_eval", "server"): "a `gpt2 serve` process and lm-eval",
+    ("test_ray_engine", "cluster"): "a two-node Ray cluster",
+}
+# ... when it starts a `gpt2 serve` process itself (tests/serve_process.py) ...
+SLOW_NAMES = {"ServeProcess"}
+# ... or when it is one of these test functions, the costliest left (all its parameters together,
+# from about 1.5 s up) in `pytest -m "not slow" --durations=0` on this 2-core machine: long texts,
+# scoring grids, statistical sampling checks, subprocesses that wait on a signal, a deadline or a
+# whole generation, and families of `python -m gpt2cli` runs (about 0.5 s each). Whole functions,
+# not parameters; a function that is renamed simply runs again in test-fast.
+SLOW_TESTS = frozenset(
+    {
+        "tests/test_cli_decode.py::test_a_real_file_survives_a_pipe_byte_for_byte",
+        "tests/test_cli_download.py::test_broken_local_folder_exits_2_with_one_line",
+        "tests/test_cli_download.py::test_hub_answering_json_of_another_shape_is_one_line",
+        "tests/test_cli_download.py::test_invalid_timeout_variable_is_one_line_naming_it",
+        "tests/test_cli_download.py::test_retries_after_hub_errors_are_shown_only_beside_the_progress_bar",
+        "tests/test_cli_download.py::test_trickling_hub_is_given_up_at_the_deadline_and_the_next_run_completes",
+        "tests/test_cli_encode.py::test_memory_stays_flat_however_large_stdin_is",
+        "tests/test_cli_encode.py::test_reader_closing_the_pipe_early_is_quiet",
+        "tests/test_cli_encode.py::test_stdin_of_several_chunks_gives_tiktokens_ids_in_every_format",
+        "tests/test_cli_generate.py::test_greedy_json_equals_transformers_generate_for_120_tokens",
+        "tests/test_cli_generate.py::test_piped_output_is_exactly_the_json_text",
+        "tests/test_cli_jsonl.py::test_a_killed_run_resumes_without_losing_or_repeating_a_row",
+        "tests/test_cli_jsonl.py::test_a_line_that_is_not_utf8_is_named_or_skipped_like_any_invalid_line",
+        "tests/test_cli_jsonl.py::test_an_option_that_changes_results_is_refused_naming_both_values",
+        "tests/test_cli_jsonl.py::test_batch_size_one_and_eight_write_the_same_bytes",
+        "tests/test_cli_jsonl.py::test_ctrl_c_on_a_terminal_says_how_many_rows_are_kept_and_how_to_continue",
+        "tests/test_cli_jsonl.py::test_jsonl_reads_a_path_and_stdin_alike",
+        "tests/test_cli_jsonl.py::test_score_jsonl_names_each_bad_line_and_scores_nothing",
+        "tests/test_cli_score.py::test_a_progress_bar_on_a_terminal_for_a_long_input",
+        "tests/test_cli_score.py::test_bad_input_is_one_error_line_and_nothing_is_scored",
+        "tests/test_generate.py::test_truncate_keeps_the_prompts_last_tokens_leaving_room_for_max_tokens",
+        "tests/test_httpd.py::test_httpd_run_serves_with_a_deadline_on_headers_and_stops_cleanly",
+        "tests/test_hub.py::test_model_we_downloaded_is_found_by_transformers_offline",
+        "tests/test_hub.py::test_parameter_counts_of_known_models_match_transformers",
+        "tests/test_model.py::test_logits_match_transformers_on_tiny_model_at_any_length",
+        "tests/test_output.py::test_a_closed_stderr_does_not_stop_the_command",
+        "tests/test_output.py::test_a_full_disk_is_one_error_line_and_a_failure_status",
+        "tests/test_output.py::test_a_reader_that_stops_early_ends_the_command_quietly_with_141",
+        "tests/test_output.py::test_sigterm_and_sighup_stop_like_ctrl_c_keeping_the_output",
+        "tests/test_ray_engine.py::test_an_address_nobody_answers_is_one_line_at_once",
+        "tests/test_ray_engine.py::test_no_other_command_imports_ray",
+        "tests/test_sampling.py::test_a_seeded_draw_survives_the_float_noise_of_another_batch_shape",
+        "tests/test_sampling.py::test_draws_never_leave_the_allowed_set",
+        "tests/test_sampling.py::test_empirical_frequencies_match_the_filtered_distribution",
+        "tests/test_scheduler.py::test_each_request_gets_what_it_gets_alone_whatever_joins_the_batch",
+        "tests/test_score.py::test_stride_1_over_5000_tokens_scores_each_with_a_full_window",
+        "tests/test_serve.py::test_16_concurrent_streams_each_get_exactly_what_they_get_alone",
+        "tests/test_serve.py::test_a_long_score_and_a_stream_run_together",
+        "tests/test_serve.py::test_score_endpoint_returns_what_gpt2_score_prints_for_the_text",
+        "tests/test_tokenizer.py::test_a_cache_entry_of_the_wrong_shape_with_a_valid_checksum_is_a_miss",
+        "tests/test_tokenizer.py::test_a_cache_entry_that_is_not_a_plausible_file_is_a_miss",
+        "tests/test_tokenizer.py::test_a_megabyte_word_takes_seconds_not_hours",
+        "tests/test_tokenizer.py::test_code_points_in_context_encode_like_tiktoken",
+        "tests/test_tokenizer.py::test_encode_matches_tiktoken_on_any_text",
+        "tests/test_tokenizer.py::test_encode_stream_gives_the_ids_of_encode_however_the_text_is_cut",
+        "tests/test_tokenizer.py::test_real_text_files_encode_like_tiktoken_and_round_trip",
+        "tests/test_tokenizer.py::test_text_with_a_long_run_without_spaces_matches_tiktoken_and_round_trips",
+        "tests/test_weights.py::test_broken_folder_is_one_line_naming_the_problem",
+        "tests/test_weights.py::test_fuzzed_config_loads_or_is_one_gpt2error",
+        "tests/test_weights.py::test_fuzzed_safetensors_header_loads_or_is_one_gpt2error",
+        "tests/test_weights.py::test_fuzzed_shard_index_loads_or_is_one_gpt2error_and_stays_in_the_folder",
+        "tests/test_weights.py::test_gpt2_refuses_a_hostile_folder_in_one_line",
+    }
+)
 SHARED_TOKENIZER = Path(
     os.environ.get("GPT2_TOKENIZER_DIR", ROOT.parent / "shared" / "gpt2-tokenizer")
 )
@@ -24,6 +100,25 @@ SHARED_TOKENIZER = Path(
 TIKTOKEN_GPT2_PATTERN = (
     r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the slow tests (see SLOW_FIXTURES, SLOW_NAMES and SLOW_TESTS above)."""
+    for item in items:
+        if _is_slow(item):
+            item.add_marker(pytest.mark.slow)
+
+
+def _is_slow(item: pytest.Item) -> bool:
+    module = item.nodeid.partition("::")[0].rpartition("/")[2].removesuffix(".py")
+    fixtures = getattr(item, "fixturenames", ())
+    function = getattr(item, "function", None)
+    names = getattr(getattr(function, "__code__", None), "co_names", ())
+    return (
+        any(f in fixtures for m, f in SLOW_FIXTURES if m in ("*", module))
+        or not SLOW_NAMES.isdisjoint(names)
+        or item.nodeid.partition("[")[0] in SLOW_TESTS
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -325,5 +326,42 @@ def test_every_import_of_huggingface_hub_goes_through_importing_hub() -> None:
                 if isinstance(node, ast.ImportFrom)
                 else []
             )
-            if any(n.split(".")[0] in ("huggingface_hub", "httpx2") for n in names):
+            if any(n.split(".")[0] == "huggingface_hub" for n in names):
                 assert id(node) in guarded, f"{source.name}:{node.lineno}"
+
+
+def test_the_package_imports_only_what_it_declares() -> None:
+    """Every import in gpt2cli is the standard library, gpt2cli itself, or a dependency that
+    pyproject.toml declares (extras included): huggingface_hub's own HTTP client is not one."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((Path(hub.__file__).parents[2] / "pyproject.toml").read_text())
+    requirements = [
+        *project["project"]["dependencies"],
+        *project["project"]["optional-dependencies"]["serve"],
+        *project["project"]["optional-dependencies"]["ray"],
+    ]
+    declared = {re.split(r"[\[<>=!~ ;]", r, maxsplit=1)[0].lower() for r in requirements}
+    allowed = declared | set(sys.stdlib_module_names) | {"gpt2cli"}
+    for source in sorted(Path(hub.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] in allowed, f"{source.name}:{node.lineno}: {name}"
+
+
+@pytest.mark.parametrize("client", ["httpx", "httpx2"])
+def test_a_network_failure_is_named_whichever_http_client_huggingface_hub_uses(
+    client: str,
+) -> None:
+    http = pytest.importorskip(client)
+    for error in (http.ConnectError("refused"), http.ReadTimeout("timed out")):
+        explained = hub._explain(error, "someone/tiny", None)
+        assert isinstance(explained, GPT2Error)
+        assert str(explained).startswith("cannot reach the hub at "), explained
+    other = http.InvalidURL("not a network failure")
+    assert hub._explain(other, "someone/tiny", None) is other

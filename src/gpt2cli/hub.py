@@ -499,7 +499,6 @@ def _progress_bar(filename: str, show: bool) -> Any:
 def _explain(error: Exception, repo_id: str, revision: str | None) -> Exception:
     """One line naming what went wrong on the hub and the next step; unknown errors pass through."""
     with _importing_hub():
-        import httpx2
         from huggingface_hub import constants
         from huggingface_hub import errors as hf
 
@@ -546,7 +545,7 @@ def _explain(error: Exception, repo_id: str, revision: str | None) -> Exception:
             f"{repo_id} is not in the cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is "
             "set; unset it to download the model, or pass a local model folder"
         )
-    if isinstance(error, (httpx2.TransportError, hf.LocalEntryNotFoundError)):
+    if _network_failure(error) or isinstance(error, hf.LocalEntryNotFoundError):
         return GPT2Error(
             f"cannot reach the hub at {endpoint} ({_reason(error)}); check the network or set "
             "HF_ENDPOINT to a reachable hub, pass a local model folder, or set HF_HUB_OFFLINE=1 "
@@ -565,6 +564,21 @@ def _explain(error: Exception, repo_id: str, revision: str | None) -> Exception:
             "check HF_ENDPOINT"
         )
     return error
+
+
+# huggingface_hub's HTTP client, whose TransportError is a request that got no answer (refused,
+# unresolved, timed out, cut off): httpx in huggingface_hub 1.x, httpx2 from 2.0. Matched by
+# name in the error's classes, not imported: neither is our dependency, and each huggingface_hub
+# release brings only its own.
+_HTTP_CLIENTS = ("httpx", "httpx2")
+
+
+def _network_failure(error: BaseException) -> bool:
+    """Whether `error` is the HTTP client's report of a network failure, whichever client it is."""
+    return any(
+        cls.__name__ == "TransportError" and cls.__module__.partition(".")[0] in _HTTP_CLIENTS
+        for cls in type(error).__mro__
+    )
 
 
 def _reason(error: BaseException) -> str:
