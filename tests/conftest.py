@@ -28,6 +28,8 @@ SLOW_FIXTURES = {
     ("test_serve", "server"): "a `gpt2 serve` process for the module",
     ("test_serve_lm_eval", "server"): "a `gpt2 serve` process and lm-eval",
     ("test_ray_engine", "cluster"): "a two-node Ray cluster",
+    ("test_web", "browser"): "Chromium, driven by Playwright",
+    ("test_readme", "clone"): "a fresh clone and the venv its README's first command builds",
 }
 # ... when it starts a `gpt2 serve` process itself (tests/serve_process.py) ...
 SLOW_NAMES = {"ServeProcess"}

@@ -25,10 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 INSTALL_S = 900  # seconds for a fresh venv and its packages (from pip's cache when warm)
 
-pytestmark = [
-    pytest.mark.slow,  # a venv built from nothing: a minute or more
-    pytest.mark.skipif(shutil.which("git") is None, reason="git is needed to clone"),
-]
+pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="git is needed to clone")
 
 
 def _shell_blocks(text: str) -> list[str]:

@@ -383,7 +383,6 @@ def generate(page: Page, options: dict[str, str | bool], prompt: str = PROMPT) -
     expect(page.locator("#stats")).to_contain_text("done")
 
 
-@pytest.mark.slow
 def test_the_page_loads_with_no_console_error_and_no_request_elsewhere(
     visit: Callable[..., Visit], server: ServeProcess
 ):
@@ -397,7 +396,6 @@ def test_the_page_loads_with_no_console_error_and_no_request_elsewhere(
     assert seen.requests and all(url.startswith(server.url + "/") for url in seen.requests)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     ("options", "body"),
     [
@@ -423,7 +421,6 @@ def test_the_playground_shows_exactly_the_text_the_api_returns(
     assert seen.errors == []
 
 
-@pytest.mark.slow
 def test_stop_ends_the_stream_and_the_server_serves_the_next_request_at_once(
     visit: Callable[..., Visit], server: ServeProcess
 ):
@@ -454,7 +451,6 @@ def test_stop_ends_the_stream_and_the_server_serves_the_next_request_at_once(
     assert seen.errors == []
 
 
-@pytest.mark.slow
 def test_inspect_spans_spell_the_text_and_carry_gpt2_scores_ranks_and_logprobs(
     visit: Callable[..., Visit], server: ServeProcess, long_text_score: dict[str, Any]
 ):
@@ -485,7 +481,6 @@ def test_inspect_spans_spell_the_text_and_carry_gpt2_scores_ranks_and_logprobs(
     assert all(url.startswith(server.url + "/") for url in seen.requests)
 
 
-@pytest.mark.slow
 def test_score_html_opened_from_disk_shows_the_same_spans_with_no_network(
     visit: Callable[..., Visit], model_dir: Path, long_text_score: dict[str, Any], tmp_path: Path
 ):
@@ -508,7 +503,6 @@ def test_score_html_opened_from_disk_shows_the_same_spans_with_no_network(
     assert seen.errors == [] and seen.dialogs == []
 
 
-@pytest.mark.slow
 def test_keyboard_alone_reaches_generate_stop_and_the_first_tokens_details(
     visit: Callable[..., Visit], server: ServeProcess
 ):
@@ -549,7 +543,6 @@ def test_keyboard_alone_reaches_generate_stop_and_the_first_tokens_details(
     assert seen.errors == []
 
 
-@pytest.mark.slow
 def test_with_an_api_key_the_page_asks_for_it_then_works(
     visit: Callable[..., Visit], key_server: ServeProcess
 ):
@@ -603,7 +596,6 @@ SCREENSHOT_TEXT = (
 )
 
 
-@pytest.mark.slow
 def test_screenshots_of_each_view_at_desktop_and_phone_widths(
     visit: Callable[..., Visit],
     server: ServeProcess,
