@@ -26,6 +26,7 @@ SECTIONS = [
     "score",
     "jsonl",
     "serve",
+    "ray_serve",
 ]
 AVX2_SECTIONS = ("model", "generate")
 

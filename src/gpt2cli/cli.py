@@ -826,6 +826,25 @@ def _score_model(name: str, revision: str | None, stride: int | None) -> GPT2:
 )
 @click.option("-q", "--quiet", is_flag=True, help="No access log (one line per request on stderr).")
 @click.option("--no-web", is_flag=True, help="No web page at / (then / is a 404 like any path).")
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="Where the decode loops run: this process, or Ray Serve replicas (on --ray-address, "
+    "else a local Ray instance); ray needs gpt2cli[ray].",
+)
+@click.option(
+    "--replicas", type=click.IntRange(min=1), help="With --engine ray: replicas (default 1)."
+)
+@click.option("--autoscale", metavar="MIN:MAX", help="With --engine ray: autoscaled replicas.")
+@click.option("--ray-address", metavar="ADDRESS", help="With --engine ray: the cluster.")
+@click.option(
+    "--threads-per-replica",
+    type=click.IntRange(min=1),
+    help="With --engine ray: BLAS threads (and CPUs) per replica (default 1).",
+)
+@click.option("-v", "--verbose", is_flag=True, help="With --engine ray: show Ray's own logs.")
 def serve(
     model_name: str,
     revision: str | None,
@@ -836,32 +855,70 @@ def serve(
     api_key: str | None,
     quiet: bool,
     no_web: bool,
+    engine: str,
+    replicas: int | None,
+    autoscale: str | None,
+    ray_address: str | None,
+    threads_per_replica: int | None,
+    verbose: bool,
 ) -> None:
     """Serve the model over HTTP with OpenAI's completions API until Ctrl-C or SIGTERM.
 
     Endpoints: POST /v1/completions (streamed with "stream": true), GET /v1/models, GET /health,
     POST /tokenize and /detokenize. All requests share one decode batch. The URL is printed on
     stdout once the server listens; errors and logs go to stderr. Open the URL in a browser for
-    the web page: a playground and the GLTR view of a text (unless --no-web).
+    the web page: a playground and the GLTR view of a text (unless --no-web). With --engine ray
+    the decode loops run on Ray Serve replicas, behind this same server (docs/ray-serve.md).
     """
     from gpt2cli.serve import APIServer  # the serve extra: a one-line error when it is missing
 
     if api_key is None and os.environ.get("GPT2_API_KEY") == "":  # Click reads it as unset
         api_key = ""  # set, to nothing: refused as `--api-key ''` is, never taken as no key
+    ray_given = [replicas, autoscale, ray_address, threads_per_replica]
+    if engine == "local" and (any(v is not None for v in ray_given) or verbose):
+        raise click.UsageError(
+            "--replicas, --autoscale, --ray-address, --threads-per-replica and -v go with "
+            "--engine ray"
+        )
+    if engine == "ray":
+        from gpt2cli import ray_serve
+
+        ray_serve.require()  # the extra checked before the model loads
+        if autoscale is not None:
+            ray_serve.parse_autoscale(autoscale)
     model = _load_model(model_name, revision)
-    server = APIServer(
-        model,
-        name=model_name,
-        host=host,
-        port=port,
-        max_batch=max_batch,
-        max_queue=max_queue,
-        api_key=api_key,
-        access_log=not quiet,
-        web=not no_web,
-    )
-    write_stdout(f"Serving {model_name} at {server.url}\n")  # flushed: scripts wait for it
-    server.run()
+    ray_server = None
+    if engine == "ray":
+        ray_server = ray_serve.RayServer(
+            model,
+            replicas=replicas,
+            autoscale=autoscale,
+            address=ray_address,
+            threads=threads_per_replica or 1,
+            verbose=verbose,
+            max_batch=max_batch,
+            max_queue=max_queue,
+        )
+    try:
+        server = APIServer(
+            model,
+            name=model_name,
+            host=host,
+            port=port,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            api_key=api_key,
+            access_log=not quiet,
+            web=not no_web,
+            engine=ray_server.engine if ray_server else None,
+        )
+        if ray_server is not None:
+            print(f"gpt2 serve: {ray_serve.describe(ray_server)}", file=sys.stderr, flush=True)
+        write_stdout(f"Serving {model_name} at {server.url}\n")  # flushed: scripts wait for it
+        server.run()
+    finally:
+        if ray_server is not None:
+            ray_server.stop()
 
 
 @cli.group("cache", invoke_without_command=True, short_help="List or clear what gpt2cli keeps.")

@@ -488,6 +488,7 @@ class APIServer:
         api_key: str | None = None,
         access_log: bool = True,
         web: bool = True,
+        engine: Engine | None = None,
     ) -> None:
         from gpt2cli import hub
 
@@ -507,7 +508,8 @@ class APIServer:
         aliases = [name, folder]
         with contextlib.suppress(GPT2Error):  # a folder has no hub repo
             aliases.append(hub.repo_id_for(name))
-        self.engine = Engine(model, max_batch, max_queue)
+        # another engine of the same interface: gpt2cli.ray_serve's, on Ray Serve replicas
+        self.engine = engine or Engine(model, max_batch, max_queue)
         model.tokenizer.decode(model.tokenizer.encode("warm"))  # lazy tables built before threads
         self.socket = httpd.listen(host, port)
         bound_host, bound_port = self.socket.getsockname()[:2]
