@@ -4,12 +4,12 @@ Each run is a fresh process that loads a 124M-shaped random-weight folder the wa
 (`gpt2cli.threads.CpuSampler` from the start of the load, then `fit_to_idle_cores`), records the
 thread count it picked and the cores other processes kept busy meanwhile, then decodes batch 1
 (a 32-token prompt, greedy) on 1 thread and on 2 threads, in alternating order; gpt2cli's
-choice is the speed at the count it picked.
-A decode stops after DECODE_TOKENS tokens or DECODE_S seconds, whichever comes first (2 threads
-beside a busy core decode at about 1-3 tok/s). "one busy core" runs a `while True: pass`
-process beside it for the whole run; "as found" adds nothing, and on a shared machine other
-work may be running anyway (the table shows how many cores others kept busy during each load).
-Medians over RUNS runs, the two conditions alternating.
+choice is the speed at the count it picked. A decode stops after DECODE_TOKENS tokens or
+DECODE_S seconds, whichever comes first (2 threads beside a busy core decode at about 1-3
+tok/s). "one busy core" runs a `while True: pass` process beside it for the whole run; "as
+found" adds nothing, and on a shared machine other work may be running anyway (the table shows
+how many cores others kept busy during each load). Medians over RUNS runs, the two conditions
+alternating.
 
 `python -m bench.bench_load prefill` times a 512-token prefill the same way (slower: not in
 `python -m bench`).

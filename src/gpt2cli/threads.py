@@ -4,10 +4,11 @@ processes leave idle.
 OpenBLAS splits each product over all its threads, and a thread that finishes its share spins
 until the others finish theirs. When another process keeps a core busy, one of the threads waits
 for its turn on the CPU while the rest spin: on a 2-core machine with one busy core, batch-1
-decoding ran 2-7 times slower on 2 threads than on 1 (bench/bench_load.py), while on a quiet
-machine 2 threads decode about 1.4 times faster than 1. So `fit_to_idle_cores` picks, once the
-model is loaded, one thread for each core that other processes left idle while it loaded
-(`CpuSampler`), within a cgroup CPU quota, unless the user chose a count (THREAD_VARIABLES).
+decoding ran 2-7 times slower on 2 threads than on 1 (bench/bench_load.py), while on the same
+machine, quiet, 2 threads decoded 1.7 times faster than 1 (41 against 24 tok/s). So
+`fit_to_idle_cores` picks, once the model is loaded, one thread for each core other processes
+left idle while it loaded (`CpuSampler`), within a cgroup CPU quota, unless the user chose a
+count (THREAD_VARIABLES). It decides once; a long-running process may call it again.
 
 Linux only, for the OpenBLAS NumPy loaded (NumPy's wheels bring one): the library is found in
 /proc/self/maps and its own `openblas_set_num_threads` called through ctypes. Elsewhere (macOS,
