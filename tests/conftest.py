@@ -28,6 +28,7 @@ SLOW_FIXTURES = {
     ("test_serve", "server"): "a `gpt2 serve` process for the module",
     ("test_serve_lm_eval", "server"): "a `gpt2 serve` process and lm-eval",
     ("test_ray_engine", "cluster"): "a two-node Ray cluster",
+    ("test_ray_serve", "cluster"): "a two-node Ray cluster and its Serve replicas",
     ("test_web", "browser"): "Chromium, driven by Playwright",
     ("test_readme", "clone"): "a fresh clone and the venv its README's first command builds",
 }
@@ -121,6 +122,19 @@ def _is_slow(item: pytest.Item) -> bool:
         or not SLOW_NAMES.isdisjoint(names)
         or item.nodeid.partition("[")[0] in SLOW_TESTS
     )
+
+
+@pytest.fixture(autouse=True)
+def _blas_threads_as_they_were() -> Iterator[None]:
+    """A test that runs a command in this process (Click's runner, an in-process server) may fit
+    OpenBLAS's threads to the machine's load then (gpt2cli.threads): the next starts with the
+    count this one found, so a run's thread counts do not depend on the load."""
+    from gpt2cli import threads
+
+    before = threads.blas_threads()
+    yield
+    if before is not None and threads.blas_threads() != before:
+        threads.set_blas_threads(before)
 
 
 @pytest.fixture(autouse=True)

@@ -460,3 +460,29 @@ def test_a_call_that_fails_ends_with_its_error(model: GPT2):
 
     result = asyncio.run(main())
     assert isinstance(result, GPT2Error) and str(result) == "nothing to score"
+
+
+def test_a_running_engine_fits_blas_threads_to_the_idle_cores_again_and_again(
+    model: GPT2, monkeypatch: pytest.MonkeyPatch
+):
+    """A server runs for days: every REFIT_S its worker fits BLAS's threads again, between
+    steps, from the cores' use since the last time."""
+    from gpt2cli import engine as engine_module
+    from gpt2cli import threads
+
+    fits: list[Any] = []
+    real = threads.fit_to_idle_cores
+    monkeypatch.setattr(engine_module, "REFIT_S", 0.0)
+    monkeypatch.setattr(threads, "fit_to_idle_cores", lambda s=None: fits.append(real(s)))
+    ids = model.tokenizer.encode("Hi")
+
+    async def main() -> Outcome:
+        with engine_of(model) as engine:
+            job = job_of((ids, GenerationParams(max_tokens=6, temperature=0, ignore_eos=True)))
+            engine.submit(job)
+            return await outcome(job)
+
+    ids_out, error = asyncio.run(main())
+    assert error is None and len(ids_out[(0, 0)]) == 6
+    assert len(fits) >= 2  # a fit per loop once the first sampler has run
+    assert all(f is None or f.threads >= 1 for f in fits)

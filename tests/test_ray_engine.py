@@ -227,3 +227,26 @@ def test_without_the_extra_the_ray_engine_is_one_line_naming_it(tiny_model_dir: 
         f"gpt2: error: --engine ray needs the ray extra: {sys.executable} -m pip install "
         f"-e '{root}[ray]'\n"
     )
+
+
+def test_a_cluster_that_wants_a_token_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray 2.60's token authentication: a driver without RAY_AUTH_MODE=token gets a connection
+    error naming another address; the message says what is wrong and what to set."""
+    from gpt2cli.ray_engine import connect_error
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    refused = ConnectionError("Failed to connect to GCS at 10.0.0.9:6379")
+    assert "token authentication" not in connect_error("10.0.0.9:6379", refused)
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("secret")
+    message = connect_error("10.0.0.9:6379", refused)
+    assert "token authentication" in message and "RAY_AUTH_MODE=token" in message
+
+    class AuthenticationError(Exception):  # Ray's is neither a ConnectionError nor RuntimeError
+        pass
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    assert "token authentication" in connect_error("h:1", AuthenticationError("bad token"))

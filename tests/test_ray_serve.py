@@ -299,26 +299,3 @@ def test_a_killed_replica_fails_its_requests_and_comes_back(
     until(healthy, "two healthy replicas again, the killed one replaced")
     got = client(remote).completions.create(model=model_name(remote), prompt="Back", max_tokens=3)
     assert got.choices[0].finish_reason == "length"
-
-
-def test_a_cluster_that_wants_a_token_is_named(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Ray 2.60's token authentication: a driver without RAY_AUTH_MODE=token gets a connection
-    error naming another address; the message says what is wrong and what to set."""
-    from gpt2cli.ray_serve import _connect_error
-
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
-    refused = ConnectionError("Failed to connect to GCS at 10.0.0.9:6379")
-    assert "token authentication" not in _connect_error("10.0.0.9:6379", refused)
-    (tmp_path / ".ray").mkdir()
-    (tmp_path / ".ray" / "auth_token").write_text("secret")
-    message = _connect_error("10.0.0.9:6379", refused)
-    assert "token authentication" in message and "RAY_AUTH_MODE=token" in message
-
-    class AuthenticationError(Exception):  # Ray's is neither a ConnectionError nor RuntimeError
-        pass
-
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    assert "token authentication" in _connect_error("h:1", AuthenticationError("bad token"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections import deque
 from collections.abc import Generator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -22,9 +23,11 @@ from gpt2cli.scheduler import Event, FailedEvent, Request, RequestState, Schedul
 
 if TYPE_CHECKING:
     from gpt2cli.model import GPT2
+    from gpt2cli.threads import CpuSampler
 
 MAX_QUEUE = 64  # sequences that may wait for rows before the engine refuses more
 GRACE_S = 10.0  # seconds the worker gets to finish its step once the engine is closing
+REFIT_S = 10.0  # seconds between fits of BLAS's threads to the idle cores
 
 Item = tuple[int, Event] | Exception  # (prompt, event), or an error that ends the job
 
@@ -91,6 +94,8 @@ class Engine:
         self._free = max_batch  # rows free after the worker's last step: they take jobs at once
         self._closing = False
         self._owners: dict[RequestState, tuple[Job, int]] = {}  # state -> its job and prompt
+        self._sampler: CpuSampler | None = None  # the cores' use since the last thread fit
+        self._refit_at = time.monotonic() + REFIT_S
         self._thread = threading.Thread(target=self._run, name="gpt2-engine", daemon=True)
 
     def start(self) -> None:
@@ -172,6 +177,7 @@ class Engine:
             for job in new:
                 self._take(job)
             self._count()  # the jobs just taken wait in the scheduler now: counted there
+            self._fit_threads()
             if call is not None:
                 self._advance(call)
             if self._scheduler.busy:
@@ -183,7 +189,20 @@ class Engine:
             self._new.clear()
             self._calls.clear()
         for job in dict.fromkeys(jobs):  # each once, in order
-            _post(job, [Stopping("The server is shutting down.")])
+            post(job, [Stopping("The server is shutting down.")])
+
+    def _fit_threads(self) -> None:
+        """Every REFIT_S, BLAS's threads fitted again to the cores other processes left idle
+        since the last time (`gpt2cli.threads`; the user's OPENBLAS_NUM_THREADS wins): a server
+        runs for days, through other loads. Here, between steps, no product is running."""
+        from gpt2cli import threads
+
+        now = time.monotonic()
+        if now < self._refit_at:
+            return
+        if self._sampler is not None:
+            threads.fit_to_idle_cores(self._sampler)
+        self._sampler, self._refit_at = threads.CpuSampler(), now + REFIT_S
 
     def _count(self) -> None:
         """Publish what `submit` counts against the queue: the scheduler's waiting sequences and
@@ -198,10 +217,10 @@ class Engine:
         try:
             next(call.steps)
         except StopIteration as finished:
-            _post(call, [finished.value])
+            post(call, [finished.value])
             return
         except Exception as e:
-            _post(call, [e])
+            post(call, [e])
             return
         with self._lock:
             self._calls.append(call)
@@ -217,7 +236,7 @@ class Engine:
         except Exception as e:
             for state in states:
                 self._scheduler.cancel(state)
-            _post(job, [e])
+            post(job, [e])
             return
         for prompt, state in enumerate(states):
             self._owners[state] = (job, prompt)
@@ -253,7 +272,7 @@ class Engine:
             self._fail([job], error)
             batches.pop(job, None)
         for job, items in batches.items():
-            _post(job, items)
+            post(job, items)
 
     def _drop(self, job: Job) -> None:
         """Take a cancelled job's requests out of the queue and the batch."""
@@ -268,10 +287,10 @@ class Engine:
         """End jobs with an error; their other requests leave the batch."""
         for job in dict.fromkeys(jobs):
             self._drop(job)
-            _post(job, [error])
+            post(job, [error])
 
 
-def _post(job: Job | Call, items: list[Any]) -> None:
+def post(job: Job | Call, items: list[Any]) -> None:
     """Put items in a job's inbox, from the worker, through the job's event loop."""
     with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
         job.loop.call_soon_threadsafe(job.inbox.put_nowait, items)

@@ -25,15 +25,18 @@ import math
 import os
 import pickle
 import re
+import signal
 import socket
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from gpt2cli.dataset import Result, Row, Task
-from gpt2cli.errors import GPT2Error, missing_extra
+from gpt2cli.errors import STOP_SIGNALS, GPT2Error, missing_extra
 
 if TYPE_CHECKING:
     from gpt2cli.config import GPT2Config
@@ -137,7 +140,11 @@ def run_ray(
     ray = require()
     if not rows:
         return
-    started = _connect(ray, address)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # ours is on stderr; Ray's would mix with it
+    context.print_on_execution_start = False
+    context.execution_options.preserve_order = True
+    started = connect(ray, address)
     try:
         actors = actor_count(ray, threads)
         if actors < 1:
@@ -153,15 +160,22 @@ def run_ray(
             {"start": start, "rows": pickle.dumps(list(rows[start : start + size]))}
             for start in range(0, len(rows), size)
         ]
-        data = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
-            Actor,
-            fn_constructor_kwargs={"task": task, "shipped": package(ray, model)},
-            batch_size=1,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=min(actors, len(chunks))),
-            num_cpus=threads,
-            runtime_env={"env_vars": dict.fromkeys(THREAD_VARIABLES, str(threads))},
-        )
+        # an actor holds the model's object-store refs from its constructor: one restarted after
+        # a crash could find them gone (Ray says so at error level on every run), so a crashed
+        # actor fails the job instead, with its error. Ray 2.60 takes max_restarts as a remote
+        # argument, a form it calls deprecated while naming no other.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
+            data = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
+                Actor,
+                fn_constructor_kwargs={"task": task, "shipped": package(ray, model)},
+                batch_size=1,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=min(actors, len(chunks))),
+                num_cpus=threads,
+                runtime_env={"env_vars": dict.fromkeys(THREAD_VARIABLES, str(threads))},
+                max_restarts=0,
+            )
         try:
             for batch in data.iter_batches(batch_size=None, batch_format="numpy"):
                 for position, line, tokens in zip(
@@ -179,29 +193,54 @@ def run_ray(
             ray.shutdown()
 
 
-def _connect(ray: Any, address: str | None) -> bool:
-    """Connect to the cluster (or start a local instance) unless this process already is;
-    return whether we did (and so must shut it down)."""
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # ours is on stderr; Ray's would mix with it
-    context.print_on_execution_start = False
-    context.execution_options.preserve_order = True
+def connect(
+    ray: Any, address: str | None, *, verbose: bool = False, namespace: str | None = None
+) -> bool:
+    """Join the cluster at `address` (or RAY_ADDRESS), else start a new local instance (never the
+    dead cluster Ray recorded last); return whether this call did (and so must shut it down).
+    Ray's log lines stay off unless `verbose`; a failure is one line, naming token
+    authentication (Ray 2.60's default for `ray start --head` once ~/.ray/auth_token exists)
+    when that is what failed."""
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         _probe(address)
+    # ray.init sets SIGTERM to exit 15 and prints `*** SIGTERM received` at error level: the
+    # handlers there were (the CLI's, a server's) come back after it
+    handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     try:
         ray.init(
-            address=address,
+            address=address or "local",
             include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.ERROR,
+            log_to_driver=verbose,
+            logging_level=logging.INFO if verbose else logging.ERROR,
+            namespace=namespace,
         )
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        where = address or "RAY_ADDRESS or a new local instance"
-        raise GPT2Error(f"cannot start or reach the Ray cluster ({where}): {e}") from None
-    return True
+    except Exception as e:
+        raise GPT2Error(connect_error(address, e)) from None
+    finally:
+        for signum, handler in handlers.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+    return address is None
+
+
+def connect_error(address: str | None, error: Exception) -> str:
+    """The one line for a failure to start or join a Ray cluster."""
+    where = address or "a new local instance"
+    text = last_line(error)
+    token_file = Path.home() / ".ray" / "auth_token"
+    auth = "authenticat" in f"{type(error).__name__} {text}".lower() or "token" in text.lower()
+    if address and not auth and os.environ.get("RAY_AUTH_MODE") != "token" and token_file.exists():
+        auth = isinstance(error, ConnectionError)
+    if auth:
+        return (
+            f"cannot join the Ray cluster at {where}: it requires token authentication "
+            f"(Ray starts `ray start --head` with it when {token_file} exists): run with "
+            "RAY_AUTH_MODE=token, and the head's token in RAY_AUTH_TOKEN or ~/.ray/auth_token"
+        )
+    return f"cannot start or reach the Ray cluster ({where}): {text}"
 
 
 def _probe(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
@@ -223,8 +262,14 @@ def _probe(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
 def _explain(error: Exception) -> GPT2Error:
     """A failure of the Ray job (not a GPT2Error, which actors return as a row) as one line: the
     last line of Ray's report, which names the exception and its message."""
+    return GPT2Error(f"the Ray job failed: {last_line(error)}")
+
+
+def last_line(error: Exception) -> str:
+    """The last line of an error's text (Ray's reports end with the exception and its
+    message), without Ray's colours; the error's type when it says nothing."""
     lines = [line.strip() for line in _ANSI.sub("", str(error)).splitlines() if line.strip()]
-    return GPT2Error(f"the Ray job failed: {lines[-1] if lines else type(error).__name__}")
+    return lines[-1] if lines else type(error).__name__
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the names in its reports

@@ -25,15 +25,14 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import threading
 from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from gpt2cli.engine import Call, Engine, Job, QueueFull, Stopping
-from gpt2cli.errors import STOP_SIGNALS, GPT2Error, missing_extra
+from gpt2cli.engine import Call, Engine, Job, QueueFull, Stopping, post
+from gpt2cli.errors import GPT2Error, missing_extra
+from gpt2cli.ray_engine import connect, last_line
 from gpt2cli.scheduler import FailedEvent, PromptEvent, Request, TokenEvent
 
 if TYPE_CHECKING:
@@ -201,7 +200,7 @@ class RayEngine(Engine):
         for job, task in list(self._tasks.items()):
             with contextlib.suppress(RuntimeError):  # its loop has closed
                 job.loop.call_soon_threadsafe(task.cancel)
-            _post(job, [Stopping("The server is shutting down.")])
+            post(job, [Stopping("The server is shutting down.")])
 
     async def _forward(self, job: Job) -> None:
         """Stream a job from a replica into its inbox; a replica that dies before the job's
@@ -231,10 +230,12 @@ class RayEngine(Engine):
                         job.inbox.put_nowait([_died(e)])
                         return
                 except DeploymentUnavailableError as e:
-                    job.inbox.put_nowait([ReplicaFailed(f"no replica is available: {_line(e)}")])
+                    job.inbox.put_nowait(
+                        [ReplicaFailed(f"no replica is available: {last_line(e)}")]
+                    )
                     return
                 except Exception as e:
-                    job.inbox.put_nowait([ReplicaFailed(f"the replica failed: {_line(e)}")])
+                    job.inbox.put_nowait([ReplicaFailed(f"the replica failed: {last_line(e)}")])
                     return
         finally:
             self._tasks.pop(job, None)
@@ -249,16 +250,6 @@ def _died(error: Exception) -> ReplicaFailed:
     )
 
 
-def _line(error: Exception) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
-
-
-def _post(job: Job, items: list[Any]) -> None:
-    with contextlib.suppress(RuntimeError):  # its loop has closed: nobody is waiting
-        job.loop.call_soon_threadsafe(job.inbox.put_nowait, items)
-
-
 # -- start-up and shutdown -----------------------------------------------------------------------
 
 
@@ -271,54 +262,6 @@ def parse_autoscale(text: str) -> tuple[int, int]:
     if hi < 1 or lo > hi:
         raise GPT2Error(f"--autoscale {text}: need 0 <= MIN <= MAX and MAX >= 1")
     return lo, hi
-
-
-def connect(ray: Any, address: str | None, verbose: bool) -> bool:
-    """Join the cluster at `address` (or RAY_ADDRESS), else start a local instance; return
-    whether we started one (and so must stop it). Token authentication (Ray 2.60's default for
-    `ray start --head` once ~/.ray/auth_token exists) is named when it is what failed."""
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        from gpt2cli.ray_engine import _probe
-
-        _probe(address)
-    level = logging.INFO if verbose else logging.ERROR
-    # ray.init sets SIGTERM to exit 15 and prints `*** SIGTERM received` at error level: ours
-    # (the CLI's, then the server's) come back after it
-    handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-    try:
-        ray.init(
-            address=address or "local",  # never the dead cluster in ray_current_cluster
-            include_dashboard=False,
-            log_to_driver=verbose,
-            logging_level=level,
-            namespace="serve",
-        )
-    except Exception as e:
-        raise GPT2Error(_connect_error(address, e)) from None
-    finally:
-        for signum, handler in handlers.items():
-            if handler is not None:
-                signal.signal(signum, handler)
-    return address is None
-
-
-def _connect_error(address: str | None, error: Exception) -> str:
-    where = address or "a new local instance"
-    text = _line(error)
-    token_file = Path.home() / ".ray" / "auth_token"
-    auth = "authenticat" in f"{type(error).__name__} {text}".lower() or "token" in text.lower()
-    if address and not auth and os.environ.get("RAY_AUTH_MODE") != "token" and token_file.exists():
-        auth = isinstance(error, ConnectionError)
-    if auth:
-        return (
-            f"cannot join the Ray cluster at {where}: it requires token authentication "
-            f"(Ray starts `ray start --head` with it when {token_file} exists): run with "
-            "RAY_AUTH_MODE=token, and the head's token in RAY_AUTH_TOKEN or ~/.ray/auth_token"
-        )
-    return f"cannot start or reach the Ray cluster ({where}): {text}"
 
 
 class RayServer:
@@ -350,7 +293,7 @@ class RayServer:
         from gpt2cli.ray_engine import package
 
         self.ray, self.serve = ray, serve
-        self.started = connect(ray, address, verbose)
+        self.started = connect(ray, address, verbose=verbose, namespace="serve")
         self.app_name = f"gpt2cli-{os.getpid()}"
         try:
             serve.start(
@@ -395,7 +338,7 @@ class RayServer:
         except BaseException as e:
             self.stop()
             if isinstance(e, Exception):
-                raise GPT2Error(f"cannot start the Ray Serve deployment: {_line(e)}") from None
+                raise GPT2Error(f"cannot start the Ray Serve deployment: {last_line(e)}") from None
             raise
         self.engine = RayEngine(model, handle, self.replicas, max_batch, max_queue)
 
