@@ -538,3 +538,23 @@ def _read_terminal(leader: int, timeout: float) -> bytes:
         return os.read(leader, 65536) if ready else b""
     except OSError:  # EIO: the child closed the terminal
         return b""
+
+
+def test_output_to_dev_stdout_is_a_stream_with_no_record_beside_it(
+    tiny_model_dir: Path, tmp_path: Path
+):
+    """/dev/stdout leads to whatever stdout is (here a regular file): written to as `-` is, so
+    no record lands in /dev, and a second run does not read one."""
+    record = Path("/dev/stdout.gpt2cli.json")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(jsonl({"prompt": "a"}, {"prompt": "b"}))
+    for _ in range(2):
+        with open(tmp_path / "out.jsonl", "wb") as out:
+            result = subprocess.run(
+                [*GPT2, "generate", "-m", tiny_model_dir, "--jsonl", rows, "-o", "/dev/stdout",
+                 "-t", "2", "--seed", "1"],
+                stdout=out, stderr=subprocess.PIPE, timeout=180,
+            )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert not record.exists()
+        assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2

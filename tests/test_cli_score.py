@@ -246,3 +246,28 @@ def test_no_progress_bar_for_a_short_input(tiny_model_dir: Path):
         ["score", "-m", str(tiny_model_dir), "--text", "short"], stream="stderr"
     )
     assert status == 0 and "tokens/s" not in shown
+
+
+def test_html_onto_its_own_input_is_refused_and_the_input_kept(
+    tiny_model_dir: Path, tmp_path: Path
+):
+    text = tmp_path / "text.txt"
+    text.write_text("Some words to score.")
+    link = tmp_path / "link.html"
+    link.symlink_to(text)
+    for out in (text, link):
+        result = score("-m", tiny_model_dir, text, "--html", out)
+        assert result.returncode == 2 and result.stdout == ""
+        assert (
+            result.stderr
+            == f"gpt2: error: {out} is the input file; write the view to another file\n"
+        )
+    assert text.read_text() == "Some words to score."
+
+
+def test_html_onto_a_full_disk_is_a_system_failure_exit_1(tiny_model_dir: Path, tmp_path: Path):
+    text = tmp_path / "text.txt"
+    text.write_text("Some words to score.")
+    result = score("-m", tiny_model_dir, text, "--html", "/dev/full")
+    assert result.returncode == 1 and "No space left on device" in result.stderr
+    assert result.stderr.count("\n") == 1

@@ -292,7 +292,16 @@ def test_each_request_is_one_access_log_line_on_stderr(server: ServeProcess):
         if len(server.stderr) >= before + 2:
             break
         time.sleep(0.05)
-    completion, missing = server.stderr[before : before + 2]
+    forged = httpx.get(
+        server.url + "/health", headers={"X-Forwarded-For": "9.9.9.9"}, timeout=TIMEOUT
+    )
+    assert forged.status_code == 200
+    for _ in range(50):
+        if len(server.stderr) >= before + 3:
+            break
+        time.sleep(0.05)
+    completion, missing, health = server.stderr[before : before + 3]
+    assert health.startswith("gpt2 serve: 127.0.0.1 GET /health 200 ")  # the peer, not the header
     assert ACCESS_LINE.fullmatch(completion) and ACCESS_LINE.fullmatch(missing)
     assert completion.startswith(
         "gpt2 serve: 127.0.0.1 POST /v1/completions 200 1+3 tokens "
@@ -500,6 +509,7 @@ def test_score_endpoint_returns_what_gpt2_score_prints_for_the_text(
         ({"text": "x", "bos": "yes"}, "bos"),
         ({"text": "x", "frobnicate": 1}, "frobnicate"),
         ({"text": "word " * 5000}, "text"),  # past the 32 contexts /v1/score takes
+        ({"text": "word " * 2000, "stride": 1}, "stride"),  # a window per token: a day's work
     ],
 )
 def test_score_endpoint_refuses_bad_fields_naming_them(

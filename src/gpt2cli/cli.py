@@ -734,6 +734,10 @@ def score(
         )
         return
     inputs = _score_inputs(files, literal)
+    if html_out is not None and files and files[0] != "-":
+        with contextlib.suppress(OSError):  # a view that does not exist yet is no input
+            if os.path.samefile(html_out, files[0]):
+                raise GPT2Error(f"{html_out} is the input file; write the view to another file")
     model = _score_model(model_name, revision, stride)
     names = ["stdin" if name == "-" else name for name, _, _ in inputs]
     with token_progress("scoring") as progress:

@@ -575,8 +575,11 @@ def open_output(
         with contextlib.suppress(OSError):
             if os.path.samefile(path, input_name):
                 raise GPT2Error(f"{path} is the input file; write the results to another file")
+    # /dev/stdout, /dev/fd/N, /proc/self/fd/N: a stream under a file's name, even when it leads
+    # to a regular file (stdout redirected); written to as `-` is, never resumed or recorded
+    stream = Path(os.path.abspath(path)).parts[1:2] in (("dev",), ("proc",))
     try:
-        is_dir, is_file = path.is_dir(), path.is_file()
+        is_dir, is_file = path.is_dir(), path.is_file() and not stream
         filled = is_file and path.stat().st_size > 0
     except OSError as e:  # a name too long to look up
         raise GPT2Error(f"{path}: cannot write it ({e.strerror})") from None
@@ -589,7 +592,7 @@ def open_output(
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NONBLOCK, 0o666)
         os.set_blocking(fd, True)
-        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        regular = stat.S_ISREG(os.fstat(fd).st_mode) and not stream
     except OSError as e:
         raise GPT2Error(f"{path}: cannot write it ({e.strerror})") from None
     try:

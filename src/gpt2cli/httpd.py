@@ -200,7 +200,7 @@ def access_log(app: ASGIApp, log: Callable[[str], None]) -> ASGIApp:
             client = scope.get("client") or ("-",)
             detail = scope.get("state", {}).get("detail")
             parts = [
-                str(client[0]),
+                escape_controls(str(client[0])),
                 scope["method"],
                 escape_controls(scope["path"]),
                 str(status or "-"),
@@ -277,6 +277,7 @@ def run(app: ASGIApp, sock: socket.socket, on_stop: Callable[[], None]) -> None:
         access_log=False,
         lifespan="off",
         http=HeadersDeadline,
+        proxy_headers=False,  # the peer is who connected: X-Forwarded-For is any client's text
         timeout_keep_alive=HEADERS_TIMEOUT_S,
         timeout_graceful_shutdown=GRACE_S,
     )

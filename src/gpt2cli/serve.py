@@ -302,7 +302,7 @@ class App:
         `gpt2 score --json --tokens --top TOP --text TEXT` prints: the totals and each token's
         logprob, rank and top alternatives, a text longer than the context in strided windows.
         Its windows run on the engine's worker a batch at a time, between decode steps."""
-        from gpt2cli.score import score_json, scoring_sequence, scoring_steps
+        from gpt2cli.score import score_json, score_windows, scoring_sequence, scoring_steps
 
         body = openai_api.parse_body(await httpd.read_body(request, self.stopping))
         fields = Fields(body)
@@ -332,6 +332,16 @@ class App:
             scoring_sequence(self.model, ids, bos=bos)
         except GPT2Error as e:
             raise APIError(400, str(e), param="text") from None
+        windows = score_windows(len(ids) + bos, n_ctx, stride or n_ctx // 2)
+        positions, most_positions = sum(end - begin for begin, end, _ in windows), 2 * most
+        if positions > most_positions:  # a small stride makes a window per token or so
+            raise APIError(
+                400,
+                f"scoring this text with stride {stride} runs {positions} positions through "
+                f"the model; /v1/score runs at most {most_positions}: use a larger stride "
+                "(gpt2 score has no limit)",
+                param="stride",
+            )
         steps = scoring_steps(self.model, [text], stride=stride, bos=bos, top=top, encoded=[ids])
         call = Call(steps, asyncio.get_running_loop())
         self.engine.submit(call)

@@ -136,10 +136,11 @@ def score_html(s: TextScore, tokenizer: Tokenizer, text: str, first: dict[str, A
 def write_score_html(
     path: Path, s: TextScore, tokenizer: Tokenizer, text: str, first: dict[str, Any]
 ) -> None:
-    """Write `score_html` to `path` (a GPT2Error if it cannot be written)."""
-    from gpt2cli.errors import GPT2Error
+    """Write `score_html` to `path` (a WriteError, the system's failure, if it cannot be
+    written: a full disk, a read-only folder)."""
+    from gpt2cli.errors import WriteError
 
     try:
         path.write_text(score_html(s, tokenizer, text, first), encoding="utf-8")
     except OSError as e:
-        raise GPT2Error(f"cannot write {path}: {e.strerror or e}") from None
+        raise WriteError(f"cannot write {path}: {e.strerror or e}") from None
