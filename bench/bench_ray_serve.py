@@ -18,8 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
-
+from bench.bench_serve import stream  # the same streamed request
 from bench.common import print_table, random_124m
 from tests.serve_process import ServeProcess
 
@@ -28,29 +27,10 @@ NEW_TOKENS = 32
 SOLO_RUNS = 3
 
 
-def _stream(url: str, i: int) -> tuple[float, float, int, float]:
-    """One streamed request: (sent at, first token at, tokens, done at)."""
-    body = {
-        "prompt": f"Client {i} asks about the history of the printing press, which",
-        "max_tokens": NEW_TOKENS,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-    }
-    sent, first, tokens = time.perf_counter(), 0.0, 0
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if line.startswith("data: {"):
-                tokens += 1
-                first = first or time.perf_counter()
-    return sent, first, tokens, time.perf_counter()
-
-
 def _load(url: str, clients: int) -> tuple[float, float, float]:
     """`clients` streams at once: (aggregate tokens/s, TTFT p50, TTFT p99) in s."""
     with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda i: _stream(url, i), range(clients)))
+        results = list(pool.map(lambda i: stream(url, i, NEW_TOKENS), range(clients)))
     start = min(r[0] for r in results)
     end = max(r[3] for r in results)
     assert all(r[2] == NEW_TOKENS for r in results)

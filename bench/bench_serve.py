@@ -29,11 +29,11 @@ SHORT_TOKENS = 8
 RUNS = 3
 
 
-def _stream(url: str, i: int) -> tuple[float, float, int]:
-    """One client's streamed request: (sent at, first token at, tokens received)."""
+def stream(url: str, i: int, new_tokens: int = NEW_TOKENS) -> tuple[float, float, int, float]:
+    """One client's streamed request: (sent at, first token at, tokens received, done at)."""
     body = {
         "prompt": f"Client {i} asks about the history of the printing press, which",
-        "max_tokens": NEW_TOKENS,
+        "max_tokens": new_tokens,
         "temperature": 0,
         "ignore_eos": True,
         "stream": True,
@@ -45,17 +45,17 @@ def _stream(url: str, i: int) -> tuple[float, float, int]:
             if line.startswith("data: {"):
                 tokens += 1
                 first = first or time.perf_counter()
-    return sent, first, tokens
+    return sent, first, tokens, time.perf_counter()
 
 
 def _load(url: str, clients: int) -> tuple[float, float]:
     """`clients` streams at once: (aggregate tokens/s, median time to first token in s)."""
     with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda i: _stream(url, i), range(clients)))
+        results = list(pool.map(lambda i: stream(url, i), range(clients)))
     end = time.perf_counter()
-    start = min(sent for sent, _, _ in results)
-    assert all(tokens == NEW_TOKENS for _, _, tokens in results)
-    ttft = statistics.median(first - sent for sent, first, _ in results)
+    start = min(sent for sent, _, _, _ in results)
+    assert all(tokens == NEW_TOKENS for _, _, tokens, _ in results)
+    ttft = statistics.median(first - sent for sent, first, _, _ in results)
     return clients * NEW_TOKENS / (end - start), ttft
 
 

@@ -30,7 +30,7 @@ from tests.factory import write_random_gpt2
 
 ray = pytest.importorskip("ray")
 ray_engine = pytest.importorskip("gpt2cli.ray_engine")
-from ray.cluster_utils import Cluster  # noqa: E402 - after the skip when ray is missing
+from tests.ray_cluster import two_nodes  # noqa: E402 - after the skip when ray is missing
 
 GPT2_CMD = [sys.executable, "-m", "gpt2cli"]
 
@@ -38,15 +38,8 @@ GPT2_CMD = [sys.executable, "-m", "gpt2cli"]
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[str]:
     """A head and a worker node of 1 CPU each, this process connected; yields its address."""
-    nodes = Cluster(
-        initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False}
-    )
-    nodes.add_node(num_cpus=1)
-    nodes.wait_for_nodes(timeout=60)
-    ray.init(address=nodes.address, log_to_driver=False, logging_level="ERROR")
-    yield nodes.address
-    ray.shutdown()
-    nodes.shutdown()
+    with two_nodes() as address:
+        yield address
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,8 @@ from tests.serve_process import ServeProcess, serve_env
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.serve")
 from ray import serve  # noqa: E402 - after the skip when ray is missing
-from ray.cluster_utils import Cluster  # noqa: E402
+
+from tests.ray_cluster import two_nodes  # noqa: E402
 
 WAIT_S = 90.0  # the longest any condition is waited for (a busy two-core machine)
 LONG: dict[str, Any] = {
@@ -118,16 +119,9 @@ def test_ray_options_need_engine_ray(tiny_model_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[str]:
     """A head and a worker node of 1 CPU each, this process connected; yields its address."""
-    nodes = Cluster(
-        initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False}
-    )
-    nodes.add_node(num_cpus=1)
-    nodes.wait_for_nodes(timeout=60)
-    ray.init(address=nodes.address, log_to_driver=False, logging_level="ERROR")
-    logging.getLogger("ray.serve").setLevel(logging.ERROR)  # this process's handles' INFO lines
-    yield nodes.address
-    ray.shutdown()
-    nodes.shutdown()  # type: ignore[no-untyped-call]
+    with two_nodes() as address:
+        logging.getLogger("ray.serve").setLevel(logging.ERROR)  # this process's handles' INFO
+        yield address
 
 
 @pytest.fixture(scope="module")
