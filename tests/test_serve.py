@@ -859,6 +859,12 @@ def test_unknown_model_path_and_method_and_the_chat_endpoint_are_openai_errors(h
     assert "/v1/completions" in assert_error(chat, 404)
 
 
+def test_an_unknown_path_is_repeated_in_its_404_cut_short(http: TestClient):
+    message = assert_error(http.get("/x" * 20_000), 404)  # 40 KB: under httpx's URL limit
+    assert message.startswith("GET /x/x") and message.endswith("...: no such path")
+    assert len(message) < 300
+
+
 def test_models_with_no_name_after_the_slash_is_a_404_pointing_to_the_list(http: TestClient):
     message = assert_error(http.get("/v1/models/"), 404)
     assert "names no model" in message and "/v1/models for the list" in message

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
 RETRY_AFTER = "1"  # seconds a client told 429 should wait
 TOKENIZING = 2  # requests whose prompts are tokenized at once; the others wait their turn
+SHOWN_PATH = 200  # characters of an unknown path an error repeats
 SCORE_CONTEXTS = 32  # /v1/score takes texts of at most this many contexts' tokens
 
 
@@ -177,7 +178,9 @@ class App:
         status = exc.status_code if isinstance(exc, HTTPException) else 500
         headers = dict(exc.headers or {}) if isinstance(exc, HTTPException) else {}
         what = "no such path" if status == 404 else "method not allowed"
-        message = f"{request.method} {request.url.path}: {what}"
+        path = request.url.path
+        shown = path if len(path) <= SHOWN_PATH else path[: SHOWN_PATH - 3] + "..."
+        message = f"{request.method} {shown}: {what}"  # a 100 KB path is not sent back whole
         code = "unknown_url" if status == 404 else None
         return error_response(APIError(status, message, code=code, headers=headers))
 
