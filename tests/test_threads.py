@@ -234,10 +234,16 @@ class _Sampler:
 
 @contextmanager
 def _busy_loops(n: int) -> Iterator[None]:
-    """`n` processes that never sleep, running for the duration."""
-    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    """`n` processes that never sleep, each spinning before this yields (it says so on its
+    stdout once its loop is about to start: a loaded machine can take seconds to start one)."""
+    spin = "import sys\nsys.stdout.write('.')\nsys.stdout.flush()\nwhile True: pass"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", spin], stdout=subprocess.PIPE) for _ in range(n)
+    ]
     try:
-        time.sleep(0.2)  # started, and spinning
+        for proc in procs:
+            assert proc.stdout is not None and proc.stdout.read(1) == b"."
+        time.sleep(0.05)  # past its first instructions: spinning
         yield
     finally:
         for proc in procs:
