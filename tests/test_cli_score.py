@@ -271,3 +271,11 @@ def test_html_onto_a_full_disk_is_a_system_failure_exit_1(tiny_model_dir: Path, 
     result = score("-m", tiny_model_dir, text, "--html", "/dev/full")
     assert result.returncode == 1 and "No space left on device" in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+def test_html_into_a_missing_folder_is_the_users_error_exit_2(tiny_model_dir: Path, tmp_path: Path):
+    text = tmp_path / "text.txt"
+    text.write_text("Some words to score.")
+    result = score("-m", tiny_model_dir, text, "--html", tmp_path / "nope" / "view.html")
+    assert result.returncode == 2 and "No such file or directory" in result.stderr
+    assert result.stderr.count("\n") == 1

@@ -136,11 +136,18 @@ def score_html(s: TextScore, tokenizer: Tokenizer, text: str, first: dict[str, A
 def write_score_html(
     path: Path, s: TextScore, tokenizer: Tokenizer, text: str, first: dict[str, Any]
 ) -> None:
-    """Write `score_html` to `path` (a WriteError, the system's failure, if it cannot be
-    written: a full disk, a read-only folder)."""
-    from gpt2cli.errors import WriteError
+    """Write `score_html` to `path`. A path that cannot be opened (no such folder, a folder) is
+    the user's GPT2Error; a write that fails once it is open (a full disk) is the system's
+    WriteError, as for every other output."""
+    from gpt2cli.errors import GPT2Error, WriteError
 
+    page = score_html(s, tokenizer, text, first).encode("utf-8")
     try:
-        path.write_text(score_html(s, tokenizer, text, first), encoding="utf-8")
+        f = open(path, "wb")  # noqa: SIM115 - closed below, its failures told apart
+    except OSError as e:
+        raise GPT2Error(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        with f:
+            f.write(page)
     except OSError as e:
         raise WriteError(f"cannot write {path}: {e.strerror or e}") from None
