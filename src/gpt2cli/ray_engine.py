@@ -37,6 +37,7 @@ import numpy as np
 
 from gpt2cli.dataset import Result, Row, Task
 from gpt2cli.errors import STOP_SIGNALS, GPT2Error, missing_extra
+from gpt2cli.threads import THREAD_VARIABLES
 
 if TYPE_CHECKING:
     from gpt2cli.config import GPT2Config
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
 CHUNK_BATCHES = 4  # at most this many of the task's batches per chunk of rows sent to an actor
 CONNECT_TIMEOUT = 10.0  # seconds to wait for a cluster's address to answer
 FAILED = -1  # the position of an actor's row that carries a GPT2Error's message
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def require() -> Any:

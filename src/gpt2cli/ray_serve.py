@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import threading
 from collections.abc import AsyncIterator, Sequence
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
@@ -34,13 +33,13 @@ from gpt2cli.engine import Call, Engine, Job, QueueFull, Stopping, post
 from gpt2cli.errors import GPT2Error, missing_extra
 from gpt2cli.ray_engine import connect, last_line
 from gpt2cli.scheduler import FailedEvent, PromptEvent, Request, TokenEvent
+from gpt2cli.threads import THREAD_VARIABLES
 
 if TYPE_CHECKING:
     from gpt2cli.model import GPT2
     from gpt2cli.params import GenerationParams
 
 DEPLOYMENT = "gpt2"
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 READY_TIMEOUT_S = 600.0  # seconds for every replica to load its model and report healthy
 WireItem = tuple[Any, ...]  # ("t", prompt, sample, id, text, finish, logprob, top) | ("p", ...)
 
@@ -161,7 +160,6 @@ class RayEngine(Engine):
         self._tasks: dict[Job, asyncio.Task[None]] = {}
         self._in_flight = 0  # sequences sent to the replicas, not yet answered
         self._stopping = False
-        self._count_lock = threading.Lock()
 
     def submit(self, job: Job | Call) -> None:
         """Send a job to the deployment (QueueFull when every replica's room is taken)."""
@@ -169,7 +167,7 @@ class RayEngine(Engine):
             super().submit(job)
             return
         self.check_size(job.sequences)
-        with self._count_lock:
+        with self._lock:
             if self._stopping:
                 raise Stopping("The server is shutting down.")
             room = self.replicas * (self.max_batch + self.max_queue)
@@ -194,7 +192,7 @@ class RayEngine(Engine):
 
     def close(self) -> None:
         """Refuse new jobs; open ones end with Stopping."""
-        with self._count_lock:
+        with self._lock:
             self._stopping = True
         super().close()
         for job, task in list(self._tasks.items()):
