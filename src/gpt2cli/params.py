@@ -9,14 +9,21 @@ prompt in the context: what is kept of it and how many new tokens it leaves room
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
+from typing import Literal
 
 from gpt2cli.config import too_long
 from gpt2cli.errors import GPT2Error
 from gpt2cli.sampling import SamplingOptions
 
 MAX_TOP_LOGPROBS = 5  # alternatives per token a request may ask for (OpenAI's limit)
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit bias; -100 bans the token
+MAX_PENALTY = 2.0  # OpenAI's range for the presence and frequency penalties
+MAX_DRAFT_TOKENS = 64  # tokens a speculative step may draft per row (prompt lookup, a draft model)
+
+EarlyStopping = bool | Literal["never"]
 
 
 class ParamError(GPT2Error):
@@ -38,6 +45,12 @@ class GenerationParams:
     come with each token. With `echo` the request's first event is its prompt, scored (each
     token's logprob and alternatives, from the request's own prefill) with `echo_logprobs`;
     `max_tokens` 0 is allowed only then: the prompt alone.
+
+    The keyword-only options shape the next-token scores before sampling or search, as
+    transformers' `generate()` does (their semantics are each field's comment); their defaults
+    change nothing. `num_beams` > 1 searches instead of sampling and returns the `n` best beams;
+    `best_of` draws that many samples and keeps the `n` with the highest mean logprob;
+    `prompt_lookup` K drafts up to K tokens from the text so far and verifies them in one pass.
     """
 
     max_tokens: int = 40
@@ -52,6 +65,32 @@ class GenerationParams:
     top_logprobs: int = 0
     echo: bool = False
     echo_logprobs: bool = False
+    _: KW_ONLY
+    # transformers' RepetitionPenaltyLogitsProcessor over prompt + generated ids (1: off)
+    repetition_penalty: float = 1.0
+    # OpenAI: minus F for a token generated at least once / F per time generated (0: off)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # transformers' no_repeat_ngram_size over prompt + generated ids (0: off)
+    no_repeat_ngram: int = 0
+    # OpenAI: (id, bias) pairs added to those tokens' logits, ids ascending; -100 bans the token
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # transformers' bad_words_ids, as texts: each one's token sequence never completes
+    ban: tuple[str, ...] = ()
+    # vLLM's min_tokens: neither <|endoftext|> nor a stop string ends a sample before this many
+    min_tokens: int = 0
+    # transformers' MinPLogitsWarper (0: off) and TypicalLogitsWarper (1: off)
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    # transformers' beam search: num_beams (1: sampling), length_penalty, early_stopping
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: EarlyStopping = False
+    # OpenAI: draw best_of samples, keep the n with the highest mean logprob (None: n)
+    best_of: int | None = None
+    # transformers' prompt_lookup_num_tokens (0: off); draft_tokens: per step with a draft model
+    prompt_lookup: int = 0
+    draft_tokens: int = 5
 
     def __post_init__(self) -> None:
         if self.max_tokens < (0 if self.echo else 1):
@@ -72,21 +111,109 @@ class GenerationParams:
             raise ParamError("stop", "a stop string must not be empty")
         if self.echo_logprobs and not self.echo:
             raise ParamError("echo_logprobs", "echo_logprobs goes with echo")
-        checks: dict[str, dict[str, float]] = {  # each checked alone, so the error names it
-            "temperature": {"temperature": self.temperature},
-            "top_k": {"top_k": self.top_k},
-            "top_p": {"top_p": self.top_p},
-        }
-        for name, option in checks.items():
-            try:
-                SamplingOptions(**option)  # type: ignore[arg-type]
+        for name in ("temperature", "top_k", "top_p", "min_p", "typical_p"):
+            try:  # each checked alone, so the error names it
+                SamplingOptions(**{name: getattr(self, name)})
             except GPT2Error as e:
                 raise ParamError(name, str(e)) from None
+        self._check_processors()
+        self._check_search()
+
+    def _check_processors(self) -> None:
+        """The score processors' ranges (see each field's comment)."""
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ParamError(
+                "repetition_penalty",
+                f"repetition_penalty must be a positive number (1 turns it off), "
+                f"got {self.repetition_penalty}",
+            )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -MAX_PENALTY <= value <= MAX_PENALTY:
+                raise ParamError(
+                    name,
+                    f"{name} must be between -{MAX_PENALTY:g} and {MAX_PENALTY:g}, got {value}",
+                )
+        if self.no_repeat_ngram < 0:
+            raise ParamError(
+                "no_repeat_ngram",
+                f"no_repeat_ngram must be >= 0 (0 turns it off), got {self.no_repeat_ngram}",
+            )
+        ids = [id for id, _ in self.logit_bias]
+        if ids != sorted(set(ids)) or any(id < 0 for id in ids):
+            raise ParamError(
+                "logit_bias", "logit_bias needs distinct token ids >= 0, in ascending order"
+            )
+        for id, bias in self.logit_bias:
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ParamError(
+                    "logit_bias",
+                    f"the logit bias of token {id} must be between -{MAX_LOGIT_BIAS:g} and "
+                    f"{MAX_LOGIT_BIAS:g}, got {bias}",
+                )
+        if any(not text for text in self.ban):
+            raise ParamError("ban", "a banned text must not be empty")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ParamError(
+                "min_tokens",
+                f"min_tokens must be between 0 and max_tokens ({self.max_tokens}), "
+                f"got {self.min_tokens}",
+            )
+
+    def _check_search(self) -> None:
+        """Beam search, best-of and speculative drafting: their ranges and what they exclude."""
+        if self.num_beams < 1:
+            raise ParamError(
+                "num_beams",
+                f"num_beams must be at least 1 (1: no beam search), got {self.num_beams}",
+            )
+        if not math.isfinite(self.length_penalty):
+            raise ParamError(
+                "length_penalty", f"length_penalty must be a number, got {self.length_penalty}"
+            )
+        if self.early_stopping not in (True, False, "never"):
+            raise ParamError(
+                "early_stopping",
+                f"early_stopping must be true, false or never, got {self.early_stopping!r}",
+            )
+        if self.best_of is not None and self.best_of < self.n:
+            raise ParamError(
+                "best_of", f"best_of must be at least n ({self.n}), got {self.best_of}"
+            )
+        for name in ("prompt_lookup", "draft_tokens"):
+            value, low = getattr(self, name), int(name == "draft_tokens")
+            if not low <= value <= MAX_DRAFT_TOKENS:
+                raise ParamError(
+                    name, f"{name} must be between {low} and {MAX_DRAFT_TOKENS}, got {value}"
+                )
+        if self.num_beams == 1:
+            return
+        if self.n > self.num_beams:
+            raise ParamError("n", f"n must be at most num_beams ({self.num_beams}), got {self.n}")
+        contradicting = {  # sampling options that mean nothing to a deterministic search
+            "top_p": self.top_p != 1.0,
+            "min_p": self.min_p != 0.0,
+            "typical_p": self.typical_p != 1.0,
+            "best_of": self.best_of is not None,
+            "prompt_lookup": self.prompt_lookup != 0,
+        }
+        for name, given in contradicting.items():
+            if given:
+                raise ParamError(
+                    name, f"{name} is a sampling option: it does not go with num_beams > 1"
+                )
 
     @property
     def sampling(self) -> SamplingOptions:
         """How each next token is chosen."""
-        return SamplingOptions(self.temperature, self.top_k, self.top_p)
+        return SamplingOptions(
+            self.temperature, self.top_k, self.top_p, min_p=self.min_p, typical_p=self.typical_p
+        )
+
+    @property
+    def draws(self) -> int:
+        """Sequences the request runs at once: its beams, its best_of samples, or its n."""
+        return max(self.num_beams, self.best_of or self.n)
 
 
 def fit_prompt(

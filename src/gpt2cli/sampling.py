@@ -37,6 +37,8 @@ class SamplingOptions:
     temperature: float = 1.0  # logits are divided by it: < 1 sharpens, > 1 flattens
     top_k: int = 5  # keep the k most likely tokens (and any tied with the k-th), as GPT-2's demo
     top_p: float = 1.0  # keep the fewest most likely tokens whose probabilities reach top_p
+    min_p: float = 0.0  # keep tokens at least min_p times as likely as the likeliest (0: off)
+    typical_p: float = 1.0  # keep the most typical tokens whose mass reaches typical_p (1: off)
 
     def __post_init__(self) -> None:
         if not 0 <= self.temperature <= _FLOAT32_MAX:  # also rejects NaN and infinities
@@ -48,6 +50,10 @@ class SamplingOptions:
             raise GPT2Error(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise GPT2Error(f"top_p must be in (0, 1] (1 turns it off), got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise GPT2Error(f"min_p must be in [0, 1] (0 turns it off), got {self.min_p}")
+        if not 0 < self.typical_p <= 1:
+            raise GPT2Error(f"typical_p must be in (0, 1] (1 turns it off), got {self.typical_p}")
 
     @property
     def greedy(self) -> bool:
