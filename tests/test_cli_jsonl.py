@@ -298,7 +298,10 @@ def test_score_jsonl_names_each_bad_line_and_scores_nothing(
         (["generate", "--logprobs", "Hi"], "--logprobs goes with --jsonl"),
         (["score", "--jsonl", "a.jsonl", "b.jsonl"], "--jsonl reads one file"),
         (["generate", "--jsonl", "-"], "stdin: no JSON lines"),
-        (["generate", "--jsonl", "-", "-n", "3", "--batch-size", "2"], "-n 3 is more than"),
+        (
+            ["generate", "--jsonl", "-", "-n", "3", "--batch-size", "2"],
+            "3 sequences (-n, --num-beams or --best-of) are more than",
+        ),
     ],
 )
 def test_data_set_options_out_of_place_are_usage_errors(

@@ -157,7 +157,22 @@ def _report(message: str, code: int, prefix: str = "gpt2: error: ") -> int:
 
 
 def _model_options(command: Any) -> Any:
-    """`-m/--model` and `--revision`, for the commands that run a model."""
+    """`-m/--model`, `--revision`, `--dtype` and `--threads`, for the commands that run a model."""
+    command = click.option(
+        "--threads",
+        type=click.IntRange(min=1),
+        envvar="GPT2CLI_THREADS",
+        show_envvar=True,
+        help="Threads for the model's products [default: one per core other processes leave idle].",
+    )(command)
+    command = click.option(
+        "--dtype",
+        type=click.Choice(("float32", "bfloat16", "int8")),
+        default="float32",
+        show_default=True,
+        help="The weights' type: float32 (exact), bfloat16 or int8 (half and a quarter of the "
+        "bytes read per token: faster, within a small KL divergence; need gpt2cli[fast]).",
+    )(command)
     command = click.option("--revision", help="Branch, tag or commit of a hub model.")(command)
     return click.option(
         "-m",
@@ -169,10 +184,13 @@ def _model_options(command: Any) -> Any:
     )(command)
 
 
-def _load_model(name: str, revision: str | None) -> GPT2:
-    """The model `-m/--model` names, found or downloaded (a progress bar on a terminal), with
-    BLAS on one thread for each core other processes left idle meanwhile, unless the user chose
-    (gpt2cli.threads; a dim line on a terminal says when that differs from OpenBLAS's own)."""
+def _load_model(
+    name: str, revision: str | None, dtype: str = "float32", n_threads: int | None = None
+) -> GPT2:
+    """The model `-m/--model` names, found or downloaded (a progress bar on a terminal), its
+    weights in `dtype`, with BLAS on one thread for each core other processes left idle
+    meanwhile, unless the user chose (gpt2cli.threads; a dim line on a terminal says when that
+    differs from OpenBLAS's own)."""
     from gpt2cli import threads
 
     sampler = threads.CpuSampler()
@@ -180,7 +198,8 @@ def _load_model(name: str, revision: str | None) -> GPT2:
     from gpt2cli.model import GPT2
     from gpt2cli.output import terminal_console
 
-    model = GPT2.from_pretrained(hub.resolve(name, revision, progress=sys.stderr.isatty()))
+    folder = hub.resolve(name, revision, progress=sys.stderr.isatty())
+    model = GPT2.from_pretrained(folder, **({"dtype": dtype} if dtype != "float32" else {}))
     fit = threads.fit_to_idle_cores(sampler)
     console = terminal_console(stderr=True) if fit is not None and fit.changed else None
     if fit is not None and console is not None:
@@ -344,6 +363,117 @@ class _DatasetOptions:
             _report(dataset.summary(rows, output.done, writer.next, elapsed, where), 0, prefix="")
 
 
+# the decoding options `_decoding_options` adds: GenerationParams' keyword-only fields, named
+# as the command line names them
+_DECODING = (
+    *("repetition_penalty", "presence_penalty", "frequency_penalty", "no_repeat_ngram"),
+    *("logit_bias", "ban", "min_tokens", "min_p", "typical_p", "num_beams", "length_penalty"),
+    *("early_stopping", "best_of", "prompt_lookup", "draft_tokens"),
+)
+_SAMPLING = ("temperature", "top_k", "top_p", "seed")  # what a beam search does not use
+
+
+def _decoding_options(command: Any) -> Any:
+    """The options that shape the next-token scores, search beams or draft tokens (what each
+    does: `gpt2cli.params.GenerationParams`)."""
+    float_options = {
+        "--repetition-penalty": (
+            1.0,
+            "Divide a seen token's positive logit by F (multiply a "
+            "negative one), as transformers; 1 is off.",
+        ),
+        "--presence-penalty": (
+            0.0,
+            "Subtract F from the logit of every token generated so far (OpenAI; -2 to 2).",
+        ),
+        "--frequency-penalty": (
+            0.0,
+            "Subtract F times the number of times a token was generated (OpenAI; -2 to 2).",
+        ),
+        "--min-p": (
+            0.0,
+            "Sample only tokens at least F times as likely as the likeliest; 0 is off.",
+        ),
+        "--typical-p": (
+            1.0,
+            "Sample only the most typical tokens whose mass reaches F "
+            "(locally typical sampling); 1 is off.",
+        ),
+        "--length-penalty": (
+            1.0,
+            "With --num-beams: a finished beam's score is its logprob "
+            "over length**F (> 0 favours longer ones).",
+        ),
+    }
+    int_options = {
+        "--no-repeat-ngram": (
+            0,
+            "Never repeat an n-gram of this size (prompt included); 0 is off.",
+        ),
+        "--min-tokens": (
+            0,
+            "Neither <|endoftext|> nor a --stop string ends a sample before this many new tokens.",
+        ),
+        "--num-beams": (
+            1,
+            "Beam search with this many beams (deterministic; -n of them are "
+            "printed, best first); 1 samples.",
+        ),
+        "--best-of": (
+            None,
+            "Draw this many samples and print the -n with the highest mean logprob.",
+        ),
+        "--prompt-lookup": (
+            0,
+            "Draft up to K tokens by matching the text's last words earlier "
+            "in it, verified in one pass (same output, faster on repetitive "
+            "text); 0 is off.",
+        ),
+        "--draft-tokens": (5, "With --draft-model: tokens drafted per step."),
+    }
+    options = [
+        *(
+            click.option(flag, type=float, default=default, show_default=True, help=help)
+            for flag, (default, help) in float_options.items()
+        ),
+        *(
+            click.option(
+                flag, type=int, default=default, show_default=default is not None, help=help
+            )
+            for flag, (default, help) in int_options.items()
+        ),
+        click.option(
+            "--logit-bias",
+            metavar="ID=BIAS",
+            multiple=True,
+            help="Add BIAS (-100 to 100) to token ID's logit; -100 bans it. Repeatable.",
+        ),
+        click.option(
+            "--ban",
+            metavar="TEXT",
+            multiple=True,
+            help="Never generate TEXT's tokens in a row (encoded as given). Repeatable.",
+        ),
+        click.option(
+            "--early-stopping",
+            type=click.Choice(["true", "false", "never"]),
+            default="false",
+            show_default=True,
+            help="With --num-beams: stop once -n beams are done (true), when no beam can beat "
+            "them (false), or only when none can at any length (never).",
+        ),
+        click.option(
+            "--draft-model",
+            metavar="NAME",
+            help="Speculative decoding: a smaller GPT-2 of the same vocabulary drafts tokens that "
+            "the model verifies (same output, faster when they agree).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @click.group(cls=_Gpt2Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="gpt2")
 def cli() -> None:
@@ -409,6 +539,7 @@ def cli() -> None:
     "logprobs, timings.",
 )
 @click.option("--no-stream", is_flag=True, help="Print each sample only once it is complete.")
+@_decoding_options
 @_dataset_options("prompt")
 @click.option(
     "--logprobs",
@@ -420,6 +551,8 @@ def generate(
     prompt: str | None,
     model_name: str,
     revision: str | None,
+    dtype: str,
+    threads: int | None,
     max_tokens: int,
     temperature: float,
     top_k: int,
@@ -432,7 +565,8 @@ def generate(
     as_json: bool,
     no_stream: bool,
     logprobs: bool,
-    **dataset_options: Any,
+    draft_model: str | None,
+    **options: Any,
 ) -> None:
     """Continue PROMPT (or stdin, when absent or '-') with GPT-2, printing tokens as they come.
 
@@ -453,25 +587,29 @@ def generate(
 
     stop = tuple(argument_text(s, "--stop") for s in stop)
     params = _generation_params(
-        max_tokens, temperature, top_k, top_p, seed, num_samples, stop, ignore_eos, truncate
+        (max_tokens, temperature, top_k, top_p, seed, num_samples, stop, ignore_eos, truncate),
+        {name: options.pop(name) for name in _DECODING},
     )
-    options = _DatasetOptions(**dataset_options)
-    engine = options.checked_engine()
-    if options.jsonl is not None:
+    dataset_options = _DatasetOptions(**options)
+    engine = dataset_options.checked_engine()
+    if dataset_options.jsonl is not None:
         from gpt2cli.dataset import GenerateTask
 
         if prompt is not None:
             raise click.UsageError("--jsonl reads the prompts: give no PROMPT")
-        batch_size = options.batch_size or 8
-        if num_samples > batch_size:  # every row without its own "n" would be refused
+        if draft_model is not None:
+            raise click.UsageError("--draft-model goes with one prompt, not with --jsonl")
+        batch_size = dataset_options.batch_size or 8
+        if params.draws > batch_size:  # every row without its own "n" would be refused
             raise click.UsageError(
-                f"-n {num_samples} is more than --batch-size {batch_size}: a row's samples "
-                f"decode in one batch, so give --batch-size {num_samples} or more"
+                f"{params.draws} sequences (-n, --num-beams or --best-of) are more than "
+                f"--batch-size {batch_size}: a row's sequences decode in one batch, so give "
+                f"--batch-size {params.draws} or more"
             )
         task = GenerateTask(params, batch_size, logprobs)
-        model = _load_model(model_name, revision)
-        source = options.jsonl
-        options.run(
+        model = _load_model(model_name, revision, dtype, threads)
+        source = dataset_options.jsonl
+        dataset_options.run(
             task, model, engine, source, "generating", model_name=model_name, revision=revision
         )
         return
@@ -479,9 +617,14 @@ def generate(
         raise click.UsageError("--logprobs goes with --jsonl (--json always has them)")
     text = read_text(prompt, "prompt")
     start = time.perf_counter()
-    model = _load_model(model_name, revision)
+    model = _load_model(model_name, revision, dtype, threads)
+    draft = None if draft_model is None else _load_model(draft_model, None, dtype, threads)
     generation = Generation(
-        model, model.tokenizer.encode(text), params, load_s=time.perf_counter() - start
+        model,
+        model.tokenizer.encode(text),
+        params,
+        load_s=time.perf_counter() - start,
+        **({} if draft is None else {"draft": draft}),  # TODO(lead): plain draft= once it lands
     )
     printer = SamplePrinter(generation, text, as_json=as_json, live=not no_stream)
     try:
@@ -495,18 +638,45 @@ def generate(
     printer.summary()
 
 
-def _generation_params(*values: Any) -> GenerationParams:
+def _generation_params(values: tuple[Any, ...], decoding: dict[str, Any]) -> GenerationParams:
     """`gpt2 generate`'s options as one checked `GenerationParams`; a bad value is a usage
     error naming its option."""
-    from gpt2cli.params import GenerationParams, ParamError
+    from gpt2cli.params import GenerationParams, ParamError, logit_bias
 
+    ctx = click.get_current_context()
     try:
-        return GenerationParams(*values)
+        if decoding["num_beams"] > 1:
+            default = click.core.ParameterSource.DEFAULT
+            given = [n for n in _SAMPLING if ctx.get_parameter_source(n) != default]
+            if given:
+                raise ParamError(
+                    given[0],
+                    f"{given[0]} does not go with num_beams > 1: beam search is deterministic",
+                )
+        pairs = [_bias_pair(item) for item in decoding["logit_bias"]]
+        decoding |= {
+            "logit_bias": logit_bias(pairs),
+            "ban": tuple(argument_text(t, "--ban") for t in decoding["ban"]),
+            "early_stopping": {"true": True, "false": False}.get(
+                decoding["early_stopping"], "never"
+            ),
+        }
+        return GenerationParams(*values, **decoding)
     except ParamError as e:
-        ctx = click.get_current_context()
         name = {"n": "num_samples"}.get(e.param, e.param)
         option = next((p for p in ctx.command.params if p.name == name), None)
         raise click.BadParameter(str(e), ctx=ctx, param=option) from None
+
+
+def _bias_pair(item: str) -> tuple[str, float]:
+    """One --logit-bias ID=BIAS as (ID, BIAS); ID is checked by `params.logit_bias`."""
+    from gpt2cli.params import ParamError
+
+    key, _, value = item.partition("=")
+    try:
+        return key, float(value)
+    except ValueError:
+        raise ParamError("logit_bias", f"expected ID=BIAS, got {item!r}") from None
 
 
 @contextlib.contextmanager
@@ -682,18 +852,29 @@ def decode(ids: tuple[str, ...], model: str | None) -> None:
     help="Also write the text's tokens coloured by rank, with their details, to OUT as one "
     "self-contained HTML file (gpt2 serve's Inspect view; no server, no network).",
 )
+@click.option(
+    "--kl-divergence",
+    "kl",
+    is_flag=True,
+    help="With --dtype bfloat16 or int8: score with it and with float32, and print the mean KL "
+    "divergence per token of its next-token distribution from float32's (nats), its standard "
+    "error and how often both models' top token agrees (llama.cpp's measure).",
+)
 @_dataset_options("text")
 def score(
     files: tuple[str, ...],
     literal: str | None,
     model_name: str,
     revision: str | None,
+    dtype: str,
+    threads: int | None,
     stride: int | None,
     no_bos: bool,
     as_json: bool,
     tokens: bool,
     top: int,
     html_out: Path | None,
+    kl: bool,
     **dataset_options: Any,
 ) -> None:
     """Score text with GPT-2: perplexity, bits per byte and each token's surprisal.
@@ -723,12 +904,19 @@ def score(
         top = TOP  # each token's alternatives, as the page's Inspect view shows them
     options = _DatasetOptions(**dataset_options)
     engine = options.checked_engine()
+    if kl:
+        if tokens or html_out is not None or options.jsonl is not None:
+            raise click.UsageError(
+                "--kl-divergence goes with FILE or --text, not with --tokens, --html or --jsonl"
+            )
+        _score_kl(files, literal, model_name, revision, dtype, threads, stride, not no_bos, as_json)
+        return
     if options.jsonl is not None:
         from gpt2cli.dataset import ScoreTask
 
         source = _jsonl_source(options.jsonl, files, literal)
         task = ScoreTask(options.batch_size or 8, stride, not no_bos, top, tokens)
-        model = _score_model(model_name, revision, stride)
+        model = _score_model(model_name, revision, stride, dtype, threads)
         options.run(
             task, model, engine, source, "scoring", model_name=model_name, revision=revision
         )
@@ -738,7 +926,7 @@ def score(
         with contextlib.suppress(OSError):  # a view that does not exist yet is no input
             if os.path.samefile(html_out, files[0]):
                 raise GPT2Error(f"{html_out} is the input file; write the view to another file")
-    model = _score_model(model_name, revision, stride)
+    model = _score_model(model_name, revision, stride, dtype, threads)
     names = ["stdin" if name == "-" else name for name, _, _ in inputs]
     with token_progress("scoring") as progress:
         scores = score_texts(
@@ -766,6 +954,43 @@ def score(
         print_score_summary(list(zip(names, scores, strict=True)), total)
 
 
+def _score_kl(
+    files: tuple[str, ...],
+    literal: str | None,
+    model_name: str,
+    revision: str | None,
+    dtype: str,
+    n_threads: int | None,
+    stride: int | None,
+    bos: bool,
+    as_json: bool,
+) -> None:
+    """`gpt2 score --kl-divergence`: each input scored in float32 and in `dtype`, compared."""
+    from gpt2cli.model import GPT2
+    from gpt2cli.output import token_progress
+    from gpt2cli.score import kl_json, kl_table, kl_texts
+
+    if dtype == "float32":
+        raise click.UsageError(
+            "--kl-divergence compares --dtype bfloat16 or int8 with float32: give one of them"
+        )
+    inputs = _score_inputs(files, literal)
+    reference = _score_model(model_name, revision, stride, "float32", n_threads)
+    model = GPT2.from_pretrained(reference.folder or model_name, dtype=dtype)
+    names = ["stdin" if name == "-" else name for name, _, _ in inputs]
+    texts = [text for _, _, text in inputs]
+    with token_progress("comparing") as progress:
+        reports = kl_texts(
+            reference, model, texts, stride=stride, bos=bos, progress=progress, names=names
+        )
+    if as_json:
+        for (_, fields, _), report in zip(inputs, reports, strict=True):
+            write_stdout(kl_json(report, fields | {"dtype": dtype, "reference_dtype": "float32"}))
+        return
+    rows = [(escape_controls(name), r) for name, r in zip(names, reports, strict=True)]
+    write_stdout(kl_table(rows, aligned=sys.stdout.isatty()))
+
+
 def _score_inputs(
     files: tuple[str, ...], literal: str | None
 ) -> list[tuple[str, dict[str, Any], str]]:
@@ -791,9 +1016,11 @@ def _jsonl_source(jsonl: str, files: tuple[str, ...], literal: str | None) -> st
     return files[0]
 
 
-def _score_model(name: str, revision: str | None, stride: int | None) -> GPT2:
+def _score_model(
+    name: str, revision: str | None, stride: int | None, dtype: str, n_threads: int | None
+) -> GPT2:
     """The model to score with, once --stride is known to fit its context."""
-    model = _load_model(name, revision)
+    model = _load_model(name, revision, dtype, n_threads)
     if stride is not None and stride > model.config.n_ctx:
         raise GPT2Error(f"--stride must be between 1 and the context, {model.config.n_ctx} tokens")
     return model
@@ -852,6 +1079,8 @@ def _score_model(name: str, revision: str | None, stride: int | None) -> GPT2:
 def serve(
     model_name: str,
     revision: str | None,
+    dtype: str,
+    threads: int | None,
     host: str,
     port: int,
     max_batch: int,
@@ -890,7 +1119,7 @@ def serve(
         ray_serve.require()  # the extra checked before the model loads
         if autoscale is not None:
             ray_serve.parse_autoscale(autoscale)
-    model = _load_model(model_name, revision)
+    model = _load_model(model_name, revision, dtype, threads)
     ray_server = None
     if engine == "ray":
         ray_server = ray_serve.RayServer(

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, AnyStr, ClassVar, NamedTuple, Protocol
 from gpt2cli import __version__, jsonfile
 from gpt2cli.errors import GPT2Error, WriteError
 from gpt2cli.inputs import decode_utf8, printable
-from gpt2cli.params import GenerationParams, ParamError
+from gpt2cli.params import GenerationParams, ParamError, logit_bias
 
 if TYPE_CHECKING:
     from gpt2cli.model import GPT2
@@ -110,8 +110,15 @@ class Task(Protocol):
 
 
 # the generation options a row may set (as `gpt2 generate`'s options, -n as "n"), then its flags
-GENERATE_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "n", "stop")
+GENERATE_FIELDS = (
+    *("max_tokens", "temperature", "top_k", "top_p", "seed", "n", "stop", "repetition_penalty"),
+    *("presence_penalty", "frequency_penalty", "no_repeat_ngram", "logit_bias", "ban"),
+    *("min_tokens", "min_p", "typical_p", "num_beams", "length_penalty", "early_stopping"),
+    *("best_of", "prompt_lookup"),
+)
 GENERATE_FLAGS = ("ignore_eos", "truncate")
+_NUMBERS = ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+_NUMBERS += ("min_p", "typical_p", "length_penalty")
 
 
 @dataclass(frozen=True)
@@ -164,10 +171,10 @@ class GenerateTask:
         params = _row_params(self.defaults, row, where)
         own = params.seed if "seed" in row else None
         params = replace(params, seed=row_seed(own, self.defaults.seed, index))
-        if params.n > self.batch_size:
+        if params.draws > self.batch_size:
             raise GPT2Error(
-                f'{where} "n" is {params.n} but the batch holds {self.batch_size} rows '
-                "(--batch-size): a row's samples run in one batch"
+                f"{where} runs {params.draws} sequences (n, num_beams or best_of) but the batch "
+                f"holds {self.batch_size} rows (--batch-size): a row's sequences run in one batch"
             )
         work = Prompt(model.tokenizer.encode(prompt), params)
         try:
@@ -183,7 +190,7 @@ class GenerateTask:
         if not rows:
             return
         # no more rows than the rows' samples could fill: a huge --batch-size costs nothing
-        size = min(self.batch_size, sum(row.work.params.n for row in rows))
+        size = min(self.batch_size, sum(row.work.params.draws for row in rows))
         scheduler = Scheduler(model, max_batch=size)
         left = {scheduler.submit(row.work.request()): (p, row) for p, row in enumerate(rows)}
         for event in scheduler.run():
@@ -291,11 +298,21 @@ def _row_params(defaults: GenerationParams, row: dict[str, Any], where: str) -> 
         if name not in row:
             continue
         value, at = row[name], f'{where} "{name}"'
-        if name in ("temperature", "top_p"):
+        if name in _NUMBERS:
             changes[name] = _number(value, at)
-        elif name == "stop":
-            stops = [value] if isinstance(value, str) else jsonfile.array(value, at)
-            changes[name] = tuple(_text(s, at) for s in stops)
+        elif name in ("stop", "ban"):
+            texts = [value] if isinstance(value, str) else jsonfile.array(value, at)
+            changes[name] = tuple(_text(s, at) for s in texts)
+        elif name == "logit_bias":
+            if not isinstance(value, dict):
+                raise GPT2Error(
+                    f'{at} must be an object {{"id": bias}}, not {jsonfile.show(value)}'
+                )
+            changes[name] = value.items()  # to pairs below, with the others' checks
+        elif name == "early_stopping":
+            if not (isinstance(value, bool) or value == "never"):
+                raise GPT2Error(f'{at} must be true, false or "never", not {jsonfile.show(value)}')
+            changes[name] = value
         elif name in GENERATE_FLAGS:
             if not isinstance(value, bool):
                 raise GPT2Error(f"{at} must be true or false, not {jsonfile.show(value)}")
@@ -303,6 +320,8 @@ def _row_params(defaults: GenerationParams, row: dict[str, Any], where: str) -> 
         else:
             changes[name] = jsonfile.integer(value, at)
     try:
+        if "logit_bias" in changes:
+            changes["logit_bias"] = logit_bias(changes["logit_bias"])
         return replace(defaults, **changes)
     except ParamError as e:
         raise GPT2Error(f"{where}: {e}") from None
@@ -614,6 +633,7 @@ _NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # opening a pipe nobody reads fails in
 
 RECORD_SUFFIX = ".gpt2cli.json"  # the record of out.jsonl is out.jsonl.gpt2cli.json
 RECORD_FORMAT = 1  # change it when the record's fields change meaning
+MODEL_DEFAULTS = {"dtype": "float32"}  # what a record without these options (older) ran with
 _START_AGAIN = "write to another file, or add --overwrite to start it again"
 
 
@@ -629,16 +649,17 @@ class Origin:
     """What makes an output file's rows, as its record keeps it (JSON, in `record_path(out)`):
 
         {"format": 1, "gpt2cli": "0.1.0", "command": "generate",
-         "options": {"max_tokens": 12, "temperature": 1.0, ..., "logprobs": false},
+         "options": {"max_tokens": 12, "temperature": 1.0, ..., "logprobs": false,
+                     "dtype": "float32"},
          "model": {"name": "gpt2", "revision": null, "sha256": "..."},
          "input": {"name": "prompts.jsonl", "sha256": "..."}}
 
-    `options` are the task's `settings()`, the ones that change results (not the batch size,
-    the engine or its threads: their rows are the same). Two origins are the same when their
-    command, options and both hashes are: the names are only for messages (`-m gpt2` and
-    `-m 124M` are the same files; a renamed input holds the same bytes), and `gpt2cli` says
-    which version wrote the record. An option a record lacks (one added since) counts as its
-    default.
+    `options` are the task's `settings()` and the model's `dtype`, the ones that change results
+    (not the batch size, the engine or its threads: their rows are the same). Two origins are
+    the same when their command, options and both hashes are: the names are only for messages
+    (`-m gpt2` and `-m 124M` are the same files; a renamed input holds the same bytes), and
+    `gpt2cli` says which version wrote the record. An option a record lacks (one added since)
+    counts as its default (MODEL_DEFAULTS for the model's).
     """
 
     command: str
@@ -663,7 +684,7 @@ class Origin:
         named it) from input `input_name`, whose bytes are `content`."""
         return cls(
             task.command,
-            _as_json(task.settings()),
+            _as_json(task.settings() | {"dtype": getattr(model, "dtype", "float32")}),
             model_name,
             revision,
             model_sha256(model.folder),
@@ -758,6 +779,7 @@ def _changed_options(was: dict[str, Any], now: dict[str, Any], command: str) -> 
         "score": ScoreTask,
     }
     defaults = _as_json(tasks[command]().settings()) if command in tasks else {}
+    defaults |= MODEL_DEFAULTS
     old, new = [], []
     for name in dict.fromkeys([*now, *was]):
         before, after = was.get(name, defaults.get(name)), now.get(name, defaults.get(name))
@@ -776,6 +798,10 @@ def _option(name: str, value: Any, absent: str) -> str:
     flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
     if name == "bos":  # on unless --no-bos
         flag, value = "--no-bos", value is False
+    if name == "early_stopping":  # a choice of true, false and never
+        value = str(value).lower()
+    if name == "logit_bias":  # [[id, bias], ...] as ID=BIAS
+        value = [f"{id}={_word(bias)}" for id, bias in value]
     if value is None or value is False or value == []:
         return f"{absent} {flag}"
     if value is True:

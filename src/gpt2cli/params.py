@@ -10,7 +10,7 @@ prompt in the context: what is kept of it and how many new tokens it leaves room
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import KW_ONLY, dataclass
 from typing import Literal
 
@@ -214,6 +214,26 @@ class GenerationParams:
     def draws(self) -> int:
         """Sequences the request runs at once: its beams, its best_of samples, or its n."""
         return max(self.num_beams, self.best_of or self.n)
+
+
+def logit_bias(items: Iterable[tuple[object, object]]) -> tuple[tuple[int, float], ...]:
+    """OpenAI's `logit_bias` map ({"50256": -100}), or the command line's ID=BIAS pairs, as the
+    (id, bias) pairs `GenerationParams` holds: ids are decimal integers (as text or numbers),
+    each given once; biases are numbers (their range is `GenerationParams`' to check)."""
+    pairs: dict[int, float] = {}
+    for key, value in items:
+        if isinstance(key, str) and key.strip().isdecimal() and len(key.strip()) <= 9:
+            key = int(key.strip())
+        if isinstance(key, bool) or not isinstance(key, int):
+            raise ParamError("logit_bias", f"a logit_bias key must be a token id, got {key!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamError(
+                "logit_bias", f"the logit bias of token {key} must be a number, got {value!r}"
+            )
+        if key in pairs:
+            raise ParamError("logit_bias", f"token {key} is given two logit biases")
+        pairs[key] = float(value) if abs(value) < 1e300 else math.copysign(math.inf, value)
+    return tuple(sorted(pairs.items()))
 
 
 def fit_prompt(
