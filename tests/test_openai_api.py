@@ -188,31 +188,87 @@ def test_logprobs_asks_for_up_to_5_alternatives_and_scores_an_echoed_prompt():
     assert refused({"logprobs": 6}).param == "logprobs"
 
 
-def test_best_of_is_accepted_only_as_n():
-    assert params_of(best_of=1).n == 1
-    assert params_of(n=2, best_of=2).n == 2
-    for best_of in (3, True, 1.0, "1"):
+def test_best_of_draws_that_many_samples_to_return_the_n_likeliest():
+    assert params_of(best_of=1).generation.best_of is None
+    assert params_of(n=2, best_of=2).generation.best_of is None  # equal to n: nothing more
+    assert params_of(n=2, best_of=5).generation.draws == 5
+    for best_of, why in ((True, "integer"), (1.0, "integer"), (MAX_BATCH + 1, "integer")):
         error = refused({"best_of": best_of})
-        assert error.param == "best_of" and "ask for n samples" in error.message
+        assert error.param == "best_of" and why in error.message
+    error = refused({"n": 3, "best_of": 2})
+    assert error.param == "best_of" and "at least n" in error.message
+    error = refused({"best_of": 3, "stream": True})
+    assert error.param == "best_of" and "cannot be streamed" in error.message
 
 
-def test_a_field_gpt2cli_does_not_support_is_accepted_at_its_no_op_value_only():
-    for name, no_op in (
-        ("presence_penalty", 0),
-        ("presence_penalty", 0.0),
-        ("frequency_penalty", 0),
-        ("logit_bias", {}),
-        ("suffix", ""),
-    ):
-        params_of(**{name: no_op})
-    for name, value in (
-        ("presence_penalty", False),  # false is not the number 0
-        ("frequency_penalty", -0.5),
-        ("logit_bias", {"50256": -100}),
-        ("suffix", "the end"),
-    ):
-        error = refused({name: value})
-        assert error.param == name and f"{name} is not supported" in error.message
+def test_use_beam_search_makes_best_of_the_beam_width():
+    generation = params_of(use_beam_search=True, best_of=4, n=2, length_penalty=0.5).generation
+    assert (generation.num_beams, generation.n, generation.best_of) == (4, 2, None)
+    assert generation.length_penalty == 0.5
+    assert (
+        params_of(use_beam_search=True, best_of=2, early_stopping="never").generation.early_stopping
+        == "never"
+    )
+    assert refused({"use_beam_search": True}).param == "best_of"  # a width of 1 is no search
+    assert refused({"use_beam_search": True, "best_of": 2, "top_p": 0.5}).param == "top_p"
+    assert refused({"use_beam_search": True, "best_of": 2, "early_stopping": 1}).param == (
+        "early_stopping"
+    )
+
+
+def test_the_decoding_fields_reach_generation_params_under_their_own_names():
+    generation = params_of(
+        repetition_penalty=1.3,
+        presence_penalty=0.5,
+        frequency_penalty=-0.25,
+        no_repeat_ngram_size=3,
+        logit_bias={"50256": -100, "11": 2.5},
+        bad_words=["Hello world", "foo"],
+        min_tokens=4,
+        min_p=0.05,
+        typical_p=0.9,
+        prompt_lookup=10,
+    ).generation
+    assert generation == GenerationParams(
+        max_tokens=16,
+        top_k=0,
+        repetition_penalty=1.3,
+        presence_penalty=0.5,
+        frequency_penalty=-0.25,
+        no_repeat_ngram=3,
+        logit_bias=((11, 2.5), (50256, -100.0)),
+        ban=("Hello world", "foo"),
+        min_tokens=4,
+        min_p=0.05,
+        typical_p=0.9,
+        prompt_lookup=10,
+    )
+    assert params_of(bad_words="foo").generation.ban == ("foo",)
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "says"),
+    [
+        ({"presence_penalty": False}, "presence_penalty", "finite number"),  # not the number 0
+        ({"frequency_penalty": 2.5}, "frequency_penalty", "between -2 and 2"),
+        ({"repetition_penalty": 0}, "repetition_penalty", "positive"),
+        ({"logit_bias": [1, 2]}, "logit_bias", "must be an object"),
+        ({"logit_bias": {"x": 1}}, "logit_bias", "token id"),
+        ({"logit_bias": {"5": "1"}}, "logit_bias", "must be a number"),
+        ({"logit_bias": {"5": 101}}, "logit_bias", "between -100 and 100"),
+        ({"no_repeat_ngram_size": -1}, "no_repeat_ngram_size", "integer"),
+        ({"bad_words": [""]}, "bad_words", "must not be empty"),
+        ({"bad_words": [1]}, "bad_words", "list of strings"),
+        ({"min_tokens": 20, "max_tokens": 10}, "min_tokens", "between 0 and max_tokens"),
+        ({"min_p": 1.5}, "min_p", "[0, 1]"),
+        ({"typical_p": 0}, "typical_p", "(0, 1]"),
+        ({"prompt_lookup": 65}, "prompt_lookup", "between 0 and 64"),
+        ({"suffix": "the end"}, "suffix", "suffix is not supported"),
+    ],
+)
+def test_a_bad_decoding_field_is_a_400_naming_it(body: dict[str, Any], param: str, says: str):
+    error = refused(body)
+    assert (error.status, error.param) == (400, param) and says in error.message
 
 
 def test_an_unknown_field_is_refused_by_its_name():
@@ -274,13 +330,13 @@ def test_a_body_that_is_not_an_object_is_400_without_a_param(body: Any):
         ({"logprobs": 6}, "logprobs"),
         ({"logprobs": -1}, "logprobs"),
         ({"logprobs": True}, "logprobs"),
-        ({"best_of": 3}, "best_of"),
+        ({"best_of": 3, "stream": True}, "best_of"),
         ({"best_of": True}, "best_of"),
         ({"best_of": 1.0}, "best_of"),
         ({"presence_penalty": False}, "presence_penalty"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
-        ({"frequency_penalty": 1}, "frequency_penalty"),
-        ({"logit_bias": {"50256": -100}}, "logit_bias"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": "1"}, "frequency_penalty"),
+        ({"logit_bias": {"50256": -101}}, "logit_bias"),
         ({"suffix": "the end"}, "suffix"),
         ({"user": 5}, "user"),
         ({"ignore_eos": "no"}, "ignore_eos"),

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from gpt2cli import jsonfile
 from gpt2cli.errors import GPT2Error
-from gpt2cli.params import MAX_TOP_LOGPROBS, GenerationParams, ParamError
+from gpt2cli.params import MAX_TOP_LOGPROBS, GenerationParams, ParamError, logit_bias
 
 if TYPE_CHECKING:
     from gpt2cli.score import TextScore
@@ -219,12 +219,7 @@ def completion_params(body: Any, *, max_batch: int, names: Sequence[str]) -> Com
     logprobs = fields.get("logprobs")
     if logprobs is not None:
         logprobs = fields.integer("logprobs", 0, 0, MAX_TOP_LOGPROBS)
-    best_of = fields.get("best_of")
-    if best_of is not None and (type(best_of) is not int or best_of != n):  # not true, not 1.0
-        raise APIError(400, "best_of is not supported: ask for n samples instead", "best_of")
-    for penalty in ("presence_penalty", "frequency_penalty"):
-        fields.unsupported(penalty, 0, "gpt2cli samples with temperature, top_k and top_p only")
-    fields.unsupported("logit_bias", {}, "gpt2cli samples from the model's own logits")
+    decoding = _decoding(fields, n, stream, max_batch)
     fields.unsupported("suffix", "", "GPT-2 continues text; it does not insert it")
     user = fields.get("user")
     if user is not None and not isinstance(user, str):
@@ -246,10 +241,10 @@ def completion_params(body: Any, *, max_batch: int, names: Sequence[str]) -> Com
             top_logprobs=logprobs or 0,
             echo=echo,
             echo_logprobs=echo and logprobs is not None,
+            **decoding,
         )
     except ParamError as e:
-        param = {"top_logprobs": "logprobs"}.get(e.param, e.param)
-        raise APIError(400, str(e), param=param) from None
+        raise param_error(e) from None
     return CompletionParams(
         prompts=prompts,
         generation=generation,
@@ -258,6 +253,76 @@ def completion_params(body: Any, *, max_batch: int, names: Sequence[str]) -> Com
         logprobs=logprobs,
         return_token_ids=return_token_ids,
     )
+
+
+# GenerationParams' names for the body's fields where they differ
+_PARAMS = {
+    "top_logprobs": "logprobs",
+    "no_repeat_ngram": "no_repeat_ngram_size",
+    "ban": "bad_words",
+    "num_beams": "best_of",
+}
+
+
+def param_error(error: ParamError) -> APIError:
+    """A bad option as a 400 naming the request body's field."""
+    return APIError(400, str(error), param=_PARAMS.get(error.param, error.param))
+
+
+def _decoding(fields: Fields, n: int, stream: bool, max_batch: int) -> dict[str, Any]:
+    """The decoding fields (OpenAI's, and vLLM's extensions) as `GenerationParams`' keyword
+    options. `best_of` is the beam width under `use_beam_search` (vLLM), else the samples drawn
+    to return the `n` likeliest (OpenAI), which cannot be streamed."""
+    options: dict[str, Any] = {
+        name: fields.number(name, default)
+        for name, default in [
+            ("repetition_penalty", 1.0),
+            ("presence_penalty", 0.0),
+            ("frequency_penalty", 0.0),
+            ("min_p", 0.0),
+            ("typical_p", 1.0),
+            ("length_penalty", 1.0),
+        ]
+    }
+    options["no_repeat_ngram"] = fields.integer("no_repeat_ngram_size", 0, 0, jsonfile.MAX_INT)
+    options["min_tokens"] = fields.integer("min_tokens", 0, 0, jsonfile.MAX_INT)
+    options["prompt_lookup"] = fields.integer("prompt_lookup", 0, 0, jsonfile.MAX_INT)
+    bias = fields.get("logit_bias")
+    if bias is not None and not isinstance(bias, dict):
+        raise APIError(
+            400, f"logit_bias must be an object, not {jsonfile.show(bias)}", param="logit_bias"
+        )
+    try:
+        options["logit_bias"] = logit_bias((bias or {}).items())
+    except ParamError as e:
+        raise APIError(400, str(e), param="logit_bias") from None
+    words = fields.get("bad_words")
+    words = [words] if isinstance(words, str) else [] if words is None else words
+    if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+        raise APIError(400, "bad_words must be a string or a list of strings", param="bad_words")
+    options["ban"] = tuple(text(w, "bad_words") for w in words)
+    early = fields.get("early_stopping")
+    if early is not None and not (isinstance(early, bool) or early == "never"):
+        raise APIError(
+            400,
+            f'early_stopping must be true, false or "never", not {jsonfile.show(early)}',
+            param="early_stopping",
+        )
+    options["early_stopping"] = bool(early) if early != "never" else early
+    best_of = fields.integer("best_of", n, 1, max_batch)
+    if fields.boolean("use_beam_search"):
+        options["num_beams"] = best_of
+        if best_of < 2:
+            raise APIError(
+                400, "best_of (the beam width) must be at least 2 with use_beam_search", "best_of"
+            )
+    elif best_of != n:
+        options["best_of"] = best_of
+        if stream:
+            raise APIError(
+                400, "best_of cannot be streamed: its n best are known at the end", "best_of"
+            )
+    return options
 
 
 def _prompts(value: Any) -> list[str | list[int]]:

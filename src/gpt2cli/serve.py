@@ -29,7 +29,7 @@ from gpt2cli import httpd, jsonfile, openai_api, webpage
 from gpt2cli.engine import MAX_QUEUE, Call, Engine, Job, QueueFull, Stopping, TooLarge
 from gpt2cli.errors import GPT2Error, missing_extra
 from gpt2cli.openai_api import APIError, Completion, Fields
-from gpt2cli.params import MAX_TOP_LOGPROBS
+from gpt2cli.params import MAX_TOP_LOGPROBS, ParamError
 from gpt2cli.scheduler import FailedEvent, PromptEvent, Request, TokenEvent
 
 try:
@@ -71,6 +71,8 @@ def api_error(error: Exception) -> APIError:
         return APIError(400, str(error), param="prompt")
     if isinstance(error, Stopping):
         return httpd.shutting_down()
+    if isinstance(error, ParamError):  # a request option the model refuses (a banned text
+        return openai_api.param_error(error)  # that encodes to nothing, an id beyond its vocab)
     if isinstance(error, GPT2Error):
         _log(f"error: {error}")
         return APIError(500, str(error))
