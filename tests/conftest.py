@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # another ("*": wherever it is defined) ...
 SLOW_FIXTURES = {
     ("*", "model_124m_dir"): "the 124M-shaped model: 500 MB written, seconds for each forward",
+    ("*", "heavy_tailed_124m_dir"): "the heavy-tailed 124M-shaped model, against float32",
     ("*", "slow_model_dir"): "a model made slow on purpose, for requests seconds in flight",
     ("*", "fake_hub"): "a hub on a port, reached from subprocesses importing huggingface_hub",
     ("test_model", "reference_tiny"): "transformers' model of the tiny folder: 6 s to build",
@@ -179,6 +180,14 @@ def gpt2_vocab_dir() -> Path:
 def model_124m_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 124M-shaped random-weight folder, written once per session (about 500 MB)."""
     return write_random_gpt2(tmp_path_factory.mktemp("gpt2-124m"), GPT2_124M, seed=0)
+
+
+@pytest.fixture(scope="session")
+def heavy_tailed_124m_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 124M-shaped folder of heavy-tailed weights with outlier channels (about 500 MB), for
+    int8 and bfloat16 against float32."""
+    folder = tmp_path_factory.mktemp("gpt2-124m-heavy")
+    return write_random_gpt2(folder, GPT2_124M, seed=0, heavy_tailed=True)
 
 
 @pytest.fixture(scope="session")

@@ -59,6 +59,45 @@ def random_params(config: GPT2Config, seed: int = 0) -> dict[str, np.ndarray]:
     return params
 
 
+def heavy_tailed_params(
+    config: GPT2Config,
+    seed: int = 0,
+    *,
+    df: float = 4.0,
+    outliers: int = 4,
+    scale: float = 10.0,
+) -> dict[str, np.ndarray]:
+    """`random_params` made harder for a weight quantiser, as trained GPT-2's weights are: every
+    matrix drawn from Student's t with `df` degrees of freedom (same standard deviation), and
+    `outliers` channels of the residual stream whose weights are `scale` times larger. In each
+    layer the rows of c_attn and c_fc that read those channels are scaled up and the layer
+    norm's gain and bias there scaled down to match (the function is unchanged, the weights
+    are not), and so are wte's columns against ln_f; wte is also the input embedding, so those
+    channels carry large values along the residual stream, as GPT-2's do."""
+    params = random_params(config, seed)
+    rng = np.random.default_rng(seed + 1)
+    t_std = np.sqrt(df / (df - 2))  # the standard deviation of Student's t
+    for name, value in params.items():
+        if value.ndim == 2:
+            draw = rng.standard_t(df, value.shape) / t_std * value.std()
+            params[name] = draw.astype(np.float32)
+    channels = rng.choice(config.n_embd, outliers, replace=False)
+
+    def outlier(weight: str, norm: str, rows: bool) -> None:
+        if rows:
+            params[weight][channels, :] *= scale
+        else:
+            params[weight][:, channels] *= scale
+        for part in ("weight", "bias"):
+            params[f"{norm}.{part}"][channels] /= scale
+
+    for i in range(config.n_layer):
+        outlier(f"h.{i}.attn.c_attn.weight", f"h.{i}.ln_1", rows=True)
+        outlier(f"h.{i}.mlp.c_fc.weight", f"h.{i}.ln_2", rows=True)
+    outlier("wte.weight", "ln_f", rows=False)
+    return params
+
+
 def hf_config(config: GPT2Config) -> dict[str, object]:
     """`config.json` as transformers writes it for GPT2LMHeadModel."""
     return {
@@ -85,11 +124,14 @@ def write_random_gpt2(
     seed: int = 0,
     tokenizer: bool = True,
     dtype: type[np.floating] = np.float32,
+    heavy_tailed: bool = False,
 ) -> Path:
-    """Write `config.json`, `model.safetensors` and (optionally) the GPT-2 tokenizer files."""
+    """Write `config.json`, `model.safetensors` and (optionally) the GPT-2 tokenizer files;
+    `heavy_tailed` writes `heavy_tailed_params` instead of `random_params`."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(hf_config(config), indent=2))
-    tensors = {k: v.astype(dtype) for k, v in random_params(config, seed).items()}
+    draw = heavy_tailed_params if heavy_tailed else random_params
+    tensors = {k: v.astype(dtype) for k, v in draw(config, seed).items()}
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer:
         for name in ("vocab.json", "merges.txt"):

@@ -8,7 +8,9 @@ log-probability, its rank, and optionally the top alternatives, so memory stays 
 length of the text. `score_hidden` does the same from hidden states a prefill already computed
 (`GPT2.prefill_into`), and `token_logprobs` gives one sequence's log-probabilities alone.
 `TextScore` holds a text's totals with lm-evaluation-harness's definitions (bits per byte, byte
-and word perplexity) and llama.cpp's standard error of the mean NLL.
+and word perplexity) and llama.cpp's standard error of the mean NLL. `kl_divergence` compares a
+model (int8 or bfloat16 weights) with a reference (float32) on the same windows, as llama.cpp's
+`perplexity --kl-divergence` does: a `KLReport` of the KL divergence and top-token agreement.
 """
 
 from __future__ import annotations
@@ -539,3 +541,178 @@ def _text_score(blocks: list[_Block], text: str, top: int, *, first: int) -> Tex
         n_bytes=len(text.encode("utf-8")),
         n_words=len(re.split(r"\s+", text)),
     )
+
+
+@dataclass(frozen=True)
+class KLReport:
+    """How far a model's next-token distributions are from a reference model's on one text,
+    per scored token (in order), as llama.cpp's `perplexity --kl-divergence` reports it.
+
+    `kld[i]` is KL(p_reference || p_model) in nats at the i-th scored token, `same_top[i]`
+    whether both models' most likely token there is the same (ties to the lower id).
+    """
+
+    kld: NDArray[np.float64]  # [n]
+    same_top: NDArray[np.bool_]  # [n]
+    reference_logprobs: NDArray[np.float32]  # [n]: the actual token's, under the reference
+    logprobs: NDArray[np.float32]  # [n]: the actual token's, under the model
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens scored."""
+        return len(self.kld)
+
+    @property
+    def mean_kld(self) -> float:
+        """Mean KL divergence per token, in nats."""
+        return float(self.kld.mean())
+
+    @property
+    def kld_stderr(self) -> float | None:
+        """Standard error of the mean KLD (std / sqrt(n)); None for fewer than 2 tokens."""
+        return _stderr(self.kld)
+
+    @property
+    def top1_agreement(self) -> float:
+        """The fraction of tokens where both models' most likely token is the same."""
+        return float(self.same_top.mean())
+
+    @property
+    def top1_stderr(self) -> float | None:
+        """Standard error of the agreement, sqrt(p (1 - p) / (n - 1)) as llama.cpp gives it."""
+        return _stderr(self.same_top.astype(np.float64))
+
+    def totals(self) -> dict[str, Any]:
+        """The report as JSON-ready values: the mean KLD and its standard error, its maximum,
+        99th percentile and median, the top-1 agreement and its standard error, and both
+        models' perplexities of the text (a float that is not finite becomes None)."""
+        values = {
+            "n_tokens": self.n_tokens,
+            "mean_kld": self.mean_kld,
+            "kld_stderr": self.kld_stderr,
+            "max_kld": float(self.kld.max()),
+            "kld_p99": float(np.percentile(self.kld, 99)),
+            "median_kld": float(np.median(self.kld)),
+            "top1_agreement": self.top1_agreement,
+            "top1_stderr": self.top1_stderr,
+            "perplexity": _exp(-float(self.logprobs.mean(dtype=np.float64))),
+            "reference_perplexity": _exp(-float(self.reference_logprobs.mean(dtype=np.float64))),
+        }
+        return {
+            k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in values.items()
+        }
+
+
+def _stderr(values: NDArray[np.float64]) -> float | None:
+    """The standard error of the mean of `values` (sample std / sqrt(n)); None for n < 2."""
+    if len(values) < 2:
+        return None
+    return float(values.std(ddof=1)) / math.sqrt(len(values))
+
+
+def kl_divergence(
+    reference: GPT2,
+    model: GPT2,
+    ids: Ids,
+    *,
+    stride: int | None = None,
+    bos: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> KLReport:
+    """Compare `model` with `reference` (the same weights in float32) on token ids `ids`: at
+    every token `score_text` scores (the same windows; `stride` and `bos` as there), the KL
+    divergence of the model's next-token distribution from the reference's, and whether their
+    most likely tokens agree. Both models run window by window, side by side, so no more than
+    a block of logits of each is held. `progress(tokens)`, if given, is called after each block
+    with the tokens it scored."""
+    if reference.config != model.config:
+        raise GPT2Error("the reference and the model compared with it differ in shape")
+    sequence = scoring_sequence(reference, ids, bos=bos)
+    parts: list[tuple[NDArray[np.intp], Array, Array, Array, Array]] = []
+    pairs = zip(
+        scored_logits(reference, [sequence], stride=stride),
+        scored_logits(model, [sequence], stride=stride),
+        strict=True,
+    )
+    for ours, theirs in pairs:  # the same windows and blocks: the same positions, in order
+        p = ours.logits.astype(np.float64) - ours.logsumexp()[:, None]  # [n, V]: log p
+        q = theirs.logits.astype(np.float64) - theirs.logsumexp()[:, None]  # [n, V]: log q
+        kld = (np.exp(p) * (p - q)).sum(axis=-1)  # [n]
+        same = ours.logits.argmax(axis=-1) == theirs.logits.argmax(axis=-1)  # [n]
+        parts.append((ours.positions, kld, same, ours.logprobs(), theirs.logprobs()))
+        if progress is not None:
+            progress(len(ours.positions))
+    parts.sort(key=lambda part: int(part[0][0]))
+    return KLReport(*(np.concatenate([part[i] for part in parts]) for i in range(1, 5)))
+
+
+def kl_texts(
+    reference: GPT2,
+    model: GPT2,
+    texts: Sequence[str],
+    *,
+    stride: int | None = None,
+    bos: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+    names: Sequence[str] | None = None,
+) -> list[KLReport]:
+    """`kl_divergence` of several texts, every one checked before any runs (`names` name them
+    in errors, as in `score_texts`); `progress(done, total)` counts their tokens."""
+    names = names or [f"text {i} (counting from 0)" for i in range(len(texts))]
+    encoded = [reference.tokenizer.encode(text) for text in texts]
+    for ids, text, name in zip(encoded, texts, names, strict=True):
+        scoring_ids(reference, text, bos=bos, name=name, ids=ids)
+    n_ctx = reference.config.n_ctx
+    total = sum(
+        end - first
+        for ids in encoded
+        for _, end, first in score_windows(len(ids) + bos, n_ctx, stride or n_ctx // 2)
+    )
+    done = 0
+
+    def advance(tokens: int) -> None:
+        nonlocal done
+        done += tokens
+        if progress is not None:
+            progress(done, total)
+
+    return [
+        kl_divergence(reference, model, ids, stride=stride, bos=bos, progress=advance)
+        for ids in encoded
+    ]
+
+
+def kl_json(report: KLReport, first: dict[str, Any]) -> str:
+    """One `--kl-divergence --json` line: `first` (source, dtypes), then the report's totals."""
+    return json.dumps(first | report.totals(), ensure_ascii=False, allow_nan=False) + "\n"
+
+
+KL_COLUMNS = ("source", "tokens", "mean_kld", "kld_stderr", "top1_agreement")
+
+
+def kl_table(rows: Sequence[tuple[str, KLReport]], *, aligned: bool) -> str:
+    """`--kl-divergence`'s default output: a header and one row per input (source, tokens,
+    mean KLD, its standard error, top-1 agreement), tab-separated, or `aligned` in columns.
+    Each source is shown as it is given (control characters already escaped)."""
+    cells = [list(KL_COLUMNS)] + [
+        [
+            source,
+            str(r.n_tokens),
+            f"{r.mean_kld:.6g}",
+            "nan" if r.kld_stderr is None else f"{r.kld_stderr:.3g}",
+            f"{r.top1_agreement:.6g}",
+        ]
+        for source, r in rows
+    ]
+    if not aligned:
+        return "".join("\t".join(row) + "\n" for row in cells)
+    widths = [max(len(row[i]) for row in cells) for i in range(len(KL_COLUMNS))]
+    lines = [
+        "  ".join(
+            [row[0].ljust(widths[0])]
+            + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
+        )
+        for row in cells
+    ]
+    return "".join(line.rstrip() + "\n" for line in lines)

@@ -1,0 +1,122 @@
+"""`gpt2cli.score.kl_divergence`: llama.cpp's `perplexity --kl-divergence` measure (mean KL
+divergence per token against float32, its standard error, top-1 agreement), checked against
+the sum over the vocabulary, and the int8 and bfloat16 weights held to issue 22's bounds on a
+124M-shaped model with heavy-tailed weights and outlier channels."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpt2cli.errors import GPT2Error
+from gpt2cli.model import GPT2
+from gpt2cli.score import kl_divergence, kl_json, kl_table, kl_texts, token_logprobs
+from tests.factory import GPT2_124M, TINY, write_random_gpt2
+
+NUMBA = importlib.util.find_spec("numba") is not None
+needs_numba = pytest.mark.skipif(
+    not NUMBA, reason="int8 and bfloat16 weights need numba (pip install 'gpt2cli[fast]')"
+)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir: Path) -> GPT2:
+    return GPT2.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def other(tmp_path_factory: pytest.TempPathFactory) -> GPT2:
+    """Another model of the tiny shape: other weights, so its distributions differ."""
+    return GPT2.from_pretrained(write_random_gpt2(tmp_path_factory.mktemp("other"), TINY, seed=1))
+
+
+def test_a_model_against_itself_diverges_nowhere_and_always_agrees(reference: GPT2):
+    same = GPT2(reference.config, reference.params)
+    ids = np.random.default_rng(0).integers(0, TINY.n_vocab, 300)
+    report = kl_divergence(reference, same, ids)
+    assert report.n_tokens == 300
+    assert report.mean_kld == 0.0 and report.kld_stderr == 0.0
+    assert report.top1_agreement == 1.0
+    assert report.totals()["perplexity"] == report.totals()["reference_perplexity"]
+
+
+def test_each_tokens_kld_is_the_sum_over_the_vocabulary_of_the_full_logits(
+    reference: GPT2, other: GPT2
+):
+    ids = np.random.default_rng(1).integers(0, TINY.n_vocab, 60)
+    sequence = np.concatenate([[reference.tokenizer.eot_token], ids])
+    p = reference(sequence)[:-1].astype(np.float64)  # [T, V]: what predicts each token
+    q = other(sequence)[:-1].astype(np.float64)
+    log_p, log_q = _log_softmax(p), _log_softmax(q)
+    expected = (np.exp(log_p) * (log_p - log_q)).sum(-1)
+    report = kl_divergence(reference, other, ids)
+    np.testing.assert_allclose(report.kld, expected, rtol=1e-4, atol=1e-6)
+    assert report.mean_kld > 0.1  # other weights: far apart, so the check above means something
+    np.testing.assert_array_equal(report.same_top, p.argmax(-1) == q.argmax(-1))
+    assert report.top1_agreement == np.mean(p.argmax(-1) == q.argmax(-1))
+    expected_stderr = expected.std(ddof=1) / np.sqrt(len(expected))
+    assert report.kld_stderr == pytest.approx(expected_stderr, rel=1e-4)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+@pytest.mark.parametrize(("stride", "bos"), [(None, True), (50, True), (128, False)])
+def test_a_long_text_is_compared_on_the_tokens_score_scores_each_once(
+    reference: GPT2, other: GPT2, stride: int | None, bos: bool
+):
+    ids = np.random.default_rng(2).integers(0, TINY.n_vocab, 300)  # over two contexts of 128
+    report = kl_divergence(reference, other, ids, stride=stride, bos=bos)
+    np.testing.assert_array_equal(
+        report.reference_logprobs, token_logprobs(reference, ids, stride=stride, bos=bos)
+    )
+    np.testing.assert_array_equal(
+        report.logprobs, token_logprobs(other, ids, stride=stride, bos=bos)
+    )
+
+
+def test_several_texts_are_checked_before_any_runs(reference: GPT2, other: GPT2):
+    with pytest.raises(GPT2Error, match=r"^b\.txt: nothing to score: the text is empty$"):
+        kl_texts(reference, other, ["some text", ""], names=["a.txt", "b.txt"])
+    seen: list[tuple[int, int]] = []
+    reports = kl_texts(
+        reference, other, ["one text", "and another one"], progress=lambda d, t: seen.append((d, t))
+    )
+    assert [r.n_tokens for r in reports] == [2, 3]
+    assert seen[-1] == (5, 5)
+
+
+def test_the_report_prints_as_a_table_and_as_json(reference: GPT2, other: GPT2):
+    report = kl_divergence(reference, other, reference.tokenizer.encode("Hello world, again"))
+    piped = kl_table([("a.txt", report)], aligned=False).splitlines()
+    assert piped[0] == "source\ttokens\tmean_kld\tkld_stderr\ttop1_agreement"
+    assert piped[1].split("\t")[:3] == ["a.txt", "4", f"{report.mean_kld:.6g}"]
+    line = kl_json(report, {"source": "a.txt", "dtype": "int8"})
+    assert line.startswith('{"source": "a.txt", "dtype": "int8", "n_tokens": 4, "mean_kld": ')
+    assert line.endswith("\n") and line.count("\n") == 1
+
+
+def _compare(folder: Path, dtype: str, n_tokens: int = 2048) -> dict[str, float]:
+    reference = GPT2.from_pretrained(folder)
+    model = GPT2.from_pretrained(folder, dtype=dtype)  # type: ignore[call-arg]
+    assert model.dtype == dtype  # type: ignore[attr-defined]
+    ids = np.random.default_rng(0).integers(0, GPT2_124M.n_vocab - 1, n_tokens)
+    return kl_divergence(reference, model, ids).totals()
+
+
+@needs_numba
+@pytest.mark.parametrize(
+    ("dtype", "most_kld", "least_agreement"), [("int8", 2e-3, 0.98), ("bfloat16", 2e-4, 0.995)]
+)
+def test_quantised_weights_stay_within_issue_22s_bounds_on_heavy_tailed_weights(
+    heavy_tailed_124m_dir: Path, dtype: str, most_kld: float, least_agreement: float
+):
+    totals = _compare(heavy_tailed_124m_dir, dtype)
+    assert totals["n_tokens"] == 2048
+    assert totals["mean_kld"] <= most_kld, totals
+    assert totals["top1_agreement"] >= least_agreement, totals
