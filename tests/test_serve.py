@@ -798,8 +798,8 @@ def test_a_stop_signal_cuts_off_a_body_still_arriving_with_a_503(
         ({"n": 9}, "n"),  # against the engine's rows
         ({"stream": True, "stream_options": {"other": True}}, "stream_options"),
         ({"logprobs": 6}, "logprobs"),
-        ({"best_of": 3}, "best_of"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"best_of": 3, "stream": True}, "best_of"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
         ({"frobnicate": 1}, "frobnicate"),
         ({"model": 5}, "model"),
     ],
