@@ -195,6 +195,58 @@ def test_generate_output_is_the_same_bytes_for_any_batch_size(model: GPT2):
     assert [len(line["ids"]) for line in lines] == [3 + (i * 5) % 11 for i in range(14)]
 
 
+def test_a_row_sets_the_decoding_options_by_their_snake_case_names(model: GPT2):
+    sampled = {
+        "prompt": "x",
+        "repetition_penalty": 1.2,
+        "presence_penalty": 0.5,
+        "frequency_penalty": -1,
+        "no_repeat_ngram": 2,
+        "logit_bias": {"50256": -100, "11": 3},
+        "ban": "Hello",
+        "min_tokens": 2,
+        "min_p": 0.1,
+        "typical_p": 0.9,
+        "best_of": 3,
+        "prompt_lookup": 4,
+    }
+    searched = {
+        "prompt": "y",
+        "num_beams": 3,
+        "n": 2,
+        "length_penalty": 0.5,
+        "early_stopping": "never",
+    }
+    rows = dataset.read_rows("input", jsonl(sampled, searched), GenerateTask(), model)
+    first, second = (row.work.params for row in rows)
+    assert first.logit_bias == ((11, 3.0), (50256, -100.0)) and first.ban == ("Hello",)
+    assert (first.presence_penalty, first.frequency_penalty, first.min_p) == (0.5, -1.0, 0.1)
+    assert (first.best_of, first.prompt_lookup, first.draws) == (3, 4, 3)
+    assert (second.num_beams, second.n, second.early_stopping, second.draws) == (3, 2, "never", 3)
+
+
+@pytest.mark.parametrize(
+    ("fields", "says"),
+    [
+        ({"logit_bias": [[5, 1]]}, '"logit_bias" must be an object {"id": bias}'),
+        ({"logit_bias": {"5": True}}, "the logit bias of token 5 must be a number"),
+        ({"logit_bias": {"99999": 1}}, "outside the vocabulary"),
+        ({"early_stopping": 1}, '"early_stopping" must be true, false or "never"'),
+        ({"ban": [""]}, "a banned text must not be empty"),
+        ({"ban": 5}, '"ban" must be'),
+        ({"min_p": "0.1"}, '"min_p" must be a number'),
+        ({"num_beams": 9}, "runs 9 sequences (n, num_beams or best_of) but the batch holds 8"),
+        ({"num_beams": 2, "top_p": 0.5}, "top_p is a sampling option"),
+        ({"best_of": 1, "n": 2}, "best_of must be at least n (2)"),
+    ],
+)
+def test_a_bad_decoding_field_is_an_invalid_row_naming_it(
+    model: GPT2, fields: dict[str, object], says: str
+):
+    (row,) = dataset.read_rows("input", jsonl({"prompt": "x"} | fields), GenerateTask(), model)
+    assert row.error is not None and says in row.error
+
+
 def test_a_row_with_several_samples_lists_them_after_its_prompt_ids(model: GPT2):
     task = GenerateTask(GenerationParams(max_tokens=4, seed=1), batch_size=3)
     content = jsonl({"prompt": "a", "n": 3}, {"prompt": "b"}, {"prompt": "c", "n": 2})
@@ -347,6 +399,17 @@ def test_only_options_that_change_results_make_another_origin(model: GPT2):
         (replace(base, n=2), False, "-n 1, not -n 2"),
         (replace(base, ignore_eos=True), False, "no --ignore-eos, not --ignore-eos"),
         (base, True, "no --logprobs, not --logprobs"),
+        (
+            replace(base, logit_bias=((5, -100.0), (7, 1.5))),
+            False,
+            "no --logit-bias, not --logit-bias 5=-100 --logit-bias 7=1.5",
+        ),
+        (
+            replace(base, num_beams=2, early_stopping="never"),
+            False,
+            "--num-beams 1 --early-stopping false, not --num-beams 2 --early-stopping never",
+        ),
+        (replace(base, ban=("a b",)), False, "no --ban, not --ban 'a b'"),
     ]
     for params, logprobs, words in cases:
         assert made.mismatch(origin(model, GenerateTask(params, logprobs=logprobs))) == (
