@@ -232,7 +232,7 @@ def logit_bias(items: Iterable[tuple[object, object]]) -> tuple[tuple[int, float
             )
         if key in pairs:
             raise ParamError("logit_bias", f"token {key} is given two logit biases")
-        pairs[key] = float(value) if abs(value) < 1e300 else math.copysign(math.inf, value)
+        pairs[key] = math.copysign(math.inf, value) if abs(value) > 1e300 else float(value)
     return tuple(sorted(pairs.items()))
 
 
