@@ -31,6 +31,7 @@ from gpt2cli.errors import GPT2Error
 from gpt2cli.kvcache import DecodeState, keep_freed_memory, lazy_zeros
 
 if TYPE_CHECKING:
+    from gpt2cli.quant import Packed
     from gpt2cli.tokenizer import Tokenizer
     from gpt2cli.weights import Params
 
@@ -87,13 +88,16 @@ def layer_norm(x: Array, g: Array, b: Array, eps: float = 1e-5) -> Array:
     return out
 
 
-def linear(x: Array, w: Array, b: Array) -> Array:
+def linear(x: Array, w: Array | Packed, b: Array) -> Array:
     """x @ w + b over the last axis, as one matrix product however many leading axes x has.
 
     Weights stored transposed (`w.T` contiguous: `weights.transposed_layout`) are multiplied as
     (w.T @ x.T).T when x has fewer than TRANSPOSED_ROWS rows, the product BLAS runs fastest for
-    them; the result is the same.
+    them; the result is the same. Narrow weights (`quant.Packed`, w.T in bfloat16 or int8)
+    multiply themselves, on compiled kernels.
     """
+    if not isinstance(w, np.ndarray):
+        return w.linear(x, b)
     rows = x.reshape(-1, w.shape[0])  # [..., n_in] -> [m, n_in]: the weights are read once
     out: Array
     if len(rows) < TRANSPOSED_ROWS and w.flags.f_contiguous and not w.flags.c_contiguous:
@@ -237,7 +241,9 @@ def forward(
 def output_head(x: Array, params: Params) -> Array:
     """Logits over the vocabulary: each hidden state against every token's embedding (the head
     is wte itself unless the checkpoint has an untied lm_head)."""
-    head: Array = params["lm_head"] if "lm_head" in params else params["wte"]  # [V, D]
+    head: Array | Packed = params["lm_head"] if "lm_head" in params else params["wte"]  # [V, D]
+    if not isinstance(head, np.ndarray):  # narrow weights (quant.Packed)
+        return head.linear(x)
     logits: Array = x @ head.T  # [..., D] @ [D, V] -> [..., V]
     return logits
 
@@ -255,20 +261,37 @@ class GPT2:
         config: GPT2Config,
         params: Params,
         folder: Path | None = None,
+        *,
+        dtype: str = "float32",
     ) -> None:
         self.config = config
         self.params = params
         self.folder = folder  # where the tokenizer files are looked for
+        self.dtype = dtype  # of the weight matrices (gpt2cli.quant.DTYPES); activations: float32
         keep_freed_memory()
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None) -> GPT2:
-        """Load a model by hub name ("gpt2", "124M", "owner/name") or from a local folder."""
-        from gpt2cli import hub, weights
+    def from_pretrained(
+        cls, name_or_path: str | Path, revision: str | None = None, *, dtype: str = "float32"
+    ) -> GPT2:
+        """Load a model by hub name ("gpt2", "124M", "owner/name") or from a local folder.
 
+        `dtype` "bfloat16" or "int8" narrows the weight matrices (`gpt2cli.quant`; they need the
+        `fast` extra, numba), converted once into the user's cache; "float32" runs the
+        checkpoint's weights as they are (widened from float16 or bfloat16 checkpoints)."""
+        from gpt2cli import hub, quant, weights
+
+        quant.check_dtype(dtype)
+        if dtype != "float32":
+            quant.load_kernels(dtype)  # before any download: a missing extra fails at once
         folder = hub.resolve(str(name_or_path), revision)
         config, params = weights.load(folder)
-        return cls(config, weights.transposed_layout(params, weights.weight_files(folder)), folder)
+        files = weights.weight_files(folder)
+        if dtype == "float32":
+            params = weights.transposed_layout(params, files)
+        else:
+            params = quant.pack(params, dtype, files)
+        return cls(config, params, folder, dtype=dtype)
 
     @cached_property
     def tokenizer(self) -> Tokenizer:

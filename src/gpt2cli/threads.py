@@ -34,6 +34,9 @@ THREAD_VARIABLES = (
     "OMP_NUM_THREADS",
     "MKL_NUM_THREADS",
 )
+# how a user chooses the thread count of every product, BLAS's and the compiled kernels'
+# (gpt2cli.kernels); `apply_user_threads` (the CLI's --threads) sets the same
+THREADS_VARIABLE = "GPT2CLI_THREADS"
 # (get, set) function names: NumPy 2's wheels (scipy-openblas, 64-bit integers), then others
 _SYMBOLS = (
     ("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
@@ -46,6 +49,10 @@ BUSY_SHARE = 0.5
 # the shortest interval a CpuSampler measures over: /proc/stat counts in ticks of 10 ms, so
 # over 0.1 s on 2 cores a busy core is about 10 of 20 ticks
 MIN_SAMPLE_S = 0.1
+
+
+_chosen: int | None = None  # apply_user_threads' count: the user's, it wins
+_fitted: int | None = None  # fit_to_idle_cores' last count, for the kernels too
 
 
 @dataclass(frozen=True)
@@ -106,9 +113,49 @@ def _initial_threads() -> int | None:
 
 
 def user_choice(environ: Mapping[str, str] | None = None) -> str | None:
-    """The variable through which the user chose the BLAS thread count, if they did."""
+    """The variable through which the user chose the BLAS thread count, if they did
+    (GPT2CLI_THREADS, or `apply_user_threads`, first)."""
     environ = os.environ if environ is None else environ
+    if _chosen is not None or environ.get(THREADS_VARIABLE, "").strip():
+        return THREADS_VARIABLE
     return next((v for v in THREAD_VARIABLES if environ.get(v, "").strip()), None)
+
+
+def user_threads(environ: Mapping[str, str] | None = None) -> int | None:
+    """The count the user chose for every product: `apply_user_threads`' or GPT2CLI_THREADS'
+    (a GPT2Error unless it is a positive integer); None if neither."""
+    from gpt2cli.errors import GPT2Error
+
+    if _chosen is not None:
+        return _chosen
+    text = (os.environ if environ is None else environ).get(THREADS_VARIABLE, "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise GPT2Error(f"{THREADS_VARIABLE}={text!r}: set it to a positive number of threads")
+    return int(text)
+
+
+def apply_user_threads(n: int | None) -> None:
+    """Run every product, BLAS's and the compiled kernels', on `n` threads from now on (the
+    CLI's `--threads N`); None: GPT2CLI_THREADS' count if it is set, else leave the count to
+    `fit_to_idle_cores`. Call it before the model runs, with no product running."""
+    global _chosen
+    from gpt2cli.errors import GPT2Error
+
+    if n is not None and n < 1:
+        raise GPT2Error(f"--threads must be a positive number of threads, got {n}")
+    count = n if n is not None else user_threads()
+    if count is None:
+        return
+    _chosen = count
+    set_blas_threads(count)
+
+
+def kernel_threads() -> int:
+    """The compiled kernels' thread count: the user's choice, else `fit_to_idle_cores`' last
+    count, else one for each core this process may use."""
+    return user_threads() or _fitted or usable_cores()
 
 
 def usable_cores() -> int:
@@ -255,21 +302,27 @@ class Fit:
 def fit_to_idle_cores(sampler: CpuSampler | None = None) -> Fit | None:
     """Run OpenBLAS on one thread for each core other processes left idle since `sampler`
     started (without one: at this instant), within a cgroup CPU quota, unless the user chose a
-    count through one of THREAD_VARIABLES. None where OpenBLAS cannot be found.
+    count through one of THREAD_VARIABLES or GPT2CLI_THREADS. None where OpenBLAS cannot be
+    found. The compiled kernels (`kernel_threads`) take the same count of idle cores.
 
     The count is decided from the cores' use until now. A long-running process may call it
     again with a new sampler to follow the machine's load, between products (OpenBLAS's count
     must not change while one runs on another thread)."""
+    global _fitted
     current = blas_threads()
     default = _initial_threads()
-    if current is None or default is None:
-        return None
     cores = usable_cores()
-    user = user_choice()
-    if user is not None:
-        return Fit(current, default, cores, None, None, user)
     busy = (sampler or CpuSampler()).busy_cores()
     quota = cpu_quota()
+    _fitted = pick_threads(cores, cores, busy, quota)  # the kernels' count (kernel_threads)
+    if current is None or default is None:
+        return None
+    user = user_choice()
+    if user is not None:
+        mine = user_threads()  # GPT2CLI_THREADS applies to BLAS too; OPENBLAS_NUM_THREADS is set
+        if mine is not None and mine != current:
+            set_blas_threads(mine)
+        return Fit(mine or current, default, cores, None, None, user)
     chosen = pick_threads(default, cores, busy, quota)
     if chosen != current:
         set_blas_threads(chosen)

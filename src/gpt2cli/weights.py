@@ -69,6 +69,7 @@ def load(folder: str | os.PathLike[str]) -> tuple[GPT2Config, Params]:
 LAYOUT_FORMAT = 2  # change it when the cached copies' layout changes
 _FINGERPRINT_ROWS = 192  # rows of the head hashed into the cache key
 _PROJECTED = ("attn", "mlp")  # the parts of a block whose c_proj weights are transposed
+_F32 = np.dtype("<f4")
 
 
 def transposed_layout(params: Params, files: list[Path]) -> Params:
@@ -86,32 +87,21 @@ def transposed_layout(params: Params, files: list[Path]) -> Params:
     head rows; a loaded copy is checked against rows of every matrix it holds. The folder is
     recorded in the index as one the copy was derived from, for `gpt2 cache` to show.
     """
-    folder = cache.folder()
     tied = "lm_head" not in params
     head = params["wte"] if tied else params["lm_head"]
     blocks = params["blocks"]
     matrices = [head] + [b[part]["c_proj"]["w"] for b in blocks for part in _PROJECTED]
-    if folder is None:
+    folder = cache.folder()
+    key = content_key(f"{LAYOUT_FORMAT} {[m.shape for m in matrices]}", params, files, folder)
+    if key is None or folder is None:
         return params
-    # three runs of rows (start, middle, end), not rows spread evenly: the kernel maps file
-    # pages in whole folios of up to megabytes, so touching 256 rows across the table would
-    # bring nearly all of it into memory, the copy this function exists to avoid reading
-    n, run = len(head), min(len(head), _FINGERPRINT_ROWS // 3)
-    rows = np.unique(np.concatenate([np.arange(s, s + run) for s in (0, (n - run) // 2, n - run)]))
-    shapes = [m.shape for m in matrices]
-    key = hashlib.sha256(f"{LAYOUT_FORMAT} {shapes}".encode())
-    try:
-        folder.mkdir(parents=True, exist_ok=True)  # else hashing the weights would be for nothing
-        index = cache.Index.read(folder)
-        key.update(" ".join(index.sha256(path) for path in files).encode())
-    except OSError:
-        return params
-    key.update(np.ascontiguousarray(head[rows]).tobytes())
-    entry = folder / f"layout-{key.hexdigest()[:32]}.npy"
+    digest, index = key
+    rows = head_rows(len(head))
+    entry = folder / f"layout-{digest}.npy"
     total = sum(m.size for m in matrices)
 
     def cached() -> list[np.ndarray] | None:
-        flat = _load_flat(entry, total)
+        flat = load_flat(entry, total)
         if flat is None:
             return None
         ends = np.cumsum([m.size for m in matrices])
@@ -153,9 +143,40 @@ def transposed_layout(params: Params, files: list[Path]) -> Params:
     return {**params, "blocks": laid_out, ("wte" if tied else "lm_head"): copies[0].T}
 
 
-def _load_flat(entry: Path, n: int) -> np.ndarray | None:
-    """A cached .npy of n little-endian float32 values, memory-mapped; else None."""
-    f = cache.open_entry(entry, 4 * n + 4096)
+def head_rows(n: int) -> np.ndarray:
+    """The rows of an n-row head hashed into a cache key: three runs of rows (start, middle,
+    end), not rows spread evenly: the kernel maps file pages in whole folios of up to
+    megabytes, so touching 256 rows across the table would bring nearly all of it into memory,
+    the copy the cached layouts exist to avoid reading."""
+    run = min(n, _FINGERPRINT_ROWS // 3)
+    return np.unique(np.concatenate([np.arange(s, s + run) for s in (0, (n - run) // 2, n - run)]))
+
+
+def content_key(
+    kind: str, params: Params, files: list[Path], folder: Path | None
+) -> tuple[str, cache.Index] | None:
+    """The name (32 hex digits) of a cache entry derived from `params` loaded from `files`, and
+    the cache's index (to record the entry's source folder and save): a hash of `kind` (the
+    entry's format and shapes), the files' sha256 (`cache.Index`) and sampled rows of the
+    head. None when the cache folder cannot be made or the files cannot be hashed."""
+    if folder is None:
+        return None
+    head = params["lm_head"] if "lm_head" in params else params["wte"]
+    key = hashlib.sha256(kind.encode())
+    try:
+        folder.mkdir(parents=True, exist_ok=True)  # else hashing the weights would be for nothing
+        index = cache.Index.read(folder)
+        key.update(" ".join(index.sha256(path) for path in files).encode())
+    except OSError:
+        return None
+    key.update(np.ascontiguousarray(head[head_rows(len(head))]).tobytes())
+    return key.hexdigest()[:32], index
+
+
+def load_flat(entry: Path, n: int, dtype: np.dtype[Any] = _F32) -> np.ndarray | None:
+    """A cached .npy of n values of `dtype` (one-byte or little-endian), memory-mapped; else
+    None when it is missing, of another shape, dtype or size (truncated), or unreadable."""
+    f = cache.open_entry(entry, dtype.itemsize * n + 4096)
     if f is None:
         return None
     with f:
@@ -165,11 +186,11 @@ def _load_flat(entry: Path, n: int) -> np.ndarray | None:
                 return None
             header = np.lib.format.read_array_header_1_0(f)
             offset = f.tell()
-            if header != ((n,), False, np.dtype("<f4")) or os.fstat(f.fileno()).st_size != (
-                offset + 4 * n
+            if header != ((n,), False, dtype) or os.fstat(f.fileno()).st_size != (
+                offset + dtype.itemsize * n
             ):
                 return None
-            return np.asarray(np.memmap(f, np.dtype("<f4"), "r", offset, (n,)))
+            return np.asarray(np.memmap(f, dtype, "r", offset, (n,)))
         except (OSError, ValueError):
             return None
 

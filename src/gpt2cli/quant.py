@@ -1,0 +1,405 @@
+"""Weights in a narrower dtype than float32: bfloat16 or int8, read by compiled kernels.
+
+Decoding reads every weight once per token, so it runs at the speed of memory: half the bytes
+(bfloat16) or a quarter and a little (int8) decode up to 2x or 4x faster. Only the matrices of
+the products narrow (each block's c_attn, c_proj, c_fc and c_proj, and the output head, which is
+the embedding when tied); activations, layer norms, biases, softmax and the KV cache stay
+float32, and the products accumulate in float32.
+
+- bfloat16: float32's top 16 bits, rounded to nearest, ties to even (`to_bfloat16`).
+- int8: weight-only and symmetric, one float32 scale per BLOCK consecutive input weights of each
+  output (ggml's q8_0 uses 32): w ~= scale * q with q in [-127, 127] (`quantize_int8`).
+
+A narrow matrix is a `Packed` [n_out, n_in] (the checkpoint's [n_in, n_out] transposed, so each
+output is a dot product of contiguous rows): up to KERNEL_ROWS rows go through `gpt2cli.kernels`,
+more through BLAS, on a float32 copy widened a piece at a time into a reused buffer. The narrow
+weights are converted once and kept in the user's cache (`pack`), keyed by the weights' content.
+
+This module imports no numba: `check_dtype` and the names are cheap; `load_kernels` imports it.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+from numpy.typing import NDArray
+
+from gpt2cli import cache
+from gpt2cli.errors import GPT2Error, missing_extra
+
+DTYPES = ("float32", "bfloat16", "int8")
+# int8: input weights per scale. Measured on 124M-shaped weights (docs/performance.md): 32, as
+# ggml's q8_0, costs a 1/8 more bytes in scales than 256 but halves the error of heavy tails
+BLOCK = 32
+# products of up to this many rows run on the kernels (decoding: one row per sequence); more
+# rows (a prefill) widen the weights for BLAS, which is faster there (measured)
+KERNEL_ROWS = 16
+# bytes of float32 widened at a time for BLAS: a whole block matrix, the head in pieces
+WIDEN_BYTES = 16 << 20
+PACK_FORMAT = 1  # change it when the cached narrow weights' layout changes
+_ALIGN = 64  # bytes: each array in a cache entry starts on a cache line
+_CHECK_ROWS = 16  # rows of each matrix (at its start and middle) compared on loading
+
+Array = NDArray[np.float32]
+_NARROW: dict[str, np.dtype[Any]] = {"bfloat16": np.dtype("<u2"), "int8": np.dtype("i1")}
+
+
+def check_dtype(name: str) -> str:
+    """`name` if it is one of DTYPES, else a GPT2Error listing them."""
+    if name not in DTYPES:
+        raise GPT2Error(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return name
+
+
+def to_bfloat16(x: NDArray[Any]) -> NDArray[np.uint16]:
+    """The bfloat16 bits nearest to float32 `x`, ties to even; Inf stays Inf, values past
+    bfloat16's largest round to Inf, and NaN stays NaN (made quiet, sign kept)."""
+    bits = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    with np.errstate(over="ignore"):  # only NaNs wrap (their bits are past 0xFF800000)
+        rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+    out: NDArray[np.uint16] = (rounded >> np.uint32(16)).astype(np.uint16)
+    nan = np.isnan(x)
+    out[nan] = (bits[nan] >> np.uint32(16)).astype(np.uint16) | np.uint16(0x0040)
+    return out
+
+
+def from_bfloat16(u: NDArray[np.uint16]) -> Array:
+    """bfloat16 bits as float32 (exact: bfloat16 is a float32's high half)."""
+    widened: Array = (u.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return widened
+
+
+def quantize_int8(m: Array, block: int = BLOCK) -> tuple[NDArray[np.int8], Array]:
+    """m [n_out, n_in] as int8 q [n_out, n_in] and scales [n_out, ceil(n_in / block)]: each
+    block of `block` consecutive weights of a row scaled so that its largest magnitude is 127.
+    A block holding NaN or Inf gets a NaN scale, so its products are NaN (GPT2.head reports it)."""
+    rows, cols = m.shape
+    pad = -cols % block
+    blocks = np.pad(m, ((0, 0), (0, pad))).reshape(rows, -1, block)  # [n_out, n_blocks, block]
+    with np.errstate(invalid="ignore"):
+        scales = (np.abs(blocks).max(axis=-1) / 127).astype(np.float32)  # [n_out, n_blocks]
+    scales[~np.isfinite(scales)] = np.nan
+    inverse = np.divide(1, scales, out=np.zeros_like(scales), where=scales > 0)
+    with np.errstate(invalid="ignore"):
+        q = np.rint(blocks * inverse[..., None])  # NaN where the scale is NaN
+    q = np.nan_to_num(q, nan=0.0).clip(-127, 127).astype(np.int8)
+    return q.reshape(rows, -1)[:, :cols], scales
+
+
+def dequantize_int8(q: NDArray[np.int8], scales: Array, block: int = BLOCK) -> Array:
+    """The float32 weights [..., n_in] that int8 q [..., n_in] and its scales stand for."""
+    widened: Array = q.astype(np.float32)
+    widened *= np.repeat(scales, block, axis=-1)[..., : q.shape[-1]]
+    return widened
+
+
+@dataclass(frozen=True, eq=False)
+class Packed:
+    """A weight matrix M [n_out, n_in] used as `x @ M.T`, in `dtype`: float32, the bfloat16 bits
+    (uint16) or int8 with `scales` [n_out, n_blocks] for blocks of `block` inputs.
+
+    `linear(x, b)` is the product; `m[ids]` widens rows, the embedding lookup of a tied head.
+    """
+
+    dtype: str
+    data: NDArray[Any]  # [n_out, n_in]
+    scales: Array | None = None  # [n_out, n_blocks], int8 only
+    block: int = BLOCK
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n_out, n_in = self.data.shape
+        return n_out, n_in
+
+    def __getitem__(self, ids: Any) -> Array:
+        """Rows `ids` of M as float32 [..., n_in]."""
+        if self.dtype == "int8":
+            assert self.scales is not None
+            return dequantize_int8(self.data[ids], self.scales[ids], self.block)
+        if self.dtype == "bfloat16":
+            return from_bfloat16(self.data[ids])
+        rows: Array = self.data[ids]
+        return rows
+
+    def linear(self, x: Array, b: Array | None = None) -> Array:
+        """x [..., n_in] @ M.T (+ b [n_out]) -> [..., n_out], in float32."""
+        n_out, n_in = self.shape
+        rows = np.ascontiguousarray(x.reshape(-1, n_in), np.float32)  # [m, n_in]
+        out = np.empty((len(rows), n_out), np.float32)  # [m, n_out]
+        if len(rows) <= KERNEL_ROWS:
+            _kernel_product(self, rows, out)
+        elif self.dtype == "float32":
+            np.matmul(rows, self.data.T, out=out)
+        else:
+            for lo, widened in self._pieces():  # [n, n_in] float32, n <= WIDEN_BYTES / 4 n_in
+                np.matmul(rows, widened.T, out=out[:, lo : lo + len(widened)])
+        if b is not None:
+            out += b
+        return out.reshape(*x.shape[:-1], n_out)
+
+    def _pieces(self) -> Iterator[tuple[int, Array]]:
+        """M widened to float32 a piece of rows at a time, in one buffer reused by each call on
+        this thread: (first row, rows [n, n_in])."""
+        from gpt2cli import kernels
+
+        n_out, n_in = self.shape
+        step = max(1, min(n_out, WIDEN_BYTES // (4 * n_in)))
+        buffer = _scratch(step * n_in)
+        for lo in range(0, n_out, step):
+            part = self.data[lo : lo + step]
+            out = buffer[: part.size].reshape(part.shape)
+            if self.dtype == "int8":
+                assert self.scales is not None
+                kernels.int8_widen(part, self.scales[lo : lo + step], self.block, out)
+            else:
+                kernels.bf16_widen(part, out)
+            yield lo, out
+
+
+_local = threading.local()
+
+
+def _scratch(n: int) -> Array:
+    """A float32 buffer of at least n values, this thread's, reused from call to call."""
+    buffer: Array | None = getattr(_local, "buffer", None)
+    if buffer is None or buffer.size < n:
+        buffer = _local.buffer = np.empty(n, np.float32)
+    return buffer
+
+
+def _kernel_product(m: Packed, rows: Array, out: Array) -> None:
+    """out = rows @ M.T on the compiled kernels, on this thread's chosen count of threads."""
+    from gpt2cli import kernels, threads
+
+    kernels.use_threads(threads.kernel_threads())
+    if m.dtype == "int8":
+        kernels.int8_matmul(rows, m.data, m.scales, m.block, out)
+    elif m.dtype == "bfloat16":
+        kernels.bf16_matmul(rows, m.data, out)
+    else:
+        kernels.f32_matmul(rows, m.data, out)
+
+
+def load_kernels(dtype: str) -> None:
+    """Import `gpt2cli.kernels` and compile the ones `dtype` uses (or load them from numba's
+    cache), saying so in one line on a terminal when they must be compiled (the first run: tens
+    of seconds). A GPT2Error naming the `fast` extra when numba is not installed."""
+    try:
+        from gpt2cli import kernels
+    except ImportError as e:
+        if e.name == "numba" or (e.name or "").startswith("numba."):
+            raise missing_extra("fast", f"dtype {dtype}") from None
+        raise GPT2Error(f"dtype {dtype} needs numba, which cannot be imported: {e}") from None
+    chosen = {
+        "int8": [kernels.int8_matmul, kernels.int8_widen],
+        "bfloat16": [kernels.bf16_matmul, kernels.bf16_widen],
+        "float32": [kernels.f32_matmul],
+    }[dtype]
+    terminal = sys.stderr is not None and sys.stderr.isatty()
+    if terminal and not all(kernels.is_cached(k) for k in chosen):
+        print(f"gpt2: compiling the {dtype} kernels (once)…", file=sys.stderr, flush=True)
+    for kernel in chosen:  # one tiny call each: compiled (or loaded) now, not mid-generation
+        _warm(kernels, kernel, dtype)
+
+
+def _warm(kernels: Any, kernel: Any, dtype: str) -> None:
+    """Call `kernel` once on tiny arrays of the types the model passes it."""
+    x, out = np.zeros((1, 2), np.float32), np.zeros((1, 2), np.float32)
+    data = np.zeros((2, 2), _NARROW.get(dtype, np.dtype(np.float32)))
+    scales = np.zeros((2, 1), np.float32)
+    if kernel is kernels.int8_matmul:
+        kernel(x, data, scales, BLOCK, out)
+    elif kernel is kernels.int8_widen:
+        kernel(data, scales, BLOCK, np.zeros((2, 2), np.float32))
+    elif kernel is kernels.bf16_widen:
+        kernel(data, np.zeros((2, 2), np.float32))
+    else:
+        kernel(x, data, out)
+
+
+# --- the narrow weights, converted once and kept in the user's cache ---------------------------
+
+_PROJECTED = ("attn", "mlp")
+
+
+def _matrices(params: dict[str, Any]) -> list[tuple[Array, bool]]:
+    """The matrices that narrow, as (array, is_transposed): the head [V, D] as it is, then each
+    block's c_attn, c_proj, c_fc and c_proj weights [n_in, n_out], transposed when packed."""
+    head = params["lm_head"] if "lm_head" in params else params["wte"]
+    found: list[tuple[Array, bool]] = [(head, False)]
+    for b in params["blocks"]:
+        found += [
+            (b["attn"]["c_attn"]["w"], True),
+            (b["attn"]["c_proj"]["w"], True),
+            (b["mlp"]["c_fc"]["w"], True),
+            (b["mlp"]["c_proj"]["w"], True),
+        ]
+    return found
+
+
+def _rows(m: Array, transposed: bool, lo: int, hi: int, cols: slice = slice(None)) -> Array:
+    """Rows lo:hi (columns `cols`) of the packed matrix M (m.T when `transposed`) as float32,
+    reading only those elements of the checkpoint's pages."""
+    part = m[cols, lo:hi].T if transposed else m[lo:hi, cols]
+    return np.ascontiguousarray(part, np.float32)
+
+
+def _convert(dtype: str, rows: Array, block: int) -> list[NDArray[Any]]:
+    """Rows of M in `dtype`: [bits] for bfloat16, [q, scales] for int8."""
+    if dtype == "bfloat16":
+        return [to_bfloat16(rows)]
+    return list(quantize_int8(rows, block))
+
+
+def _layout(
+    dtype: str, shape: tuple[int, int], block: int
+) -> list[tuple[np.dtype[Any], tuple[int, int]]]:
+    """The arrays one matrix of `shape` [n_out, n_in] is stored as, in order."""
+    n_out, n_in = shape
+    if dtype == "bfloat16":
+        return [(_NARROW[dtype], shape)]
+    return [(_NARROW[dtype], shape), (np.dtype("<f4"), (n_out, -(-n_in // block)))]
+
+
+def pack(
+    params: dict[str, Any], dtype: str, files: list[Path], block: int = BLOCK
+) -> dict[str, Any]:
+    """`params` with the head and every block's four matrices as `Packed` in `dtype` (bfloat16
+    or int8), memory-mapped from one file in the user's cache, converted and stored there on
+    first use; converted in memory when the cache cannot hold them (every load converts then).
+
+    The entry is keyed by the weight files' content (their sha256, as for the transposed layout:
+    the same weights in two folders are stored once), the format, dtype, block and shapes. A
+    loaded entry must have the expected size and hold what converting rows of each matrix
+    gives (a few rows each, so loading reads few of the checkpoint's pages): a truncated or
+    stale entry is rebuilt.
+    """
+    from gpt2cli import weights
+
+    matrices = _matrices(params)
+    shapes = [(m.shape[::-1] if t else m.shape) for m, t in matrices]
+    layouts = [_layout(dtype, shape, block) for shape in shapes]
+    spans = _spans(layouts)
+    total = spans[-1][-1][1]
+    folder = cache.folder()
+    key = weights.content_key(f"{PACK_FORMAT} {dtype} {block} {shapes}", params, files, folder)
+    arrays = None
+    if key is not None and folder is not None:
+        digest, index = key
+        entry = folder / f"{dtype}-{digest}.npy"
+        arrays = _cached(entry, total, layouts, spans, matrices, dtype, block)
+        if arrays is None and cache.store(
+            entry, lambda f: _write(f, total, matrices, spans, dtype, block)
+        ):
+            arrays = _cached(entry, total, layouts, spans, matrices, dtype, block)
+        if arrays is not None:
+            index.derived(entry.name, files[0].parent)
+        index.save()
+    if arrays is None:  # no cache: converted in memory, on every load
+        arrays = [
+            _convert(dtype, _rows(m, t, 0, s[0]), block)
+            for (m, t), s in zip(matrices, shapes, strict=True)
+        ]
+    return _replace(params, [_packed(dtype, a, block) for a in arrays])
+
+
+def _packed(dtype: str, arrays: list[NDArray[Any]], block: int) -> Packed:
+    return Packed(dtype, arrays[0], arrays[1] if dtype == "int8" else None, block)
+
+
+def _spans(
+    layouts: list[list[tuple[np.dtype[Any], tuple[int, int]]]],
+) -> list[list[tuple[int, int]]]:
+    """Each array's (start, end) byte offsets in the entry's data, each start aligned."""
+    at, spans = 0, []
+    for layout in layouts:
+        matrix = []
+        for dtype, (n_out, n_in) in layout:
+            at = -(-at // _ALIGN) * _ALIGN
+            matrix.append((at, at + dtype.itemsize * n_out * n_in))
+            at = matrix[-1][1]
+        spans.append(matrix)
+    return spans
+
+
+def _write(
+    f: BinaryIO,
+    total: int,
+    matrices: list[tuple[Array, bool]],
+    spans: list[list[tuple[int, int]]],
+    dtype: str,
+    block: int,
+) -> None:
+    """Write the entry: a .npy header for `total` bytes, then each matrix converted a piece of
+    rows at a time (no second copy of every weight in memory)."""
+    np.lib.format.write_array_header_1_0(
+        f, {"descr": "|u1", "fortran_order": False, "shape": (total,)}
+    )
+    start = f.tell()
+    for (m, transposed), matrix_spans in zip(matrices, spans, strict=True):
+        n_out = m.shape[1] if transposed else m.shape[0]
+        n_in = m.shape[0] if transposed else m.shape[1]
+        step = max(1, WIDEN_BYTES // (4 * n_in))
+        pieces: list[list[NDArray[Any]]] = [
+            _convert(dtype, _rows(m, transposed, lo, lo + step), block)
+            for lo in range(0, n_out, step)
+        ]
+        for i, (begin, _) in enumerate(matrix_spans):
+            f.write(b"\0" * (start + begin - f.tell()))
+            for piece in pieces:
+                f.write(piece[i].tobytes())
+
+
+def _cached(
+    entry: Path,
+    total: int,
+    layouts: list[list[tuple[np.dtype[Any], tuple[int, int]]]],
+    spans: list[list[tuple[int, int]]],
+    matrices: list[tuple[Array, bool]],
+    dtype: str,
+    block: int,
+) -> list[list[NDArray[Any]]] | None:
+    """The entry's arrays, memory-mapped, if it is whole and holds what converting a few rows
+    of each matrix gives; else None."""
+    from gpt2cli import weights
+
+    flat = weights.load_flat(entry, total, np.dtype("u1"))
+    if flat is None:
+        return None
+    arrays: list[list[NDArray[Any]]] = [
+        [flat[b:e].view(d).reshape(shape) for (d, shape), (b, e) in zip(layout, sp, strict=True)]
+        for layout, sp in zip(layouts, spans, strict=True)
+    ]
+    for (m, transposed), stored in zip(matrices, arrays, strict=True):
+        n_out, n_in = stored[0].shape[0], stored[0].shape[-1]
+        cols = slice(0, min(block, n_in))
+        for lo in (0, n_out // 2):
+            hi = min(n_out, lo + _CHECK_ROWS)
+            expected = _convert(dtype, _rows(m, transposed, lo, hi, cols), block)
+            got = [stored[0][lo:hi, cols]] + [s[lo:hi, :1] for s in stored[1:]]
+            if not all(
+                np.array_equal(a, b, equal_nan=True) for a, b in zip(expected, got, strict=True)
+            ):
+                return None
+    return arrays
+
+
+def _replace(params: dict[str, Any], packed: list[Packed]) -> dict[str, Any]:
+    """`params` with the matrices of `_matrices` replaced by `packed`, in that order (new dicts:
+    the loaded `params` stay as they are)."""
+    it = iter(packed)
+    head = next(it)
+    blocks = []
+    for b in params["blocks"]:
+        attn = {**b["attn"], "c_attn": {**b["attn"]["c_attn"], "w": next(it)}}
+        attn["c_proj"] = {**b["attn"]["c_proj"], "w": next(it)}
+        mlp = {**b["mlp"], "c_fc": {**b["mlp"]["c_fc"], "w": next(it)}}
+        mlp["c_proj"] = {**b["mlp"]["c_proj"], "w": next(it)}
+        blocks.append({**b, "attn": attn, "mlp": mlp})
+    return {**params, "blocks": blocks, ("lm_head" if "lm_head" in params else "wte"): head}
