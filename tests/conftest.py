@@ -30,6 +30,7 @@ SLOW_FIXTURES = {
     ("test_serve_lm_eval", "server"): "a `gpt2 serve` process and lm-eval",
     ("test_ray_engine", "cluster"): "a two-node Ray cluster",
     ("test_ray_serve", "cluster"): "a two-node Ray cluster and its Serve replicas",
+    ("test_cli_dtype", "cluster"): "a two-node Ray cluster",
     ("test_web", "browser"): "Chromium, driven by Playwright",
     ("test_readme", "clone"): "a fresh clone and the venv its README's first command builds",
 }

@@ -156,6 +156,9 @@ def _report(message: str, code: int, prefix: str = "gpt2: error: ") -> int:
     return code
 
 
+DTYPES = ("float32", "bfloat16", "int8")  # gpt2cli.quant.DTYPES, without importing NumPy for --help
+
+
 def _model_options(command: Any) -> Any:
     """`-m/--model`, `--revision`, `--dtype` and `--threads`, for the commands that run a model."""
     command = click.option(
@@ -167,7 +170,7 @@ def _model_options(command: Any) -> Any:
     )(command)
     command = click.option(
         "--dtype",
-        type=click.Choice(("float32", "bfloat16", "int8")),
+        type=click.Choice(DTYPES),
         default="float32",
         show_default=True,
         help="The weights' type: float32 (exact), bfloat16 or int8 (half and a quarter of the "
@@ -188,18 +191,23 @@ def _load_model(
     name: str, revision: str | None, dtype: str = "float32", n_threads: int | None = None
 ) -> GPT2:
     """The model `-m/--model` names, found or downloaded (a progress bar on a terminal), its
-    weights in `dtype`, with BLAS on one thread for each core other processes left idle
-    meanwhile, unless the user chose (gpt2cli.threads; a dim line on a terminal says when that
-    differs from OpenBLAS's own)."""
+    weights in `dtype` (int8 and bfloat16's kernels checked first: no download without them),
+    its products on `n_threads` threads (--threads, GPT2CLI_THREADS) or else one for each core
+    other processes left idle meanwhile, unless the user chose through OPENBLAS_NUM_THREADS and
+    the like (gpt2cli.threads; a dim line on a terminal says when that differs from OpenBLAS's
+    own)."""
     from gpt2cli import threads
 
     sampler = threads.CpuSampler()
-    from gpt2cli import hub
+    from gpt2cli import hub, quant
     from gpt2cli.model import GPT2
     from gpt2cli.output import terminal_console
 
+    threads.apply_user_threads(n_threads)
+    if dtype != "float32":
+        quant.load_kernels(dtype)
     folder = hub.resolve(name, revision, progress=sys.stderr.isatty())
-    model = GPT2.from_pretrained(folder, **({"dtype": dtype} if dtype != "float32" else {}))
+    model = GPT2.from_pretrained(folder, dtype=dtype)
     fit = threads.fit_to_idle_cores(sampler)
     console = terminal_console(stderr=True) if fit is not None and fit.changed else None
     if fit is not None and console is not None:

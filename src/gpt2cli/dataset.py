@@ -117,8 +117,8 @@ GENERATE_FIELDS = (
     *("best_of", "prompt_lookup"),
 )
 GENERATE_FLAGS = ("ignore_eos", "truncate")
-_NUMBERS = ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
-_NUMBERS += ("min_p", "typical_p", "length_penalty")
+_NUMBERS: tuple[str, ...] = ("temperature", "top_p", "repetition_penalty", "presence_penalty")
+_NUMBERS += ("frequency_penalty", "min_p", "typical_p", "length_penalty")
 
 
 @dataclass(frozen=True)
@@ -684,7 +684,7 @@ class Origin:
         named it) from input `input_name`, whose bytes are `content`."""
         return cls(
             task.command,
-            _as_json(task.settings() | {"dtype": getattr(model, "dtype", "float32")}),
+            _as_json(task.settings() | {"dtype": model.dtype}),
             model_name,
             revision,
             model_sha256(model.folder),

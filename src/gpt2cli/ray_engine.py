@@ -10,9 +10,11 @@ rows (`ray.data.from_items` -> `map_batches`), so the output is the local engine
 ids, text and fields, and floats within 1e-4 (an actor's BLAS runs with its own thread count).
 Workers never read the model from disk nor from the hub: a cluster needs no shared file system
 and no hub access, only gpt2cli[ray] installed on every node and room in each node's object
-store for the weights (float32: 4 bytes per parameter, 0.5 GB for gpt2).
+store for the weights (float32: 4 bytes per parameter, 0.5 GB for gpt2; int8 about a quarter).
+Each actor runs the model in the driver's dtype (`--dtype`), on the weights the driver converted.
 
-Each actor asks Ray for `threads` CPUs and runs its BLAS with that many threads; the pool has as
+Each actor asks Ray for `threads` CPUs and runs its BLAS (and the compiled kernels of int8 and
+bfloat16) with that many threads; the pool has as
 many actors as fit on the nodes' CPUs (per node: CPUs // threads), so actors x threads never
 exceed the CPUs Ray offers. Ray's own logs and progress bars stay off stdout (worker output is
 not forwarded to the driver), which carries only the results.
@@ -37,7 +39,7 @@ import numpy as np
 
 from gpt2cli.dataset import Result, Row, Task
 from gpt2cli.errors import STOP_SIGNALS, GPT2Error, missing_extra
-from gpt2cli.threads import THREAD_VARIABLES
+from gpt2cli.threads import THREAD_VARIABLES, THREADS_VARIABLE
 
 if TYPE_CHECKING:
     from gpt2cli.config import GPT2Config
@@ -76,27 +78,36 @@ def engine(
 
 @dataclass(frozen=True)
 class ModelPackage:
-    """A model as the driver ships it: its config, and its weights and tokenizer (as the driver
-    loaded them) in the object store."""
+    """A model as the driver ships it: its config and dtype, and its weights and tokenizer (as
+    the driver loaded them) in the object store."""
 
     config: GPT2Config
     params: Any  # a ray.ObjectRef of the nested dict of weight arrays (in the driver's layout)
     tokenizer: Any  # a ray.ObjectRef of the Tokenizer
+    dtype: str = "float32"  # of the weight matrices, as the driver converted them
 
 
 def package(ray: Any, model: GPT2) -> ModelPackage:
     """Put `model` in the object store."""
-    return ModelPackage(model.config, ray.put(model.params), ray.put(model.tokenizer))
+    return ModelPackage(model.config, ray.put(model.params), ray.put(model.tokenizer), model.dtype)
 
 
 def unpack(ray: Any, shipped: ModelPackage) -> GPT2:
     """The model an actor runs: weights from the object store (read-only, shared by the actors
-    of a node), no file read."""
+    of a node), no file read; int8 and bfloat16's kernels compiled (or loaded) first."""
+    from gpt2cli import quant
     from gpt2cli.model import GPT2
 
-    model = GPT2(shipped.config, ray.get(shipped.params))
+    if shipped.dtype != "float32":
+        quant.load_kernels(shipped.dtype)
+    model = GPT2(shipped.config, ray.get(shipped.params), dtype=shipped.dtype)
     model.tokenizer = ray.get(shipped.tokenizer)
     return model
+
+
+def thread_variables(threads: int) -> dict[str, str]:
+    """The environment that runs an actor's products, BLAS's and the kernels', on `threads`."""
+    return dict.fromkeys([*THREAD_VARIABLES, THREADS_VARIABLE], str(threads))
 
 
 class Actor:
@@ -173,7 +184,7 @@ def run_ray(
                 batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=min(actors, len(chunks))),
                 num_cpus=threads,
-                runtime_env={"env_vars": dict.fromkeys(THREAD_VARIABLES, str(threads))},
+                runtime_env={"env_vars": thread_variables(threads)},
                 max_restarts=0,
             )
         try:

@@ -5,7 +5,8 @@ bodies, the API key, the Host check, the web page, 429 with Retry-After) over a 
 has the local `gpt2cli.engine.Engine`'s interface. Each generation `Job` goes to a Ray Serve
 deployment through a DeploymentHandle as a stream; each replica runs today's engine (one worker
 thread, the scheduler's continuous batching) on the model rebuilt from the object store (as the
-Ray Data actors of `gpt2cli.ray_engine` do: weights read-only, no file system, no hub), and
+Ray Data actors of `gpt2cli.ray_engine` do: weights read-only, in the `--dtype` the ingress
+converted them to, no file system, no hub), and
 streams back its events of each step, which arrive in the job's inbox as the local engine's
 items, so the routes cannot tell the engines apart. A request's answer is the same whichever
 replica serves it: greedy ids, and seeded samples (a request's generator is its own).
@@ -31,9 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 from gpt2cli.engine import Call, Engine, Job, QueueFull, Stopping, post
 from gpt2cli.errors import GPT2Error, missing_extra
-from gpt2cli.ray_engine import connect, last_line
+from gpt2cli.ray_engine import connect, last_line, thread_variables
 from gpt2cli.scheduler import FailedEvent, PromptEvent, Request, TokenEvent
-from gpt2cli.threads import THREAD_VARIABLES
 
 if TYPE_CHECKING:
     from gpt2cli.model import GPT2
@@ -303,7 +303,7 @@ class RayServer:
                 "max_ongoing_requests": max_batch + max_queue,
                 "ray_actor_options": {
                     "num_cpus": threads,
-                    "runtime_env": {"env_vars": dict.fromkeys(THREAD_VARIABLES, str(threads))},
+                    "runtime_env": {"env_vars": thread_variables(threads)},
                 },
                 "health_check_period_s": 2,
                 "health_check_timeout_s": 30,

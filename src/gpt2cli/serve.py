@@ -232,6 +232,7 @@ class App:
             "root": self.folder,
             "parent": None,
             "max_model_len": self.model.config.n_ctx,
+            "dtype": self.model.dtype,
         }
 
     async def chat(self, request: HTTPRequest) -> Response:
