@@ -1,0 +1,121 @@
+"""The compiled kernels (gpt2cli.kernels) against NumPy on random shapes: 1 to 16 rows, odd
+sizes, int8 blocks cut short at the end of a row."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba", reason="the kernels need the fast extra (numba)")
+
+from gpt2cli import kernels, quant
+
+# (rows, n_out, n_in, block): 1-16 rows; outputs that are no multiple of the kernels' CHUNK;
+# inputs that are no multiple of the block (a shorter last block) or smaller than one
+SHAPES = [
+    (1, 768, 768, 32),
+    (1, 37, 100, 32),
+    (2, 129, 96, 64),
+    (3, 50, 33, 32),
+    (4, 17, 7, 32),
+    (5, 64, 250, 128),
+    (8, 300, 64, 32),
+    (13, 1, 40, 16),
+    (16, 75, 130, 32),
+]
+
+
+def _case(rows: int, n_out: int, n_in: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, n_in), dtype=np.float32)
+    m = (
+        rng.standard_t(3, (n_out, n_in)).astype(np.float32) * 0.05
+    )  # heavy tails, as trained weights
+    return x, m
+
+
+@pytest.mark.parametrize(("rows", "n_out", "n_in", "block"), SHAPES)
+def test_int8_kernel_equals_numpy_on_the_dequantised_weights(
+    rows: int, n_out: int, n_in: int, block: int
+) -> None:
+    x, m = _case(rows, n_out, n_in, seed=rows)
+    q, scales = quant.quantize_int8(m, block)
+    out = np.full((rows, n_out), np.nan, np.float32)
+    kernels.int8_matmul(x, q, scales, block, out)
+    expected = x.astype(np.float64) @ quant.dequantize_int8(q, scales, block).T.astype(np.float64)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("rows", "n_out", "n_in", "block"), SHAPES)
+def test_bf16_and_f32_kernels_equal_numpy(rows: int, n_out: int, n_in: int, block: int) -> None:
+    x, m = _case(rows, n_out, n_in, seed=100 + rows)
+    bits = quant.to_bfloat16(m)
+    for run, weights in (
+        (lambda out: kernels.bf16_matmul(x, bits, out), quant.from_bfloat16(bits)),
+        (lambda out: kernels.f32_matmul(x, m, out), m),
+    ):
+        out = np.full((rows, n_out), np.nan, np.float32)
+        run(out)
+        expected = x.astype(np.float64) @ weights.T.astype(np.float64)
+        np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("n_out", "n_in", "block"), [(37, 100, 32), (64, 250, 128), (5, 7, 32)])
+def test_widening_kernels_give_exactly_numpys_float32_weights(
+    n_out: int, n_in: int, block: int
+) -> None:
+    _, m = _case(1, n_out, n_in, seed=n_in)
+    q, scales = quant.quantize_int8(m, block)
+    out = np.empty((n_out, n_in), np.float32)
+    kernels.int8_widen(q, scales, block, out)
+    np.testing.assert_array_equal(out, quant.dequantize_int8(q, scales, block))
+    bits = quant.to_bfloat16(m)
+    kernels.bf16_widen(bits, out)
+    np.testing.assert_array_equal(out, quant.from_bfloat16(bits))
+
+
+def test_nan_and_inf_weights_reach_the_outputs() -> None:
+    """The kernels assume nothing is finite: a NaN weight makes its output NaN, an Inf one Inf."""
+    x = np.ones((2, 64), np.float32)
+    m = np.full((3, 64), 0.5, np.float32)
+    m[1, 5], m[2, 9] = np.nan, np.inf
+    out = np.empty((2, 3), np.float32)
+    kernels.f32_matmul(x, m, out)
+    assert np.isfinite(out[:, 0]).all() and np.isnan(out[:, 1]).all() and np.isinf(out[:, 2]).all()
+    q, scales = quant.quantize_int8(m)
+    kernels.int8_matmul(x, q, scales, quant.BLOCK, out)
+    assert np.isfinite(out[:, 0]).all() and not np.isfinite(out[:, 1:]).any()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_a_packed_matrix_gives_the_same_product_on_the_kernels_and_on_blas(
+    dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Up to KERNEL_ROWS rows run on the kernels, more on BLAS over pieces widened into one
+    buffer (made small here so that a matrix takes several): both give the same product."""
+    monkeypatch.setattr(quant, "WIDEN_BYTES", 4 * 100 * 7)  # 7 rows of 100 inputs a piece
+    x, m = _case(2 * quant.KERNEL_ROWS, 45, 100, seed=7)
+    q, scales = quant.quantize_int8(m)
+    packed = {
+        "float32": quant.Packed("float32", m),
+        "bfloat16": quant.Packed("bfloat16", quant.to_bfloat16(m)),
+        "int8": quant.Packed("int8", q, scales),
+    }[dtype]
+    bias = np.arange(45, dtype=np.float32)
+    many = packed.linear(x, bias)  # [32, 45]: BLAS
+    few = np.concatenate([packed.linear(x[i : i + 4], bias) for i in range(0, len(x), 4)])
+    assert many.shape == few.shape == (len(x), 45) and many.dtype == np.float32
+    np.testing.assert_allclose(few, many, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(packed.linear(x[:3][None], bias)[0], many[:3], rtol=1e-4, atol=1e-4)
+
+
+def test_one_thread_gives_the_same_outputs_as_all() -> None:
+    x, m = _case(8, 200, 96, seed=3)
+    q, scales = quant.quantize_int8(m)
+    outs = []
+    for n in (1, 2):
+        kernels.use_threads(n)
+        out = np.empty((8, 200), np.float32)
+        kernels.int8_matmul(x, q, scales, quant.BLOCK, out)
+        outs.append(out)
+    np.testing.assert_array_equal(outs[0], outs[1])
