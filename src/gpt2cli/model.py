@@ -419,15 +419,34 @@ class GPT2:
             raise GPT2Error(
                 f"step needs one id per row: {state.lengths.shape[0]} ids, got {ids.shape}"
             )
+        return self.step_many(state, ids[:, None])[:, 0]  # [B, V]
+
+    def step_many(self, state: DecodeState, ids: ArrayLike) -> Array:
+        """Feed T tokens per row (`ids` [B, T]) at each row's next positions and return the
+        logits [B, T, V] after each: a `step` over several positions per row in one pass, how
+        drafted tokens are verified.
+
+        Every row needs room (`state.room >= 1`). A row may be right-padded (its logits there
+        ignored): padding that would run past the capacity is computed at the last position,
+        which the row's own tokens must then leave free. Each row's length grows by T, at most
+        to the capacity; setting `state.lengths[row]` back rolls the rest back (what lies past a
+        row's length is never attended to, and is overwritten as it grows).
+        """
+        array = np.asarray(ids)
+        if array.ndim != 2 or array.shape[0] != state.lengths.shape[0] or not array.shape[1]:
+            raise GPT2Error(
+                f"step_many needs ids [B, T] with B = {state.lengths.shape[0]} rows and T >= 1, "
+                f"got shape {list(array.shape)}"
+            )
         full = np.flatnonzero(state.room < 1)
         if full.size:
             raise GPT2Error(
                 f"row {full[0]} already holds {state.capacity} positions, the cache's capacity; "
                 "it has finished (finish reason 'length')"
             )
-        self.check_ids(ids)
-        x = self._extend(state, ids[:, None])  # [B, 1, D]
-        return self.head(x[:, 0], state.lengths - 1)  # [B, V]
+        self.check_ids(array)
+        positions = self._positions(state, array.shape[1])  # [B, T]
+        return self.head(self._extend(state, array), positions)  # [B, T, V]
 
     def run_prompts(
         self, state: DecodeState, batch: NDArray[np.intp]
@@ -442,11 +461,21 @@ class GPT2:
 
     def _extend(self, state: DecodeState, ids: NDArray[np.intp]) -> Array:
         """Run ids [B, T] at each row's next T positions; return their final hidden states."""
-        positions = state.lengths[:, None] + np.arange(ids.shape[1])  # [B, T]
+        positions = self._positions(state, ids.shape[1])  # [B, T]
         with np.errstate(all="ignore"):  # weights that overflow float32 are caught in head
             x = forward(ids, positions, self.params, self.config, state.keys, state.values)
-        state.lengths += ids.shape[1]  # in place: a `rows` view updates the whole cache's lengths
+        # in place: a `rows` view updates the whole cache's lengths
+        np.minimum(state.lengths + ids.shape[1], state.capacity, out=state.lengths)
         return x
+
+    @staticmethod
+    def _positions(state: DecodeState, n: int) -> NDArray[np.intp]:
+        """Each row's next n positions [B, n]; any past the capacity (a padded row's tail in
+        `step_many`) are the last one."""
+        positions: NDArray[np.intp] = np.minimum(
+            state.lengths[:, None] + np.arange(n), state.capacity - 1
+        )
+        return positions
 
     def head(self, x: Array, positions: NDArray[np.intp]) -> Array:
         """Logits of final hidden states x [..., D] at `positions` [...], all finite or an error.
@@ -454,8 +483,9 @@ class GPT2:
         NaN or Inf logits cannot be sampled or scored; they come from weights that hold NaN or
         Inf, or values so large that float32 overflows, so the error names the first position.
         """
+        rows = x.reshape(-1, x.shape[-1])  # [m, D]: one product (3x faster than 8 of [1, D])
         with np.errstate(all="ignore"):
-            logits = output_head(x, self.params)  # [..., V]
+            logits = output_head(rows, self.params).reshape(*x.shape[:-1], -1)  # [..., V]
         finite = np.isfinite(logits).all(axis=-1)  # [...]
         if not finite.all():
             first = tuple(np.argwhere(~finite)[0])
