@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import math
 import mmap
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,6 +138,21 @@ class DecodeState:
     def room(self) -> NDArray[np.intp]:
         """Tokens each row may still be extended by: capacity - lengths, [B]."""
         return self.capacity - self.lengths
+
+    def reorder(self, rows: Sequence[int], sources: Sequence[int]) -> None:
+        """Row rows[i] takes over what row rows[sources[i]] holds (keys, values and length):
+        how beam search moves its beams' histories after a step, within the request's own
+        rows. Only rows whose source is another row are copied, and only the positions in use.
+        """
+        moved = [i for i, s in enumerate(sources) if s != i]
+        if not moved:
+            return
+        target = np.asarray(rows)[moved]  # [m]
+        source = np.asarray(rows)[np.asarray(sources)[moved]]  # [m]
+        n = int(self.lengths[source].max())
+        for cache in (self.keys, self.values):
+            cache[:, target, :, :n] = cache[:, source, :, :n]  # the right side is a copy first
+        self.lengths[target] = self.lengths[source]
 
     def rows(self, start: int, stop: int) -> DecodeState:
         """Rows start..stop-1 as a cache of their own that shares this one's memory: running it
