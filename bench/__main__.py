@@ -22,6 +22,7 @@ SECTIONS = [
     "weights",
     "model",
     "generate",
+    "decoding",
     "load",
     "score",
     "jsonl",

@@ -1,9 +1,10 @@
 """Next-token choice: logits -> id, by greedy argmax or by sampling a filtered distribution.
 
-The filters run in transformers' order: temperature, then top-k, then top-p (nucleus), so a seed
-and a set of options mean the same distribution here as in `GPT2LMHeadModel.generate`. Everything
-is float32, and no step sorts the whole 50,257-entry vocabulary: top-k is one partition, and top-p
-without top-k sorts only as many of the most likely tokens as it needs to reach `top_p`.
+The filters run in transformers' order: temperature, then top-k, top-p (nucleus), min-p and
+typical-p, so a seed and a set of options mean the same distribution here as in
+`GPT2LMHeadModel.generate`. Everything is float32, and no step sorts the whole 50,257-entry
+vocabulary: top-k is one partition, min-p one comparison, and top-p and typical-p without top-k
+sort only as many of the most likely (most typical) tokens as they need to reach their mass.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gpt2cli.errors import GPT2Error
-from gpt2cli.ops import softmax
+from gpt2cli.ops import log_softmax, softmax
 
 Array = NDArray[np.float32]
 Ids = NDArray[np.int64]
@@ -74,19 +75,52 @@ def nucleus(probs: Array, top_p: float) -> Ids:
     reaches top_p.
 
     A token is kept while the mass of the tokens likelier than it is below top_p (transformers'
-    rule), and the likeliest is always kept. Only a prefix of the ordering is sorted, grown until
-    its mass reaches top_p, so a peaked distribution costs one partition of the vocabulary.
+    rule), and the likeliest is always kept.
     """
-    m = probs.shape[0]
-    size = min(m, _NUCLEUS_FIRST_GUESS)
-    while True:
-        head = np.arange(m) if size >= m else np.argpartition(probs, m - size)[m - size :]
-        head = head[np.argsort(-probs[head], kind="stable")]  # [size], most likely first
-        if size >= m or probs[head].sum(dtype=np.float32) >= top_p:
-            break
-        size *= 4
+    head = _head(-probs, probs, top_p)  # [size], most likely first
     mass_above = np.cumsum(probs[head], dtype=np.float32) - probs[head]  # [size]
     return np.sort(head[: max(1, int(np.count_nonzero(mass_above < top_p)))])  # in index order
+
+
+def min_p_kept(probs: Array, min_p: float) -> Ids:
+    """Positions into probs [m], ascending, of the tokens at least min_p times as likely as the
+    likeliest (transformers' MinPLogitsWarper; the likeliest is always kept)."""
+    return np.flatnonzero(probs >= np.float32(min_p) * probs.max())
+
+
+def typical(logits: Array, typical_p: float) -> Ids:
+    """Positions into logits [m], ascending, of the most typical tokens whose mass reaches
+    typical_p (transformers' TypicalLogitsWarper).
+
+    A token is typical when its surprisal -log p is close to the distribution's entropy; tokens
+    are taken from the most typical on until their mass reaches typical_p, and any tied with the
+    last one taken are kept too.
+    """
+    logp = log_softmax(logits)  # [m]
+    probs = np.exp(logp)  # [m]
+    terms = np.multiply(logp, probs, out=np.zeros_like(probs), where=probs > 0)  # 0 * -inf: 0
+    entropy = -terms.sum(dtype=np.float32)
+    distance = np.abs(-logp - entropy)  # [m]
+    head = _head(distance, probs, typical_p)  # [size], most typical first
+    below = int(np.count_nonzero(np.cumsum(probs[head], dtype=np.float32) < typical_p))
+    return np.flatnonzero(distance <= distance[head[min(below, len(head) - 1)]])
+
+
+def _head(key: Array, probs: Array, mass: float) -> Ids:
+    """Positions into key [m] of its smallest entries, smallest first, enough of them for their
+    probs to reach `mass` (all m when they never do).
+
+    Only a prefix of the ordering is sorted, grown until its mass reaches `mass`, so a peaked
+    distribution costs one partition of the vocabulary rather than a sort of it.
+    """
+    m = key.shape[0]
+    size = min(m, _NUCLEUS_FIRST_GUESS)
+    while True:
+        head = np.arange(m) if size >= m else np.argpartition(key, size - 1)[:size]
+        head = head[np.argsort(key[head], kind="stable")]  # [size], smallest key first
+        if size >= m or probs[head].sum(dtype=np.float32) >= mass:
+            return head
+        size *= 4
 
 
 def distribution(x: Array, options: SamplingOptions) -> tuple[Ids, Array]:
@@ -102,9 +136,17 @@ def distribution(x: Array, options: SamplingOptions) -> tuple[Ids, Array]:
     ids = top_k_candidates(scaled, options.top_k)  # [k'] (all V when top-k is off)
     probs = softmax(scaled[ids])  # [k']
     if options.top_p < 1:
-        kept = nucleus(probs, options.top_p)  # [m]
-        ids, probs = ids[kept], probs[kept] / probs[kept].sum(dtype=np.float32)
+        ids, probs = _kept(ids, probs, nucleus(probs, options.top_p))
+    if options.min_p > 0:
+        ids, probs = _kept(ids, probs, min_p_kept(probs, options.min_p))
+    if options.typical_p < 1:
+        ids, probs = _kept(ids, probs, typical(scaled[ids], options.typical_p))
     return ids, probs
+
+
+def _kept(ids: Ids, probs: Array, kept: Ids) -> tuple[Ids, Array]:
+    """The tokens at positions `kept` of (ids [m], probs [m]), their probabilities renormalised."""
+    return ids[kept], probs[kept] / probs[kept].sum(dtype=np.float32)
 
 
 def sample(logits: Array, rng: np.random.Generator, options: SamplingOptions) -> Ids:
