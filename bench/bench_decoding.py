@@ -107,8 +107,9 @@ DRAFT = GPT2Config(n_vocab=50257, n_ctx=1024, n_embd=128, n_head=4, n_layer=2)
 
 def speculative(model: GPT2) -> None:
     """Prompt lookup K = 10 and a draft model (K = 5) against plain greedy, on one long greedy
-    generation from a random 32-token prompt: passes of the model (decode steps), tokens per
-    pass, tokens/s and the speed-up; the ids must be plain greedy's."""
+    generation from a random 32-token prompt: decode passes of the model, tokens per pass (the
+    first token comes from the prompt's pass), tokens/s (prefill included) and the speed-up;
+    the ids must be plain greedy's."""
     from tests.factory import write_random_gpt2
 
     prompt = np.random.default_rng(1).integers(0, 50256, 32).tolist()
@@ -130,14 +131,13 @@ def speculative(model: GPT2) -> None:
     for name, results in runs.items():
         seconds = statistics.median(t for t, _, _ in results)
         _, passes, sample = results[0]
-        decoded = len(sample.ids) - 1  # the first token comes from the prefill
         t = sample.timings
         rows.append(
             [
                 name,
                 passes,
-                f"{decoded / passes:.2f}",
-                f"{decoded / seconds:.1f}",
+                f"{(len(sample.ids) - 1) / passes:.2f}",
+                f"{len(sample.ids) / seconds:.1f}",
                 f"{plain_s / seconds:.2f}x",
                 "-" if t.drafted is None else f"{t.accepted}/{t.drafted}",
                 verdict(sample.ids == plain_ids),
@@ -154,10 +154,9 @@ def speculative(model: GPT2) -> None:
 def _decode_alone(
     model: GPT2, prompt: list[int], params: GenerationParams, draft: GPT2 | None
 ) -> tuple[float, int, Sample]:
-    """One request's decode steps alone (after its prefill): seconds, passes, its sample."""
+    """One request run alone: seconds, decode passes (one per step), its sample."""
     generation = Generation(model, prompt, params, draft=draft)
     scheduler = generation.scheduler
-    scheduler.step()  # the prefill and first token
     passes, start = 0, time.perf_counter()
     while scheduler.busy:
         scheduler.step()

@@ -28,7 +28,8 @@ class Generation:
     so after an interruption they still hold everything generated so far. The random generator
     is seeded once for the batch: the same seed and options give the same samples. The prompt
     runs as `gpt2cli.params.fit_prompt` keeps it (`samples[i].prompt_ids`). `load_s` is
-    reported in each sample's timings.
+    reported in each sample's timings. A `draft` model (a smaller GPT-2 of the same vocabulary)
+    drafts tokens for the model to verify (`gpt2cli.speculative`) unless it searches beams.
     """
 
     def __init__(
@@ -38,13 +39,14 @@ class Generation:
         params: GenerationParams | None = None,
         *,
         load_s: float = 0.0,
+        draft: GPT2 | None = None,
     ) -> None:
         params = params or GenerationParams()
         prompt, budget = fit_prompt(
             prompt_ids, params, model.config.n_ctx, model.tokenizer.eot_token
         )
         # refuses what memory can't hold
-        self.scheduler = Scheduler(model, params.n, len(prompt) + budget)
+        self.scheduler = Scheduler(model, params.draws, len(prompt) + budget, draft=draft)
         self.state = self.scheduler.submit(Request(prompt_ids, params))
         self.samples = self.state.samples  # filled in as it runs
         for s in self.samples:
