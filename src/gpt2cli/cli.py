@@ -173,8 +173,9 @@ def _model_options(command: Any) -> Any:
         type=click.Choice(DTYPES),
         default="float32",
         show_default=True,
-        help="The weights' type: float32 (exact), bfloat16 or int8 (half and a quarter of the "
-        "bytes read per token: faster, within a small KL divergence; need gpt2cli[fast]).",
+        help="The weights' type: float32 (exact), bfloat16 or int8 (half, or about a quarter, "
+        "of the bytes read per token: faster, at a small KL divergence from float32, which "
+        "`gpt2 score --kl-divergence` measures; they need gpt2cli[fast]).",
     )(command)
     command = click.option("--revision", help="Branch, tag or commit of a hub model.")(command)
     return click.option(
@@ -632,7 +633,7 @@ def generate(
         model.tokenizer.encode(text),
         params,
         load_s=time.perf_counter() - start,
-        **({} if draft is None else {"draft": draft}),  # TODO(lead): plain draft= once it lands
+        draft=draft,
     )
     printer = SamplePrinter(generation, text, as_json=as_json, live=not no_stream)
     try:

@@ -156,7 +156,7 @@ class GenerateTask:
     key: ClassVar[str] = "prompt"
     options: ClassVar[tuple[str, ...]] = (*GENERATE_FIELDS, *GENERATE_FLAGS)
     results: ClassVar[tuple[str, ...]] = (
-        "text", "ids", "prompt_ids", "finish_reason", "logprobs", "samples",
+        "text", "ids", "prompt_ids", "finish_reason", "logprobs", "score", "samples",
     )  # fmt: skip
 
     def settings(self) -> dict[str, Any]:
@@ -203,8 +203,10 @@ class GenerateTask:
 
     def line(self, row: Row, state: RequestState) -> str:
         """The output line of a finished row: index, passed-through fields, then the sample's
-        `--json` fields (no timings), or `prompt_ids` and a list `samples` when n > 1."""
+        `--json` fields (no timings; a beam search's `score`), or `prompt_ids` and a list
+        `samples` when n > 1."""
         kept = ["text", "ids", "prompt_ids", "finish_reason"] + (["logprobs"] * self.logprobs)
+        kept += ["score"] * (state.params.num_beams > 1)
         samples = [{k: s.to_json()[k] for k in kept} for s in state.samples]
         result = samples[0]
         if len(samples) > 1:
