@@ -18,6 +18,7 @@ from gpt2cli.errors import GPT2Error
 from gpt2cli.generate import Generation
 from gpt2cli.model import GPT2
 from gpt2cli.params import GenerationParams
+from tests.compare import assert_same_output
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +194,33 @@ def test_generate_output_is_the_same_bytes_for_any_batch_size(model: GPT2):
     lines = [json.loads(line) for line in outputs[8].splitlines()]
     assert [line["index"] for line in lines] == list(range(14))
     assert [len(line["ids"]) for line in lines] == [3 + (i * 5) % 11 for i in range(14)]
+
+
+def test_rows_of_every_decoding_option_give_the_same_output_for_any_batch_size(model: GPT2):
+    options: list[dict[str, object]] = [
+        {"temperature": 0, "repetition_penalty": 1.4},
+        {"presence_penalty": 1.0, "frequency_penalty": 0.5},
+        {"temperature": 0, "no_repeat_ngram": 2, "logit_bias": {"11": 4, "13": -100}},
+        {"ban": [" the", "ing"], "min_tokens": 6, "stop": "e"},
+        {"min_p": 0.05, "typical_p": 0.8, "top_k": 0},
+        {"num_beams": 3, "n": 2, "temperature": 0, "top_k": 0, "no_repeat_ngram": 2},
+        {"best_of": 3, "n": 2},
+        {"temperature": 0, "prompt_lookup": 3},
+    ]
+    content = jsonl(
+        *[
+            {"prompt": f"Row {i}: a b a b" + " c" * i, "max_tokens": 5 + i} | o
+            for i, o in enumerate(options)
+        ]
+    )
+    outputs = {
+        size: run_all(GenerateTask(GenerationParams(seed=7), batch_size=size), model, content)
+        for size in (3, 8)
+    }
+    assert_same_output(outputs[3], outputs[8])  # a beam's score is a float
+    lines = [json.loads(line) for line in outputs[8].splitlines()]
+    assert [len(line.get("samples", [line])) for line in lines] == [1, 1, 1, 1, 1, 2, 2, 1]
+    assert "score" in lines[5]["samples"][0] and "score" not in lines[6]["samples"][0]
 
 
 def test_a_row_sets_the_decoding_options_by_their_snake_case_names(model: GPT2):

@@ -597,6 +597,48 @@ def test_16_concurrent_streams_each_get_exactly_what_they_get_alone(http: TestCl
         assert [{k: c[k] for k in ("text", "token_ids", "finish_reason")} for c in want] == got
 
 
+DECODING_BODIES = [
+    {"temperature": 0, "repetition_penalty": 1.3, "no_repeat_ngram_size": 2},
+    {"temperature": 0.9, "seed": 3, "presence_penalty": 1.5, "frequency_penalty": 0.5},
+    {"temperature": 0, "logit_bias": {"11": 5, "13": -100}, "bad_words": [" the"]},
+    {"temperature": 0.8, "seed": 4, "min_p": 0.05, "typical_p": 0.9, "min_tokens": 5},
+    {"use_beam_search": True, "best_of": 3, "n": 2, "length_penalty": 0.5},
+    {"temperature": 1.0, "seed": 5, "best_of": 3, "n": 2, "top_k": 40},
+    {"temperature": 0, "prompt_lookup": 4},
+]
+
+
+def test_requests_with_different_decoding_options_share_the_batch_as_if_alone(
+    http: TestClient,
+):
+    bodies = [
+        {"prompt": f"Request {i}: a b a b a b", "max_tokens": 12, "return_token_ids": True} | d
+        for i, d in enumerate(DECODING_BODIES)
+    ]
+    alone = [post(http, body).json()["choices"] for body in bodies]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        together = [r.json()["choices"] for r in pool.map(lambda b: post(http, b), bodies)]
+    keys = ("text", "token_ids", "finish_reason")
+    for want, got in zip(alone, together, strict=True):
+        assert [{k: c[k] for k in keys} for c in want] == [{k: c[k] for k in keys} for c in got]
+    assert [len(c) for c in alone] == [1, 1, 1, 1, 2, 2, 1]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"logit_bias": {"50257": 1}}, "logit_bias"),  # one past the vocabulary
+        ({"use_beam_search": True, "best_of": 9}, "best_of"),  # more beams than the batch
+    ],
+)
+def test_an_option_the_model_refuses_is_a_400_naming_it(
+    http: TestClient, body: dict[str, Any], param: str
+):
+    response = post(http, {"prompt": "Hi"} | body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
 def test_a_killed_client_frees_its_row_for_the_next_request_and_disturbs_no_one(
     slow_model: GPT2Model, slow_model_dir: Path
 ):
