@@ -95,12 +95,17 @@ def test_a_packed_matrix_gives_the_same_product_on_the_kernels_and_on_blas(
     buffer (made small here so that a matrix takes several): both give the same product."""
     monkeypatch.setattr(quant, "WIDEN_BYTES", 4 * 100 * 7)  # 7 rows of 100 inputs a piece
     x, m = _case(2 * quant.KERNEL_ROWS, 45, 100, seed=7)
-    q, scales = quant.quantize_int8(m)
+    columns = quant.equalize(m)
+    q, scales = quant.quantize_int8(m / columns)
     packed = {
         "float32": quant.Packed("float32", m),
         "bfloat16": quant.Packed("bfloat16", quant.to_bfloat16(m)),
-        "int8": quant.Packed("int8", q, scales),
+        "int8": quant.Packed("int8", q, scales, columns=columns),
     }[dtype]
+    exact = x @ packed[np.arange(45)].T + np.arange(45, dtype=np.float32)  # the widened rows'
+    np.testing.assert_allclose(
+        packed.linear(x, np.arange(45, dtype=np.float32)), exact, rtol=1e-4, atol=1e-4
+    )
     bias = np.arange(45, dtype=np.float32)
     many = packed.linear(x, bias)  # [32, 45]: BLAS
     few = np.concatenate([packed.linear(x[i : i + 4], bias) for i in range(0, len(x), 4)])

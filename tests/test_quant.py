@@ -94,6 +94,23 @@ def test_int8_of_a_block_with_nan_or_inf_is_nan() -> None:
     assert np.isnan(back[0, :32]).all() and (back[0, 32:] == 1).all()
 
 
+def test_equalizing_inputs_keeps_a_large_input_from_coarsening_its_block() -> None:
+    """An input whose weights are all 30x larger (it reads an outlier channel) sets the scale of
+    every block it is in; divided out by `equalize` (and multiplied back), its neighbours keep
+    their precision, and the matrix it stands for is the same."""
+    rng = np.random.default_rng(0)
+    m = (rng.standard_normal((64, 96)) * 0.02).astype(np.float32)
+    m[:, 5] *= 30
+    columns = quant.equalize(m)
+    assert columns.shape == (96,) and columns.dtype == np.float32 and (columns > 0).all()
+    plain = quant.dequantize_int8(*quant.quantize_int8(m))
+    equalized = quant.dequantize_int8(*quant.quantize_int8(m / columns)) * columns
+    neighbours = np.r_[0:5, 6:32]  # the rest of the large input's block
+    error = [np.abs(w - m)[:, neighbours].mean() for w in (plain, equalized)]
+    assert error[1] < 0.5 * error[0]
+    np.testing.assert_allclose(equalized, m, atol=np.abs(m).max() / 127)
+
+
 def test_importing_quant_and_the_cli_imports_no_numba() -> None:
     code = (
         "import sys, gpt2cli.quant, gpt2cli.model, gpt2cli.cli; "

@@ -8,7 +8,10 @@ float32, and the products accumulate in float32.
 
 - bfloat16: float32's top 16 bits, rounded to nearest, ties to even (`to_bfloat16`).
 - int8: weight-only and symmetric, one float32 scale per BLOCK consecutive input weights of each
-  output (ggml's q8_0 uses 32): w ~= scale * q with q in [-127, 127] (`quantize_int8`).
+  output (ggml's q8_0 uses 32): w ~= scale * q with q in [-127, 127] (`quantize_int8`), after
+  each input's weights are divided by a factor of its own (`equalize`), which multiplies the
+  input instead: an input whose weights are all large no longer coarsens its block's steps
+  (on the heavy-tailed fixture, 0.42x the KL divergence).
 
 A narrow matrix is a `Packed` [n_out, n_in] (the checkpoint's [n_in, n_out] transposed, so each
 output is a dot product of contiguous rows): up to KERNEL_ROWS rows go through `gpt2cli.kernels`,
@@ -34,15 +37,16 @@ from gpt2cli import cache
 from gpt2cli.errors import GPT2Error, missing_extra
 
 DTYPES = ("float32", "bfloat16", "int8")
-# int8: input weights per scale. Measured on 124M-shaped weights (docs/performance.md): 32, as
-# ggml's q8_0, costs a 1/8 more bytes in scales than 256 but halves the error of heavy tails
+# int8: input weights per scale, as ggml's q8_0. Measured on 124M-shaped heavy-tailed weights
+# (docs/performance.md), mean KL divergence from float32 over 1,024 tokens: 32 0.013, 64 0.026,
+# 128 0.042, 256 0.047 nats; a 1-row product with the head took 1.7x as long at 32 as at 128
 BLOCK = 32
 # products of up to this many rows run on the kernels (decoding: one row per sequence); more
 # rows (a prefill) widen the weights for BLAS, which is faster there (measured)
 KERNEL_ROWS = 16
 # bytes of float32 widened at a time for BLAS: a whole block matrix, the head in pieces
 WIDEN_BYTES = 16 << 20
-PACK_FORMAT = 1  # change it when the cached narrow weights' layout changes
+PACK_FORMAT = 2  # change it when the cached narrow weights' layout changes
 _ALIGN = 64  # bytes: each array in a cache entry starts on a cache line
 _CHECK_ROWS = 16  # rows of each matrix (at its start and middle) compared on loading
 
@@ -73,6 +77,18 @@ def from_bfloat16(u: NDArray[np.uint16]) -> Array:
     """bfloat16 bits as float32 (exact: bfloat16 is a float32's high half)."""
     widened: Array = (u.astype(np.uint32) << np.uint32(16)).view(np.float32)
     return widened
+
+
+def equalize(m: Array) -> Array:
+    """Per-input factors c [n_in] for quantising m [n_out, n_in] as (m / c) * c: the square
+    root of each input's largest magnitude. Inputs whose weights are all large (the channels
+    that read an outlier of the residual stream, scaled up where its layer norm is scaled
+    down) would otherwise set the scale of every block they fall in, coarsening their
+    neighbours' steps; divided out, they quantise like the rest, and x * c restores them."""
+    largest = np.abs(m).max(axis=0)  # [n_in]
+    usable = np.isfinite(largest) & (largest > 0)
+    columns: Array = np.where(usable, np.sqrt(np.where(usable, largest, 1.0)), 1.0)
+    return columns.astype(np.float32)
 
 
 def quantize_int8(m: Array, block: int = BLOCK) -> tuple[NDArray[np.int8], Array]:
@@ -111,6 +127,7 @@ class Packed:
     data: NDArray[Any]  # [n_out, n_in]
     scales: Array | None = None  # [n_out, n_blocks], int8 only
     block: int = BLOCK
+    columns: Array | None = None  # [n_in]: M = data's values times these (int8: `equalize`)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -121,7 +138,10 @@ class Packed:
         """Rows `ids` of M as float32 [..., n_in]."""
         if self.dtype == "int8":
             assert self.scales is not None
-            return dequantize_int8(self.data[ids], self.scales[ids], self.block)
+            widened = dequantize_int8(self.data[ids], self.scales[ids], self.block)
+            if self.columns is not None:
+                widened *= self.columns
+            return widened
         if self.dtype == "bfloat16":
             return from_bfloat16(self.data[ids])
         rows: Array = self.data[ids]
@@ -130,7 +150,10 @@ class Packed:
     def linear(self, x: Array, b: Array | None = None) -> Array:
         """x [..., n_in] @ M.T (+ b [n_out]) -> [..., n_out], in float32."""
         n_out, n_in = self.shape
-        rows = np.ascontiguousarray(x.reshape(-1, n_in), np.float32)  # [m, n_in]
+        rows = x.reshape(-1, n_in)  # [m, n_in]
+        if self.columns is not None:  # (x * c) @ data.T = x @ (data * c).T
+            rows = rows * self.columns
+        rows = np.ascontiguousarray(rows, np.float32)
         out = np.empty((len(rows), n_out), np.float32)  # [m, n_out]
         if len(rows) <= KERNEL_ROWS:
             _kernel_product(self, rows, out)
@@ -250,11 +273,29 @@ def _rows(m: Array, transposed: bool, lo: int, hi: int, cols: slice = slice(None
     return np.ascontiguousarray(part, np.float32)
 
 
-def _convert(dtype: str, rows: Array, block: int) -> list[NDArray[Any]]:
-    """Rows of M in `dtype`: [bits] for bfloat16, [q, scales] for int8."""
+def _convert(
+    dtype: str, rows: Array, block: int, columns: Array | None = None
+) -> list[NDArray[Any]]:
+    """Rows of M in `dtype`: [bits] for bfloat16, [q, scales] of rows / columns for int8."""
     if dtype == "bfloat16":
         return [to_bfloat16(rows)]
-    return list(quantize_int8(rows, block))
+    return list(quantize_int8(rows / columns if columns is not None else rows, block))
+
+
+def _convert_matrix(dtype: str, m: Array, transposed: bool, block: int) -> list[NDArray[Any]]:
+    """The packed matrix M (m.T when `transposed`) in `dtype`, as the arrays `_layout` names,
+    converted a piece of rows at a time (float32 temporaries stay small)."""
+    n_out = m.shape[1] if transposed else m.shape[0]
+    n_in = m.shape[0] if transposed else m.shape[1]
+    step = max(1, WIDEN_BYTES // (4 * n_in))
+    ranges = range(0, n_out, step)
+    columns = None
+    if dtype == "int8":
+        largest = [np.abs(_rows(m, transposed, lo, lo + step)).max(axis=0) for lo in ranges]
+        columns = equalize(np.stack(largest))
+    pieces = [_convert(dtype, _rows(m, transposed, lo, lo + step), block, columns) for lo in ranges]
+    arrays = [np.concatenate(parts) for parts in zip(*pieces, strict=True)]
+    return arrays if columns is None else [*arrays, columns[None]]
 
 
 def _layout(
@@ -264,7 +305,8 @@ def _layout(
     n_out, n_in = shape
     if dtype == "bfloat16":
         return [(_NARROW[dtype], shape)]
-    return [(_NARROW[dtype], shape), (np.dtype("<f4"), (n_out, -(-n_in // block)))]
+    f4 = np.dtype("<f4")
+    return [(_NARROW[dtype], shape), (f4, (n_out, -(-n_in // block))), (f4, (1, n_in))]
 
 
 def pack(
@@ -302,15 +344,14 @@ def pack(
             index.derived(entry.name, files[0].parent)
         index.save()
     if arrays is None:  # no cache: converted in memory, on every load
-        arrays = [
-            _convert(dtype, _rows(m, t, 0, s[0]), block)
-            for (m, t), s in zip(matrices, shapes, strict=True)
-        ]
+        arrays = [_convert_matrix(dtype, m, t, block) for m, t in matrices]
     return _replace(params, [_packed(dtype, a, block) for a in arrays])
 
 
 def _packed(dtype: str, arrays: list[NDArray[Any]], block: int) -> Packed:
-    return Packed(dtype, arrays[0], arrays[1] if dtype == "int8" else None, block)
+    if dtype == "int8":
+        return Packed(dtype, arrays[0], arrays[1], block, arrays[2][0])
+    return Packed(dtype, arrays[0], block=block)
 
 
 def _spans(
@@ -336,24 +377,17 @@ def _write(
     dtype: str,
     block: int,
 ) -> None:
-    """Write the entry: a .npy header for `total` bytes, then each matrix converted a piece of
-    rows at a time (no second copy of every weight in memory)."""
+    """Write the entry: a .npy header for `total` bytes, then each matrix converted, one at a
+    time (one narrow matrix in memory, not every one)."""
     np.lib.format.write_array_header_1_0(
         f, {"descr": "|u1", "fortran_order": False, "shape": (total,)}
     )
     start = f.tell()
     for (m, transposed), matrix_spans in zip(matrices, spans, strict=True):
-        n_out = m.shape[1] if transposed else m.shape[0]
-        n_in = m.shape[0] if transposed else m.shape[1]
-        step = max(1, WIDEN_BYTES // (4 * n_in))
-        pieces: list[list[NDArray[Any]]] = [
-            _convert(dtype, _rows(m, transposed, lo, lo + step), block)
-            for lo in range(0, n_out, step)
-        ]
-        for i, (begin, _) in enumerate(matrix_spans):
+        arrays = _convert_matrix(dtype, m, transposed, block)
+        for array, (begin, _) in zip(arrays, matrix_spans, strict=True):
             f.write(b"\0" * (start + begin - f.tell()))
-            for piece in pieces:
-                f.write(piece[i].tobytes())
+            f.write(array.tobytes())
 
 
 def _cached(
@@ -381,8 +415,9 @@ def _cached(
         cols = slice(0, min(block, n_in))
         for lo in (0, n_out // 2):
             hi = min(n_out, lo + _CHECK_ROWS)
-            expected = _convert(dtype, _rows(m, transposed, lo, hi, cols), block)
-            got = [stored[0][lo:hi, cols]] + [s[lo:hi, :1] for s in stored[1:]]
+            columns = stored[2][0, cols] if dtype == "int8" else None
+            expected = _convert(dtype, _rows(m, transposed, lo, hi, cols), block, columns)
+            got = [stored[0][lo:hi, cols]] + [s[lo:hi, :1] for s in stored[1:2]]
             if not all(
                 np.array_equal(a, b, equal_nan=True) for a, b in zip(expected, got, strict=True)
             ):
