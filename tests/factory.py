@@ -66,6 +66,7 @@ def heavy_tailed_params(
     df: float = 4.0,
     outliers: int = 4,
     scale: float = 10.0,
+    logit_scale: float = 0.5,
 ) -> dict[str, np.ndarray]:
     """`random_params` made harder for a weight quantiser, as trained GPT-2's weights are: every
     matrix drawn from Student's t with `df` degrees of freedom (same standard deviation), and
@@ -73,7 +74,9 @@ def heavy_tailed_params(
     layer the rows of c_attn and c_fc that read those channels are scaled up and the layer
     norm's gain and bias there scaled down to match (the function is unchanged, the weights
     are not), and so are wte's columns against ln_f; wte is also the input embedding, so those
-    channels carry large values along the residual stream, as GPT-2's do."""
+    channels carry large values along the residual stream, as GPT-2's do. ln_f is scaled by
+    `logit_scale` so that the next-token distributions are as spread as a trained model's (a
+    few nats of entropy), not the near-certainty of `random_params`' logits."""
     params = random_params(config, seed)
     rng = np.random.default_rng(seed + 1)
     t_std = np.sqrt(df / (df - 2))  # the standard deviation of Student's t
@@ -95,6 +98,8 @@ def heavy_tailed_params(
         outlier(f"h.{i}.attn.c_attn.weight", f"h.{i}.ln_1", rows=True)
         outlier(f"h.{i}.mlp.c_fc.weight", f"h.{i}.ln_2", rows=True)
     outlier("wte.weight", "ln_f", rows=False)
+    for part in ("weight", "bias"):
+        params[f"ln_f.{part}"] *= logit_scale
     return params
 
 
