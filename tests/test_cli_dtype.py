@@ -226,20 +226,40 @@ def test_kl_divergence_out_of_place_is_one_line_and_exit_2(
     assert result.stderr == f"gpt2: error: {message}\n"
 
 
+def prompt_logprobs(url: str) -> list[float]:
+    """The served model's logprobs of TEXT's tokens after the first (echo, no new token)."""
+    body = {"prompt": TEXT, "max_tokens": 0, "echo": True, "logprobs": 0}
+    request = urllib.request.Request(
+        f"{url}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        logprobs: list[float] = json.load(response)["choices"][0]["logprobs"]["token_logprobs"]
+    return logprobs[1:]
+
+
+def model_logprobs(folder: Path, dtype: str) -> list[float]:
+    """`gpt2 score --no-bos`'s logprobs of TEXT's tokens, in `dtype`, in this process."""
+    from gpt2cli.model import GPT2
+    from gpt2cli.score import token_logprobs
+
+    model = GPT2.from_pretrained(folder, dtype=dtype)
+    return token_logprobs(model, model.tokenizer.encode(TEXT), bos=False).tolist()
+
+
 @needs_numba
-def test_serve_lists_its_dtype_and_answers_in_it(tiny_model_dir: Path):
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_serve_lists_its_dtype_and_answers_in_it(tiny_model_dir: Path, engine: str):
     from tests.serve_process import ServeProcess
 
-    with ServeProcess(tiny_model_dir, "--dtype", "int8", "--threads", "1") as server:
+    if engine == "ray":
+        pytest.importorskip("ray")
+    with ServeProcess(tiny_model_dir, "--dtype", "int8", "--engine", engine) as server:
         with urllib.request.urlopen(f"{server.url}/v1/models", timeout=30) as response:
-            card = json.load(response)["data"][0]
-        assert card["dtype"] == "int8"
-        body = json.dumps({"prompt": "Hello", "max_tokens": 3, "temperature": 0}).encode()
-        request = urllib.request.Request(
-            f"{server.url}/v1/completions", body, {"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            assert json.load(response)["usage"]["completion_tokens"] == 3
+            assert json.load(response)["data"][0]["dtype"] == "int8"
+        served = prompt_logprobs(server.url)  # on a replica with --engine ray
+    int8, float32 = (model_logprobs(tiny_model_dir, d) for d in ("int8", "float32"))
+    assert served == pytest.approx(int8, abs=1e-4)
+    assert max(abs(a - b) for a, b in zip(served, float32, strict=True)) > 1e-3
 
 
 @pytest.fixture(scope="module")
