@@ -24,6 +24,7 @@ SECTIONS = [
     "generate",
     "decoding",
     "load",
+    "quant",
     "score",
     "jsonl",
     "serve",
