@@ -439,6 +439,20 @@ def test_each_request_gets_what_it_gets_alone_batched_with_other_options(tiny: G
     assert len(states[-1].samples[0].ids) == 13  # 12 new tokens, then the boosted end of text
 
 
+def test_the_logprob_of_each_token_is_the_models_own_not_the_processed_one(tiny: GPT2):
+    prompt = tiny.tokenizer.encode("Hello there")
+    forced = 464  # " The", pushed far above everything: every token is it
+    params = GenerationParams(max_tokens=6, temperature=0, logit_bias=((forced, 100.0),))
+    generation = Generation(tiny, prompt, params)
+    list(generation)
+    c = generation.samples[0]
+    logits = tiny(prompt + c.ids)[len(prompt) - 1 : -1].astype(np.float64)  # [6, V]
+    expected = logits[:, forced] - np.log(np.exp(logits).sum(axis=-1))
+    assert c.ids == [forced] * 6
+    np.testing.assert_allclose(c.logprobs, expected, atol=1e-4)
+    assert max(c.logprobs) < -1  # far from the processed distribution's log 1 = 0
+
+
 def test_a_stop_string_in_the_first_min_tokens_tokens_does_not_end_the_sample(
     tiny: GPT2, plain_tiny: list[int]
 ):
