@@ -149,6 +149,32 @@ def speculative(model: GPT2) -> None:
         ["way", "passes", "tokens/pass", "tok/s", "speed", "accepted/drafted", "same ids"],
         rows,
     )
+    pass_cost(model, prompt)
+
+
+def pass_cost(model: GPT2, prompt: list[int]) -> None:
+    """What drafting must win back: one pass of T positions (`step_many`) against one of a
+    single token, batch 1, after the prompt; medians of STEPS passes, taken in turn."""
+    widths = (1, 2, 6, 11)
+    state, _ = model.prefill([prompt], capacity=len(prompt) + max(widths))
+    times: dict[int, list[float]] = {t: [] for t in widths}
+    for _ in range(STEPS):
+        for width, spent in times.items():
+            state.lengths[:] = len(prompt)  # each pass rolled back
+            start = time.perf_counter()
+            model.step_many(state, np.ones((1, width), np.intp))
+            spent.append(time.perf_counter() - start)
+    one = statistics.median(times[1])
+    rows = [
+        [t, f"{statistics.median(s) * 1e3:.1f}", f"{statistics.median(s) / one:.2f}x"]
+        for t, s in times.items()
+    ]
+    print_table(
+        f"decoding: one pass of T positions (ms, median of {STEPS}) against one token, "
+        f"batch 1, 124M-shaped random weights; {load()}",
+        ["T", "ms", "cost"],
+        rows,
+    )
 
 
 def _decode_alone(
