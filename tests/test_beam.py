@@ -355,6 +355,18 @@ def test_best_of_ties_keep_the_earlier_draws(eos_model: GPT2) -> None:
     assert sorted({e.sample for e in events}) == [0, 1]
 
 
+def test_a_cancelled_search_frees_its_rows_and_says_nothing(tiny: GPT2) -> None:
+    scheduler = Scheduler(tiny, 6)
+    state = scheduler.submit(Request(_prompt(4, 7), GenerationParams(max_tokens=20, num_beams=4)))
+    other = scheduler.submit(Request(_prompt(4, 8), GenerationParams(max_tokens=20, seed=1)))
+    events = scheduler.step() + scheduler.step()
+    assert scheduler.free == 1 and all(e.state is other for e in events)
+    scheduler.cancel(state)
+    assert scheduler.free == 5 and scheduler.running == [other]
+    events = _drain(scheduler)
+    assert all(e.state is other for e in events) and all(not s.ids for s in state.samples)
+
+
 def test_a_search_wider_than_the_batch_is_refused_naming_it(tiny: GPT2) -> None:
     scheduler = Scheduler(tiny, 4)
     with pytest.raises(GPT2Error, match="num_beams must be at most the batch size 4, got 5"):
