@@ -124,3 +124,41 @@ def test_one_thread_gives_the_same_outputs_as_all() -> None:
         kernels.int8_matmul(x, q, scales, quant.BLOCK, out)
         outs.append(out)
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_the_users_thread_count_wins_and_a_bad_one_is_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from gpt2cli import threads
+    from gpt2cli.errors import GPT2Error
+
+    monkeypatch.setattr(threads, "_chosen", None)
+    monkeypatch.delenv(threads.THREADS_VARIABLE, raising=False)
+    assert 1 <= threads.kernel_threads() <= threads.usable_cores()
+    monkeypatch.setenv(threads.THREADS_VARIABLE, "1")
+    assert threads.kernel_threads() == 1 and threads.user_choice() == threads.THREADS_VARIABLE
+    monkeypatch.setenv(threads.THREADS_VARIABLE, "two")
+    with pytest.raises(GPT2Error, match=r"^GPT2CLI_THREADS='two': set it to a positive number"):
+        threads.kernel_threads()
+    monkeypatch.delenv(threads.THREADS_VARIABLE)
+    with pytest.raises(GPT2Error, match="positive"):
+        threads.apply_user_threads(0)
+    threads.apply_user_threads(1)
+    assert threads.kernel_threads() == 1 and threads.blas_threads() in (1, None)
+
+
+def test_the_kernels_thread_count_follows_the_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a user's count, the kernels take one thread for each core others left idle over
+    the last KERNEL_REFIT_S: renewed once that has passed."""
+    from gpt2cli import threads
+
+    monkeypatch.setattr(threads, "_chosen", None)
+    monkeypatch.delenv(threads.THREADS_VARIABLE, raising=False)
+    monkeypatch.setattr(threads, "KERNEL_REFIT_S", 0.0)
+
+    class Busy:
+        def busy_cores(self) -> float:
+            return float(threads.usable_cores())
+
+    monkeypatch.setattr(threads, "_kernel_sampler", (0.0, Busy()))
+    assert threads.kernel_threads() == 1  # every core busy: one thread, never none
