@@ -33,7 +33,7 @@ from gpt2cli.scheduler import Request, Sample, Scheduler
 
 PROMPT_TOKENS = 200  # each row's prompt: random ids, so the penalties see a real history
 STEPS = 48  # decode steps timed per side and batch size
-PLAIN = GenerationParams(max_tokens=STEPS + 1, top_k=0, ignore_eos=True)  # full-vocabulary sampling
+PLAIN = GenerationParams(max_tokens=STEPS + 1, ignore_eos=True)  # `gpt2 generate`'s sampling
 PROCESSED = replace(
     PLAIN,
     repetition_penalty=1.2,
@@ -87,7 +87,7 @@ def processors(model: GPT2) -> None:
         )
     print_table(
         f"decoding: a decode step (ms, median of {STEPS}) with repetition 1.2 + presence 0.5 + "
-        f"frequency 0.5 + no-repeat-ngram 3 + min-p 0.05 against plain sampling (top-k off), "
+        f"frequency 0.5 + no-repeat-ngram 3 + min-p 0.05 against plain sampling (top-k 5), "
         f"124M-shaped random weights, {PROMPT_TOKENS}-token prompts; {load()}",
         ["batch", "plain", "processed", "ratio", "target", ""],
         rows,
