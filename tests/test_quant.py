@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpt2cli import cache, quant
+from gpt2cli import cache, cachelist, quant
 from gpt2cli.errors import GPT2Error
 from gpt2cli.model import GPT2
 from tests.factory import TINY, write_random_gpt2
@@ -203,6 +203,8 @@ def test_the_same_weights_in_two_folders_are_converted_and_stored_once(
     np.testing.assert_array_equal(first(ids), second(ids))
     GPT2.from_pretrained(copy, dtype="bfloat16")
     assert len(_entries(folder, "bfloat16")) == 1 and len(_entries(folder, "int8")) == 1
+    listed = {e.path.name: e.kind for e in cachelist.entries(folder)}  # `gpt2 cache` shows
+    assert listed[entry.name] == listed[_entries(folder, "bfloat16")[0].name] == "narrow weights"
 
 
 @needs_numba

@@ -28,6 +28,7 @@ from gpt2cli.output import escape_controls, terminal_console, write_stdout
 # the files gpt2cli writes in its cache, by name; anything else there is listed, never removed
 KINDS = (
     (re.compile(r"layout-[0-9a-f]{32}\.npy"), "transposed layout"),
+    (re.compile(r"(bfloat16|int8)-[0-9a-f]{32}\.npy"), "narrow weights"),  # gpt2cli.quant
     (re.compile(r"tokenizer-[0-9a-f]{32}\.marshal"), "tokenizer tables"),
     (re.compile(re.escape(cache.INDEX)), "index of hashes"),
     (re.compile(r".+\.\d+\.partial"), "unfinished write"),  # cache.store's, left by a crash
