@@ -18,6 +18,7 @@ from gpt2cli.model import GPT2
 from gpt2cli.ops import log_softmax
 from gpt2cli.params import EarlyStopping, GenerationParams
 from gpt2cli.scheduler import Event, Request, RequestState, Sample, Scheduler, TokenEvent
+from gpt2cli.tokenizer import Tokenizer
 from tests.factory import TINY, reference_model, write_random_gpt2
 
 EOT = 50256
@@ -87,6 +88,7 @@ def _transformers_beams(
     import torch
 
     ids = torch.tensor([prompt])
+    bans = [Tokenizer.default().encode(text) for text in params.ban]
     with torch.inference_mode():
         out = reference.generate(
             ids,
@@ -97,6 +99,9 @@ def _transformers_beams(
             length_penalty=params.length_penalty,
             early_stopping=params.early_stopping,
             no_repeat_ngram_size=params.no_repeat_ngram,
+            repetition_penalty=params.repetition_penalty,
+            min_new_tokens=params.min_tokens,
+            bad_words_ids=bans or None,
             max_new_tokens=params.max_tokens,
             eos_token_id=[] if params.ignore_eos else EOT,
             pad_token_id=EOT,
@@ -172,6 +177,22 @@ def test_no_repeat_ngram_beams_are_transformers(
         seq = _prompt(6, ngram) + s.ids
         grams = [tuple(seq[i : i + ngram]) for i in range(len(seq) - ngram + 1)]
         assert len(grams) == len(set(grams))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"repetition_penalty": 1.3},
+        {"min_tokens": 8, "ban": (" the", "ing")},
+        {"repetition_penalty": 0.8, "no_repeat_ngram": 2, "min_tokens": 4},
+    ],
+)
+def test_beams_under_other_processors_are_transformers(
+    eos_model: GPT2, reference_eos: Any, options: dict[str, Any]
+) -> None:
+    """The processors shape the log-softmax scores of every beam, under its own history."""
+    params = GenerationParams(max_tokens=30, n=2, num_beams=4, **options)
+    _assert_as_transformers(eos_model, reference_eos, _prompt(6, 3), params)
 
 
 def test_ignore_eos_beams_run_the_whole_budget_as_transformers_without_an_eos(
