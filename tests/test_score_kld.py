@@ -123,7 +123,7 @@ def measured(heavy_tailed_124m_dir: Path) -> Callable[[str], dict[str, Any]]:
 # what they measure now (below), with room: a kernel or quantiser that gets worse fails here
 @needs_numba
 @pytest.mark.parametrize(
-    ("dtype", "most_kld", "least_agreement"), [("int8", 0.02, 0.88), ("bfloat16", 5e-4, 0.985)]
+    ("dtype", "most_kld", "least_agreement"), [("int8", 0.01, 0.93), ("bfloat16", 5e-4, 0.985)]
 )
 def test_quantised_weights_stay_near_float32_on_heavy_tailed_weights(
     measured: Callable[[str], dict[str, Any]], dtype: str, most_kld: float, least_agreement: float
@@ -135,13 +135,13 @@ def test_quantised_weights_stay_near_float32_on_heavy_tailed_weights(
     assert measured("bfloat16")["mean_kld"] < measured("int8")["mean_kld"] / 10
 
 
-# Issue 22's bounds, not met yet (gpt2cli.quant's int8 of 32-input blocks, bfloat16 to nearest
-# even), measured on this fixture over these 2,048 tokens: int8 mean KLD 0.0125, top-1 agreement
-# 91.4%; bfloat16 2.8e-4 and 99.07%. The same quantisers simulated on `random_params` (Gaussian,
-# no outliers) give int8 3.8e-3 and 97.7%: on random weights, with which no activation aligns,
-# the logits' noise is about eps * sqrt(layers) * their spread whatever the quantiser (eps: a
-# weight's relative rounding error, 1% for int8 over heavy tails), so KL ~ (eps sqrt(L) sigma)^2
-# / 2. strict: once a change meets the bounds, the marks must go.
+# Issue 22's bounds, not met yet (gpt2cli.quant's int8 of 32-input blocks after its per-input
+# scaling, bfloat16 to nearest even), measured on this fixture over these 2,048 tokens: int8 mean
+# KLD 5.2e-3, top-1 agreement 95.1%; bfloat16 2.8e-4 and 99.07%. Plain q8_0 simulated on
+# `random_params` (Gaussian, no outliers) gives 3.8e-3 and 97.7%: on random weights, with which
+# no activation aligns, the logits' noise is about eps * sqrt(layers) * their spread whatever the
+# quantiser (eps: a weight's relative rounding error, about 1% for int8 over heavy tails), so
+# KL ~ (eps sqrt(L) sigma)^2 / 2. strict: once a change meets the bounds, the marks must go.
 NOT_MET = pytest.mark.xfail(
     strict=True, reason="issue 22's bounds are not met on heavy-tailed random weights (see above)"
 )
