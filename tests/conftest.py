@@ -25,6 +25,7 @@ SLOW_FIXTURES = {
     ("*", "slow_model_dir"): "a model made slow on purpose, for requests seconds in flight",
     ("*", "fake_hub"): "a hub on a port, reached from subprocesses importing huggingface_hub",
     ("test_model", "reference_tiny"): "transformers' model of the tiny folder: 6 s to build",
+    ("test_processors", "reference_tiny"): "the same, and 64-token generate() runs on it",
     ("test_beam", "reference_eos"): "transformers' beam searches, 1-3 s each",
     ("test_score", "small_vocab_dir"): "the whole grid of lengths and strides over 1,024 tokens",
     ("test_serve", "server"): "a `gpt2 serve` process for the module",
