@@ -29,10 +29,10 @@ _NUCLEUS_FIRST_GUESS = 64  # tokens partitioned off first when top-p runs over t
 class SamplingOptions:
     """How the next token is chosen; the defaults are the `gpt2 generate` command's.
 
-    `temperature` 0 means greedy (argmax; top-k and top-p are then irrelevant), and so does one
-    that float32 rounds to 0 (at most about 7e-46); a tiny positive one gives every token but
-    the most likely (and any tied with it) probability 0. `top_k` 0 turns top-k off, `top_p`
-    1.0 turns nucleus sampling off.
+    `temperature` 0 means greedy (argmax; the other filters are then irrelevant), and so does
+    one that float32 rounds to 0 (at most about 7e-46); a tiny positive one gives every token
+    but the most likely (and any tied with it) probability 0. `top_k` 0 turns top-k off, `top_p`
+    1.0 nucleus sampling, `min_p` 0 min-p and `typical_p` 1.0 typical sampling.
     """
 
     temperature: float = 1.0  # logits are divided by it: < 1 sharpens, > 1 flattens
