@@ -179,6 +179,23 @@ def test_narrow_models_give_logits_close_to_float32(
 
 
 @needs_numba
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_loading_compiles_every_kernel_decoding_and_prefilling_use(
+    tiny_model_dir: Path, dtype: str
+) -> None:
+    """numba compiles a kernel for each new type of argument (a read-only array is one): what
+    the load compiled (announced on a terminal) is all that running needs, nothing mid-run."""
+    from gpt2cli import kernels
+
+    model = GPT2.from_pretrained(tiny_model_dir, dtype=dtype)
+    compiled = {k.__name__: len(k.signatures) for k in kernels.compiled_kernels()}
+    model(np.arange(40))  # 40 rows: widened for BLAS
+    state, logits = model.prefill([[1, 2], [3]], 8)
+    model.step(state, logits.argmax(-1))  # 2 rows: the kernels
+    assert {k.__name__: len(k.signatures) for k in kernels.compiled_kernels()} == compiled
+
+
+@needs_numba
 def test_a_float16_checkpoint_loads_as_int8(tmp_path: Path) -> None:
     folder = write_random_gpt2(tmp_path / "f16", TINY, seed=1, tokenizer=False, dtype=np.float16)
     model = GPT2.from_pretrained(folder, dtype="int8")

@@ -237,10 +237,12 @@ def load_kernels(dtype: str) -> None:
 
 
 def _warm(kernels: Any, kernel: Any, dtype: str) -> None:
-    """Call `kernel` once on tiny arrays of the types the model passes it."""
+    """Call `kernel` once on tiny arrays of the types the model passes it: numba compiles one
+    version per type, and the weights are read-only (memory-mapped, or made so by `pack`)."""
     x, out = np.zeros((1, 2), np.float32), np.zeros((1, 2), np.float32)
     data = np.zeros((2, 2), _NARROW.get(dtype, np.dtype(np.float32)))
     scales = np.zeros((2, 1), np.float32)
+    data.flags.writeable = scales.flags.writeable = False
     if kernel is kernels.int8_matmul:
         kernel(x, data, scales, BLOCK, out)
     elif kernel is kernels.int8_widen:
@@ -252,8 +254,6 @@ def _warm(kernels: Any, kernel: Any, dtype: str) -> None:
 
 
 # --- the narrow weights, converted once and kept in the user's cache ---------------------------
-
-_PROJECTED = ("attn", "mlp")
 
 
 def _matrices(params: dict[str, Any]) -> list[tuple[Array, bool]]:
@@ -350,6 +350,8 @@ def pack(
         index.save()
     if arrays is None:  # no cache: converted in memory, on every load
         arrays = [_convert_matrix(dtype, m, t, block) for m, t in matrices]
+        for array in (a for matrix in arrays for a in matrix):
+            array.flags.writeable = False  # as memory-mapped ones: one compiled kernel for both
     return _replace(params, [_packed(dtype, a, block) for a in arrays])
 
 
