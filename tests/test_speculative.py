@@ -15,9 +15,10 @@ from gpt2cli.errors import GPT2Error
 from gpt2cli.generate import Generation
 from gpt2cli.model import GPT2
 from gpt2cli.params import GenerationParams
+from gpt2cli.processors import RowHistory
 from gpt2cli.sampling import distribution
 from gpt2cli.scheduler import Request, Sample, Scheduler, TokenEvent
-from gpt2cli.speculative import accept, lookup
+from gpt2cli.speculative import accept, lookup, processors_allow
 from tests.factory import write_random_gpt2
 
 EOT = 50256
@@ -83,6 +84,39 @@ def test_lookup_drafts_what_transformers_prompt_lookup_drafts():
         ids = rng.choice(alphabet, int(rng.integers(1, 30))).tolist()
         k = int(rng.integers(1, 12))
         assert lookup(ids, k, EOT) == _transformers_lookup(ids, k), (case, ids, k)
+
+
+def test_lookup_cuts_drafts_where_the_processors_forbid_as_transformers_does():
+    """No repeated 3-grams and two banned sequences over a vocabulary of 8: a draft is cut at
+    its first forbidden token, and one cut to nothing gives way to the next occurrence."""
+    import torch
+    from transformers import (
+        LogitsProcessorList,
+        NoBadWordsLogitsProcessor,
+        NoRepeatNGramLogitsProcessor,
+    )
+    from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
+
+    banned = [[2, 3], [4, 1, 4]]
+    theirs = LogitsProcessorList(
+        [NoRepeatNGramLogitsProcessor(3), NoBadWordsLogitsProcessor(banned, eos_token_id=EOT)]
+    )
+    params = GenerationParams(no_repeat_ngram=3, ban=("two texts, encoded as `banned`",))
+    rng = np.random.default_rng(1)
+    for case in range(200):
+        ids = rng.integers(1, 5, int(rng.integers(2, 30))).tolist()
+        k = int(rng.integers(1, 8))
+        generator = PromptLookupCandidateGenerator(
+            eos_token_id=torch.tensor([EOT]),
+            num_output_tokens=k,
+            max_length=10_000,
+            logits_processor=theirs,
+            vocab_size=8,
+        )
+        candidates, _ = generator.get_candidates(torch.tensor([ids]))
+        history = RowHistory(params, ids, 1, banned)
+        allowed = processors_allow(history, 8, eos=7)  # any id below 8: min_tokens is off
+        assert lookup(ids, k, EOT, allowed=allowed) == candidates[0, len(ids) :].tolist(), case
 
 
 def test_lookup_prefers_the_longer_ngram_and_its_first_occurrence():
@@ -173,6 +207,16 @@ def test_drafts_are_accepted_when_the_model_repeats_itself_and_rejected_when_not
     prompt, options = CASES["early"]
     early = _run(tiny, prompt, draft, **GREEDY, **options)[0].timings
     assert early.drafted is not None and early.drafted > 0 and early.accepted == 0
+
+
+def test_no_draft_is_looked_up_that_no_repeat_ngram_forbids(tiny: GPT2):
+    """With no repeated bigrams, whatever followed the last token before would repeat a
+    bigram: prompt lookup drafts nothing (transformers' processor check), and decodes alike."""
+    prompt, options = CASES["repeating"]
+    plain = _run(tiny, prompt, **GREEDY, **options, no_repeat_ngram=2)
+    fast = _run(tiny, prompt, **GREEDY, **options, no_repeat_ngram=2, prompt_lookup=10)
+    assert _ids(fast) == _ids(plain)
+    assert fast[0].timings.drafted == 0
 
 
 def test_stop_strings_and_the_budget_end_a_sample_mid_draft(tiny: GPT2):

@@ -39,7 +39,7 @@ from gpt2cli.kvcache import DecodeState
 from gpt2cli.ops import log_softmax, top_ids
 from gpt2cli.params import GenerationParams, ParamError, fit_prompt
 from gpt2cli.sampling import distribution, sample
-from gpt2cli.speculative import Draft, Drafter, DraftRow, accept, lookup
+from gpt2cli.speculative import Draft, Drafter, DraftRow, accept, lookup, processors_allow
 
 if TYPE_CHECKING:
     from gpt2cli.model import GPT2
@@ -565,12 +565,12 @@ class Scheduler:
                 k = min(params.prompt_lookup or params.draft_tokens, state.budget - len(s.ids) - 1)
                 if s.finish_reason is not None or k < 1:
                     continue
-                ids = state.prompt_ids + s.ids
+                ids, prompt = state.prompt_ids + s.ids, len(state.prompt_ids)
+                history = processors.RowHistory(params, ids, prompt, state.banned)
                 if params.prompt_lookup:
-                    drafts[row] = Draft(lookup(ids, k, eot))
+                    allowed = processors_allow(history, self.model.tokenizer.n_vocab, eot)
+                    drafts[row] = Draft(lookup(ids, k, eot, allowed=allowed))
                 else:
-                    prompt = len(state.prompt_ids)
-                    history = processors.RowHistory(params, ids, prompt, state.banned)
                     assert state.rng is not None
                     asked.append(DraftRow(row, history, k, state.rng))
         if self.drafter is not None and asked:

@@ -20,7 +20,7 @@ p and q are the processed, warped distributions (`gpt2cli.processors`, then
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -29,7 +29,7 @@ from numpy.typing import NDArray
 
 from gpt2cli.errors import GPT2Error
 from gpt2cli.kvcache import DecodeState
-from gpt2cli.processors import RowHistory, process
+from gpt2cli.processors import RowHistory, active, process
 from gpt2cli.sampling import distribution, race
 
 if TYPE_CHECKING:
@@ -42,19 +42,49 @@ Dist = tuple[Ids, Array]  # a next-token distribution as `distribution` gives it
 MAX_NGRAM = 2  # transformers' max_matching_ngram_size default for prompt lookup
 
 
-def lookup(ids: Sequence[int], k: int, eos: int, max_ngram: int = MAX_NGRAM) -> list[int]:
+def lookup(
+    ids: Sequence[int],
+    k: int,
+    eos: int,
+    max_ngram: int = MAX_NGRAM,
+    allowed: Callable[[list[int]], int] = len,
+) -> list[int]:
     """Up to k tokens that followed the first earlier occurrence of the text's last n-gram
     (n from `max_ngram` down to 1), cut before an `eos`: transformers' prompt-lookup draft of
-    `ids` (prompt and text so far). [] when no n-gram recurs."""
+    `ids` (prompt and text so far). [] when no n-gram recurs.
+
+    `allowed(draft)` is how many of a draft's first tokens the request's processors allow
+    (`processors_allow`): the draft is cut there, and where nothing is left the next
+    occurrence is tried, as transformers does.
+    """
     seq = np.asarray(ids, np.int64)  # [L]
     for n in range(min(max_ngram, len(seq) - 1), 0, -1):
         windows = sliding_window_view(seq[:-1], n)  # [L - n, n]: each has a token after it
-        hits = np.flatnonzero((windows == seq[-n:]).all(axis=1))
-        if hits.size:  # the first (leftmost) match, as transformers takes it
-            drafted = seq[hits[0] + n : hits[0] + n + k]
-            ends = np.flatnonzero(drafted == eos)
-            return [int(t) for t in drafted[: ends[0] if ends.size else k]]
+        for hit in np.flatnonzero((windows == seq[-n:]).all(axis=1)):  # leftmost first
+            drafted = [int(t) for t in seq[hit + n : hit + n + k]]
+            drafted = drafted[: allowed(drafted)]
+            if drafted:
+                return drafted[: drafted.index(eos) if eos in drafted else k]
     return []
+
+
+def processors_allow(history: RowHistory, vocab: int, eos: int) -> Callable[[list[int]], int]:
+    """For `lookup`: how many of a draft's first tokens the processors of `history`'s request
+    allow, each after the ones before it (transformers runs them on scores of ones: a token
+    they make -inf ends the draft). The first token's verdicts are computed once."""
+    if not active(history.params):
+        return len
+    first = np.isfinite(process(np.ones((1, vocab), np.float32), [history], eos)[0])  # [V]
+
+    def allowed(drafted: list[int]) -> int:
+        if not first[drafted[0]]:
+            return 0
+        rows = [history._replace(ids=[*history.ids, *drafted[:j]]) for j in range(1, len(drafted))]
+        scores = process(np.ones((len(rows), vocab), np.float32), rows, eos)  # [k - 1, V]
+        fine = np.isfinite(scores[np.arange(len(rows)), drafted[1:]])  # [k - 1]
+        return 1 + (int(fine.argmin()) if not fine.all() else len(rows))
+
+    return allowed
 
 
 def accept(
