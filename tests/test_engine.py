@@ -311,6 +311,10 @@ def test_a_job_beyond_the_queue_and_the_batch_together_is_too_large(model: GPT2)
             three = GenerationParams(max_tokens=2, n=3)
             with pytest.raises(TooLarge):
                 engine.submit(job_of(([1], three), ([2], three)))
+            beams = GenerationParams(max_tokens=2, num_beams=2, temperature=0)  # 2 rows, n 1
+            drawn = GenerationParams(max_tokens=2, best_of=2)
+            with pytest.raises(TooLarge):
+                engine.submit(job_of(([1], beams), ([2], drawn), ([3], beams)))
 
     asyncio.run(main())
 

@@ -251,7 +251,7 @@ def test_the_decoding_fields_reach_generation_params_under_their_own_names():
     [
         ({"presence_penalty": False}, "presence_penalty", "finite number"),  # not the number 0
         ({"frequency_penalty": 2.5}, "frequency_penalty", "between -2 and 2"),
-        ({"repetition_penalty": 0}, "repetition_penalty", "positive"),
+        ({"repetition_penalty": 0}, "repetition_penalty", "between 0.0001 and 10000"),
         ({"logit_bias": [1, 2]}, "logit_bias", "must be an object"),
         ({"logit_bias": {"x": 1}}, "logit_bias", "token id"),
         ({"logit_bias": {"5": "1"}}, "logit_bias", "must be a number"),

@@ -434,9 +434,9 @@ def _decoding_options(command: Any) -> Any:
         ),
         "--prompt-lookup": (
             0,
-            "Draft up to K tokens by matching the text's last words earlier "
-            "in it, verified in one pass (same output, faster on repetitive "
-            "text); 0 is off.",
+            "Draft up to K tokens by matching the text's last words earlier in it, verified in "
+            "one pass (faster on repetitive text; greedy output is the same, sampled output as "
+            "likely); 0 is off.",
         ),
         "--draft-tokens": (5, "With --draft-model: tokens drafted per step."),
     }
@@ -475,7 +475,8 @@ def _decoding_options(command: Any) -> Any:
             "--draft-model",
             metavar="NAME",
             help="Speculative decoding: a smaller GPT-2 of the same vocabulary drafts tokens that "
-            "the model verifies (same output, faster when they agree).",
+            "the model verifies (faster when they agree; greedy output is the same, sampled "
+            "output as likely).",
         ),
     ]
     for option in reversed(options):
@@ -654,9 +655,12 @@ def _generation_params(values: tuple[Any, ...], decoding: dict[str, Any]) -> Gen
 
     ctx = click.get_current_context()
     try:
+        if ctx.params.get("draft_model") is None and _given(ctx, "draft_tokens"):
+            raise ParamError("draft_tokens", "--draft-tokens goes with --draft-model")
+        if decoding["num_beams"] > 1 and ctx.params.get("draft_model") is not None:
+            raise ParamError("num_beams", "a beam search does not use a draft model")
         if decoding["num_beams"] > 1:
-            default = click.core.ParameterSource.DEFAULT
-            given = [n for n in _SAMPLING if ctx.get_parameter_source(n) != default]
+            given = [n for n in _SAMPLING if _given(ctx, n)]
             if given:
                 raise ParamError(
                     given[0],
@@ -675,6 +679,11 @@ def _generation_params(values: tuple[Any, ...], decoding: dict[str, Any]) -> Gen
         name = {"n": "num_samples"}.get(e.param, e.param)
         option = next((p for p in ctx.command.params if p.name == name), None)
         raise click.BadParameter(str(e), ctx=ctx, param=option) from None
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    """The user gave option `name` (on the command line or in its environment variable)."""
+    return ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT
 
 
 def _bias_pair(item: str) -> tuple[str, float]:

@@ -57,7 +57,7 @@ class Job:
     @property
     def sequences(self) -> int:
         """Rows (or prompts alone) its requests take."""
-        return sum(r.params.n if r.params.max_tokens else 1 for r in self.requests)
+        return sum(r.params.draws if r.params.max_tokens else 1 for r in self.requests)
 
 
 class Call:
@@ -103,12 +103,14 @@ class Engine:
         self._thread.start()
 
     def check_size(self, sequences: int) -> None:
-        """TooLarge for more sequences (prompts x n) than the queue and the batch hold together:
-        checked before anything is built for a request, so an oversized one costs nothing."""
+        """TooLarge for more sequences (prompts x n, or x beams or best_of) than the queue and the
+        batch hold together: checked before anything is built for a request, so an oversized one
+        costs nothing."""
         room = self.max_queue + self.max_batch
         if sequences > room:
             raise TooLarge(
-                f"This request asks for {sequences} sequences (prompts x n), more than the "
+                f"This request asks for {sequences} sequences (prompts x n, beams or best_of), "
+                "more than the "
                 f"server queues at once ({room}: --max-queue {self.max_queue} plus --max-batch "
                 f"{self.max_batch}); send fewer prompts per request."
             )

@@ -22,6 +22,11 @@ MAX_TOP_LOGPROBS = 5  # alternatives per token a request may ask for (OpenAI's l
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit bias; -100 bans the token
 MAX_PENALTY = 2.0  # OpenAI's range for the presence and frequency penalties
 MAX_DRAFT_TOKENS = 64  # tokens a speculative step may draft per row (prompt lookup, a draft model)
+# bounds that keep one request's options from slowing a shared batch or overflowing float32:
+MAX_REPETITION_PENALTY = 1e4  # and 1e-4 at the other end: 30 / 1e-4 is still a logit
+MAX_LENGTH_PENALTY = 10.0  # length**10 for 1,024 tokens is 1e30: scores stay finite
+MAX_NGRAM = 64  # no_repeat_ngram: each step compares every earlier n-gram of each row
+MAX_BANS, MAX_BAN_CHARS = 256, 1000  # each ban is checked against each row at each step
 
 EarlyStopping = bool | Literal["never"]
 
@@ -121,11 +126,11 @@ class GenerationParams:
 
     def _check_processors(self) -> None:
         """The score processors' ranges (see each field's comment)."""
-        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+        if not 1 / MAX_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
             raise ParamError(
                 "repetition_penalty",
-                f"repetition_penalty must be a positive number (1 turns it off), "
-                f"got {self.repetition_penalty}",
+                f"repetition_penalty must be between {1 / MAX_REPETITION_PENALTY:g} and "
+                f"{MAX_REPETITION_PENALTY:g} (1 turns it off), got {self.repetition_penalty}",
             )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
@@ -134,10 +139,11 @@ class GenerationParams:
                     name,
                     f"{name} must be between -{MAX_PENALTY:g} and {MAX_PENALTY:g}, got {value}",
                 )
-        if self.no_repeat_ngram < 0:
+        if not 0 <= self.no_repeat_ngram <= MAX_NGRAM:
             raise ParamError(
                 "no_repeat_ngram",
-                f"no_repeat_ngram must be >= 0 (0 turns it off), got {self.no_repeat_ngram}",
+                f"no_repeat_ngram must be between 0 (off) and {MAX_NGRAM}, "
+                f"got {self.no_repeat_ngram}",
             )
         ids = [id for id, _ in self.logit_bias]
         if ids != sorted(set(ids)) or any(id < 0 for id in ids):
@@ -153,6 +159,10 @@ class GenerationParams:
                 )
         if any(not text for text in self.ban):
             raise ParamError("ban", "a banned text must not be empty")
+        if len(self.ban) > MAX_BANS or any(len(text) > MAX_BAN_CHARS for text in self.ban):
+            raise ParamError(
+                "ban", f"at most {MAX_BANS} banned texts of at most {MAX_BAN_CHARS} characters each"
+            )
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ParamError(
                 "min_tokens",
@@ -167,11 +177,13 @@ class GenerationParams:
                 "num_beams",
                 f"num_beams must be at least 1 (1: no beam search), got {self.num_beams}",
             )
-        if not math.isfinite(self.length_penalty):
+        if not -MAX_LENGTH_PENALTY <= self.length_penalty <= MAX_LENGTH_PENALTY:
             raise ParamError(
-                "length_penalty", f"length_penalty must be a number, got {self.length_penalty}"
+                "length_penalty",
+                f"length_penalty must be between -{MAX_LENGTH_PENALTY:g} and "
+                f"{MAX_LENGTH_PENALTY:g}, got {self.length_penalty}",
             )
-        if self.early_stopping not in (True, False, "never"):
+        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
             raise ParamError(
                 "early_stopping",
                 f"early_stopping must be true, false or never, got {self.early_stopping!r}",

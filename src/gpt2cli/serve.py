@@ -250,7 +250,8 @@ class App:
         params = openai_api.completion_params(
             body, max_batch=self.engine.max_batch, names=self.names
         )
-        self.engine.check_size(len(params.prompts) * (params.n if params.max_tokens else 1))
+        rows = params.generation.draws if params.max_tokens else 1  # per prompt
+        self.engine.check_size(len(params.prompts) * rows)
         n_ctx = self.model.config.n_ctx
         openai_api.check_text_lengths(params.prompts, n_ctx, self.tokenizer.max_token_bytes)
         async with self.tokenizing:  # a thread: tokenizing must not hold up the loop's streams
