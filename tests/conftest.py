@@ -78,6 +78,7 @@ SLOW_TESTS = frozenset(
         "tests/test_ray_engine.py::test_no_other_command_imports_ray",
         "tests/test_quant.py::test_a_damaged_entry_is_rebuilt",
         "tests/test_quant.py::test_narrow_models_give_logits_close_to_float32",
+        "tests/test_quant.py::test_the_first_run_on_a_terminal_says_it_compiles_and_later_runs_do_not",
         "tests/test_quant.py::test_without_numba_int8_is_one_line_naming_the_fast_extra",
         "tests/test_sampling.py::test_a_seeded_draw_survives_the_float_noise_of_another_batch_shape",
         "tests/test_sampling.py::test_draws_never_leave_the_allowed_set",

@@ -196,6 +196,23 @@ def test_loading_compiles_every_kernel_decoding_and_prefilling_use(
 
 
 @needs_numba
+def test_the_first_run_on_a_terminal_says_it_compiles_and_later_runs_do_not(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from tests.terminal import run_on_terminal
+
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba"))  # nothing compiled yet
+    args = ["generate", "-m", str(tiny_model_dir), "--dtype", "int8", "-t", "2", "Hello"]
+    shown = []
+    for _ in range(2):
+        status, terminal, _ = run_on_terminal(args, stream="stderr", env=env)
+        assert status == 0, terminal
+        shown.append(terminal.count("gpt2: compiling the int8 kernels (once)…"))
+    assert shown == [1, 0]
+    assert any((tmp_path / "numba").rglob("*.nbi"))  # numba's cache, where it was told
+
+
+@needs_numba
 def test_a_float16_checkpoint_loads_as_int8(tmp_path: Path) -> None:
     folder = write_random_gpt2(tmp_path / "f16", TINY, seed=1, tokenizer=False, dtype=np.float16)
     model = GPT2.from_pretrained(folder, dtype="int8")
