@@ -193,6 +193,30 @@ def test_a_prompt_that_fails_leaves_with_its_error_and_the_batch_goes_on(tiny: G
     assert failing.finished and kept.finished and len(kept.samples[0].ids) == 3
 
 
+@pytest.mark.parametrize(
+    "ruled_out",
+    [
+        {"temperature": 0},  # greedy
+        {"top_k": 5, "seed": 1},  # sampled
+        {"num_beams": 2, "temperature": 0},  # searched
+        {"prompt_lookup": 3, "temperature": 0},  # drafted
+    ],
+)
+def test_a_request_with_no_token_left_fails_alone_and_the_batch_goes_on(
+    tiny: GPT2, ruled_out: dict[str, Any]
+):
+    every = tuple((id, -100.0) for id in range(tiny.config.n_vocab))
+    scheduler = Scheduler(tiny, max_batch=4)
+    kept = scheduler.submit(_request([1, 2], max_tokens=6, **GREEDY, ignore_eos=True))
+    scheduler.step()
+    failing = scheduler.submit(_request([1, 2, 1, 2], max_tokens=4, logit_bias=every, **ruled_out))
+    events = _drain(scheduler)
+    [failed] = [e for e in events if isinstance(e, FailedEvent)]
+    assert failed.state is failing and "no token is left to choose" in str(failed.error)
+    assert kept.finished and len(kept.samples[0].ids) == 6
+    assert scheduler.free == 4
+
+
 def test_a_cancelled_request_leaves_at_once_and_frees_its_rows(tiny: GPT2):
     scheduler = Scheduler(tiny, max_batch=4)
     gone = scheduler.submit(_request(_prompt(8, 12), max_tokens=50, **GREEDY, n=3, ignore_eos=True))

@@ -128,6 +128,7 @@ def distribution(x: Array, options: SamplingOptions) -> tuple[Ids, Array]:
 
     ids are the tokens sampling may pick, in id order; probs are float32 and sum to 1.
     """
+    check_choice(x)
     if options.greedy:
         return np.array([int(x.argmax())]), np.ones(1, np.float32)
     shifted = x.astype(np.float32) - x.max()  # [V], <= 0: dividing by a tiny T cannot give +inf
@@ -149,9 +150,20 @@ def _kept(ids: Ids, probs: Array, kept: Ids) -> tuple[Ids, Array]:
     return ids[kept], probs[kept] / probs[kept].sum(dtype=np.float32)
 
 
+def check_choice(scores: Array) -> None:
+    """A GPT2Error unless every row of scores [..., V] leaves some token possible: logit biases
+    of -100, bans and no-repeat n-grams together can rule out every one."""
+    if np.isneginf(scores.max(axis=-1)).any():
+        raise GPT2Error(
+            "no token is left to choose: the logit biases, banned texts and no-repeat n-grams "
+            "rule out every one"
+        )
+
+
 def sample(logits: Array, rng: np.random.Generator, options: SamplingOptions) -> Ids:
     """One next id per row of logits [B, V] -> [B] int64, drawing from rng unless greedy."""
     if options.greedy:
+        check_choice(logits)
         argmax: Ids = logits.argmax(axis=-1).astype(np.int64)  # [B]
         return argmax
     chosen = np.empty(logits.shape[0], np.int64)  # [B]

@@ -25,9 +25,10 @@ stop string. Not thread-safe: one thread drives a scheduler (a server's worker t
 from __future__ import annotations
 
 import codecs
+import functools
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -38,7 +39,7 @@ from gpt2cli.errors import GPT2Error
 from gpt2cli.kvcache import DecodeState
 from gpt2cli.ops import log_softmax, top_ids
 from gpt2cli.params import GenerationParams, ParamError, fit_prompt
-from gpt2cli.sampling import distribution, sample
+from gpt2cli.sampling import check_choice, distribution, sample
 from gpt2cli.speculative import Draft, Drafter, DraftRow, accept, lookup, processors_allow
 
 if TYPE_CHECKING:
@@ -546,9 +547,8 @@ class Scheduler:
             state.logits = logits[state.rows, 0]
         events = self._sample(plain)
         for state in speculating:
-            drawn = len(events)
-            events += self._verify(state, logits, drafts, before)
-            events[drawn:] = _out_now(state, events[drawn:])
+            verify = functools.partial(self._verify, state, logits, drafts, before)
+            events += self._alone(state, verify)
         self._release()
         return events
 
@@ -616,7 +616,7 @@ class Scheduler:
             self.cache.lengths[row] = before[row] + taken  # its fed id, the drafts taken but last
             if self.drafter is not None and self._drafter_for(state):
                 self.drafter.keep(row, int(self.cache.lengths[row]))
-        return events
+        return _out_now(state, events)
 
     def _sample(self, batch: list[RequestState]) -> list[Event]:
         """Choose each running sample's next id from its logits; finish and release requests."""
@@ -626,24 +626,42 @@ class Scheduler:
         processed = self._processed([s for s in batch if s.search is None], known)
         for state in batch:
             if state.search is not None:
-                events += self._search(state, now)
-                continue
-            drawn = len(events)
-            params = state.params
-            logits = np.asarray(state.logits)[:, :known]  # [n, V]: only ids that have a text
-            assert state.rng is not None
-            scores = processed.get(state, logits)  # [n, V]: the model's own if not processed
-            ids = sample(scores, state.rng, params.sampling)  # [n]: all n drawn, as alone
-            logprobs = log_softmax(logits)  # [n, V]
-            chosen = logprobs[np.arange(len(ids)), ids]  # [n]
-            best = top_ids(logprobs, params.top_logprobs)  # [n, top]
-            for i, s in enumerate(state.samples):
-                if s.finish_reason is None:
-                    top = [(int(t), float(logprobs[i, t])) for t in best[i]]
-                    events.append(self._advance(state, i, int(ids[i]), float(chosen[i]), top, now))
-            events[drawn:] = _out_now(state, events[drawn:])
+                events += self._alone(state, functools.partial(self._search, state, now))
+            else:
+                draw = functools.partial(self._draw, state, processed.get(state), now)
+                events += self._alone(state, draw)
         self._release()
         return events
+
+    def _draw(self, state: RequestState, scores: Any, now: float) -> list[Event]:
+        """Draw each unfinished sample's next id from `scores` [n, V] (its processed logits, or
+        None for the model's own): an event each."""
+        events: list[Event] = []
+        params = state.params
+        logits = np.asarray(state.logits)[
+            :, : self.model.tokenizer.n_vocab
+        ]  # [n, V]: ids with text
+        assert state.rng is not None
+        scores = logits if scores is None else scores  # [n, V]
+        ids = sample(scores, state.rng, params.sampling)  # [n]: all n drawn, as alone
+        logprobs = log_softmax(logits)  # [n, V]
+        chosen = logprobs[np.arange(len(ids)), ids]  # [n]
+        best = top_ids(logprobs, params.top_logprobs)  # [n, top]
+        for i, s in enumerate(state.samples):
+            if s.finish_reason is None:
+                top = [(int(t), float(logprobs[i, t])) for t in best[i]]
+                events.append(self._advance(state, i, int(ids[i]), float(chosen[i]), top, now))
+        return _out_now(state, events)
+
+    def _alone(self, state: RequestState, work: Callable[[], list[Event]]) -> list[Event]:
+        """One request's part of a step: its events or, if it fails (every token ruled out, a
+        numeric fault), a FailedEvent that ends that request alone, as a failed prefill does;
+        the rest of the batch goes on."""
+        try:
+            return work()
+        except Exception as e:
+            state.cancelled = True
+            return [FailedEvent(state, e)]
 
     def _processed(self, batch: list[RequestState], known: int) -> dict[RequestState, Any]:
         """The next-token scores [n, V] of each request in `batch` that uses a logits processor
@@ -676,6 +694,7 @@ class Scheduler:
                 for ids in state.search.ids.tolist()
             ]
             scores = processors.process(logprobs.copy(), rows, self.model.tokenizer.eot_token)
+            check_choice(scores.reshape(-1))  # some beam must have a token left
         search = state.search = beam.step(state.search, scores, logprobs)
         best = top_ids(logprobs, params.top_logprobs)  # [W, top]
         state.trail.append((now, best, np.take_along_axis(logprobs, best, axis=-1)))
