@@ -235,7 +235,7 @@ def test_a_cancelled_request_leaves_at_once_and_frees_its_rows(tiny: GPT2):
 @pytest.mark.parametrize(
     ("prompt", "params", "message"),
     [
-        ([1, 2], {"n": 5}, r"n \(samples\) must be at most the batch size 4"),
+        ([1, 2], {"n": 5}, "n must be at most the batch size 4"),
         ([1] * 60, {"max_tokens": 10}, r"need 70 positions, but this batch holds 64"),
         ([1, 2], {"top_logprobs": 6}, "top_logprobs must be between 0 and 5"),
         ([1, 2], {"max_tokens": 0}, "max_tokens must be at least 1"),

@@ -9,10 +9,14 @@ prompt in the context: what is kept of it and how many new tokens it leaves room
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import KW_ONLY, dataclass
 from typing import Literal
+
+import numpy as np
+from numpy.typing import NDArray
 
 from gpt2cli.config import too_long
 from gpt2cli.errors import GPT2Error
@@ -221,6 +225,15 @@ class GenerationParams:
         return SamplingOptions(
             self.temperature, self.top_k, self.top_p, min_p=self.min_p, typical_p=self.typical_p
         )
+
+    @functools.cached_property
+    def bias_arrays(self) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+        """`logit_bias` as arrays of ids [m] and biases [m], -100 as -inf (a ban), built once
+        per request rather than at every step (50,000 biases took 130 ms a step)."""
+        ids = np.array([id for id, _ in self.logit_bias], np.int64)  # [m]
+        bias = np.array([bias for _, bias in self.logit_bias], np.float32)  # [m]
+        bias[bias == -MAX_LOGIT_BIAS] = -np.inf
+        return ids, bias
 
     @property
     def draws(self) -> int:

@@ -22,13 +22,13 @@ The warpers that only sampling uses (temperature, top-k, top-p, min-p, typical-p
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from numpy.typing import NDArray
 
-from gpt2cli.params import MAX_LOGIT_BIAS, GenerationParams
+from gpt2cli.params import GenerationParams
 
 Array = NDArray[np.float32]
 Ids = NDArray[np.int64]
@@ -76,7 +76,7 @@ def _picked(rows: Sequence[RowHistory], uses: Callable[[RowHistory], object]) ->
 
 
 def _flat(
-    picked: Sequence[int], seqs: Sequence[Sequence[int]]
+    picked: Sequence[int], seqs: Sequence[Sequence[int] | NDArray[np.integer[Any]]]
 ) -> tuple[NDArray[np.intp], Ids, NDArray[np.intp]]:
     """The sequences concatenated: each entry's row (from `picked`) [T], the ids [T], and each
     sequence's end offset into them [R]."""
@@ -91,11 +91,9 @@ def logit_bias(scores: Array, rows: Sequence[RowHistory]) -> None:
     picked = _picked(rows, lambda row: row.params.logit_bias)
     if not picked:
         return
-    pairs = [rows[b].params.logit_bias for b in picked]
-    where, ids, _ = _flat(picked, [[id for id, _ in p] for p in pairs])  # [T], [T]
-    bias = np.array([bias for p in pairs for _, bias in p], np.float32)  # [T]
-    bias[bias == -MAX_LOGIT_BIAS] = -np.inf
-    scores[where, ids] += bias  # ids are distinct within a row: no update is lost
+    arrays = [rows[b].params.bias_arrays for b in picked]  # ([m], [m]) each, -100 as -inf
+    where, ids, _ = _flat(picked, [ids for ids, _ in arrays])  # [T], [T]
+    scores[where, ids] += np.concatenate([bias for _, bias in arrays])  # distinct ids: none lost
 
 
 def repetition_penalty(scores: Array, rows: Sequence[RowHistory]) -> None:

@@ -273,14 +273,15 @@ class FailedEvent(NamedTuple):
 Event = TokenEvent | PromptEvent | FailedEvent
 
 
-def prepare(model: GPT2, request: Request) -> tuple[list[int], int]:
-    """The request's prompt as it runs and its budget of new tokens (`fit_prompt`), its ids
-    checked against the vocabulary; or a GPT2Error saying why it cannot run on `model`."""
+def prepare(model: GPT2, request: Request) -> tuple[list[int], int, list[list[int]]]:
+    """The request's prompt as it runs, its budget of new tokens (`fit_prompt`) and its `ban`
+    texts encoded, its ids checked against the vocabulary; or a GPT2Error saying why it cannot
+    run on `model`."""
     prompt, budget = fit_prompt(
         request.prompt_ids, request.params, model.config.n_ctx, model.tokenizer.eot_token
     )
     model.check_ids(np.asarray(prompt))
-    encode_bans(model, request.params)
+    banned = encode_bans(model, request.params)
     vocabulary = min(model.config.n_vocab, model.tokenizer.n_vocab)  # the ids sampling sees
     outside = [id for id, _ in request.params.logit_bias if id >= vocabulary]
     if outside:
@@ -288,7 +289,7 @@ def prepare(model: GPT2, request: Request) -> tuple[list[int], int]:
             "logit_bias",
             f"logit_bias token id {outside[0]} is outside the vocabulary [0, {vocabulary})",
         )
-    return prompt, budget
+    return prompt, budget, banned
 
 
 def encode_bans(model: GPT2, params: GenerationParams) -> list[list[int]]:
@@ -361,16 +362,16 @@ class Scheduler:
         """Requests are waiting or running: `step` has work."""
         return bool(self._waiting or self._running)
 
-    def check(self, request: Request) -> tuple[list[int], int]:
+    def check(self, request: Request) -> tuple[list[int], int, list[list[int]]]:
         """`prepare`, then the request's samples and length against this batch's rows and
         capacity: a GPT2Error says why it can never run here."""
-        prompt, budget = prepare(self.model, request)
+        prompt, budget, banned = prepare(self.model, request)
         params = request.params
         if params.draws > self.max_batch:
-            name = "best_of" if params.best_of else "n (samples)"
+            name = "best_of" if params.best_of else "n"
             name = "num_beams" if params.num_beams > 1 else name
-            raise GPT2Error(
-                f"{name} must be at most the batch size {self.max_batch}, got {params.draws}"
+            raise ParamError(
+                name, f"{name} must be at most the batch size {self.max_batch}, got {params.draws}"
             )
         needed, capacity = len(prompt) + budget, self.cache.capacity
         if needed > capacity:
@@ -378,16 +379,16 @@ class Scheduler:
                 f"prompt ({len(prompt)} tokens) and {budget} new tokens "
                 f"need {needed} positions, but this batch holds {capacity} per row"
             )
-        return prompt, budget
+        return prompt, budget, banned
 
     def submit(self, request: Request) -> RequestState:
         """Check a request (`check`) and queue it; its state fills in as `step` runs it."""
-        prompt, budget = self.check(request)
+        prompt, budget, banned = self.check(request)
         params = request.params
         count = params.draws if params.num_beams == 1 else params.n  # best_of draws all of them
         samples = [Sample(prompt_ids=prompt) for _ in range(count)]
         state = RequestState(request, prompt, budget, samples)
-        state.banned = encode_bans(self.model, params)
+        state.banned = banned
         if params.num_beams > 1:
             eos = None if params.ignore_eos else self.model.tokenizer.eot_token
             state.search = beam.BeamSearch.start(
