@@ -98,8 +98,8 @@ class Sample:
             "finish_reason": self.finish_reason,
             "logprobs": [round(lp, 6) for lp in self.logprobs],
         }
-        if self.score is not None:
-            out["score"] = round(self.score, 6)
+        if self.score is not None:  # -inf (every token ruled out) is not JSON: null
+            out["score"] = round(self.score, 6) if np.isfinite(self.score) else None
         out["timings"] = {
             "load_s": round(t.load_s, 6),
             "prefill_s": round(t.prefill_s, 6),
