@@ -12,7 +12,9 @@ one `GPT2.step_many`, and `accept` keeps what the target itself would have produ
   rejection draw from norm(max(0, p - q)); all kept, one more from p. The output is distributed
   as plain sampling's;
 - sampling with prompt lookup (a draft with no q: a point mass): draw from p at each position and
-  keep going while the draw is the drafted token; the draws are plain sampling's own.
+  keep going while the draw is the drafted token. Each draw is from p, so the output is
+  distributed as plain sampling's (with one sample, the very same text for a seed; with several,
+  the samples draw in another order, so other texts).
 
 p and q are the processed, warped distributions (`gpt2cli.processors`, then
 `gpt2cli.sampling.distribution`), each over the history up to its position, drafts included.
