@@ -1,15 +1,17 @@
 """Compiled (numba) products of a few rows with weights in float32, bfloat16 or int8.
 
 Decoding multiplies 1 to 16 rows by every weight matrix, so it is bound by reading the weights:
-these kernels read each weight once for all the rows, widen it in registers (int8 times its
-block's scale; bfloat16 shifted into a float32's high half) and accumulate in float32. Each
+these kernels read each weight once for all the rows, widen it (int8 times its block's scale;
+bfloat16 shifted into a float32's high half) in registers, or for several rows once into a
+buffer in L1, and accumulate in float32. Each
 matrix is stored as [n_out, n_in] (`gpt2cli.quant.Packed`), so an output is a dot product of
 contiguous rows; the outputs are split into CHUNK-row pieces over numba's threads (`prange`).
-The dequantising kernels widen a whole matrix for BLAS, which wins from KERNEL_ROWS rows on.
+The widening kernels widen a whole matrix for BLAS, which wins past `quant.KERNEL_ROWS` rows.
 
-Imported only for `dtype="int8"`/`"bfloat16"` (or the float32 decode kernel): numba costs about
-0.2 s to import and compiles each kernel once, into its on-disk cache (`cache=True`), under the
-user's cache folder when the package folder is read-only.
+Imported only for `dtype="int8"`/`"bfloat16"` (`quant.load_kernels`; `f32_matmul` serves a
+float32 `quant.Packed`, which the float32 model does not use yet): numba costs about 0.2 s to
+import and compiles each kernel once, into its on-disk cache (`cache=True`), under the user's
+cache folder when the package folder is read-only.
 """
 
 from __future__ import annotations
