@@ -9,7 +9,8 @@ machine's load (it is shared: noisy) falls on both alike.
 - speculative: a long greedy generation (where the model repeats itself, as random weights
   readily do) with prompt lookup K = 10 and with a small random draft model, against plain
   greedy: tokens per pass of the model, and speed.
-- beam: beam search W = 4 against greedy, time per generated token (a decode step each).
+- beam: beam search W = 4 against greedy, time per generated token (a decode step each),
+  the two stepped in turn.
 """
 
 from __future__ import annotations
@@ -191,29 +192,26 @@ def _decode_alone(
 
 
 BEAM_WIDTH = 4
-BEAM_TOKENS = 96  # new tokens of each search (ignore_eos: every one runs them all)
-BEAM_RUNS = 3  # runs of each way, taken in turn; the median is reported
 BEAM_TARGET = 1.6  # a beam search's time per generated token at most this many times greedy's
 
 
 def beam(model: GPT2) -> None:
-    """Beam search W = 4 against greedy from one random 32-token prompt: seconds per generated
-    token, a decode step each (W rows, the search's choice over W x V scores and the moves of
-    its cache rows, against one row's argmax), after the prefill."""
+    """Beam search W = 4 against greedy from one random 32-token prompt: a decode step each
+    (one generated token: W rows, the search's choice over W x V scores and the moves of its
+    cache rows, against one row's argmax), the two taken in turn, after the prefill."""
     prompt = np.random.default_rng(2).integers(0, 50256, 32).tolist()
-    greedy = GenerationParams(max_tokens=BEAM_TOKENS, temperature=0, ignore_eos=True)
-    ways = {"greedy": greedy, f"beam W={BEAM_WIDTH}": replace(greedy, num_beams=BEAM_WIDTH)}
-    per_token: dict[str, list[float]] = {name: [] for name in ways}
-    for _ in range(BEAM_RUNS):
-        for name, params in ways.items():
-            seconds, passes, _ = _decode_alone(model, prompt, params, None)
-            per_token[name].append(seconds / passes)
-    plain, searched = (statistics.median(t) for t in per_token.values())
+    greedy = GenerationParams(max_tokens=STEPS + 1, temperature=0, ignore_eos=True)
+    schedulers = []
+    for params in (greedy, replace(greedy, num_beams=BEAM_WIDTH)):
+        scheduler = Scheduler(model, params.draws, len(prompt) + STEPS + 1)
+        scheduler.submit(Request(prompt, params))
+        scheduler.step()  # the prefill and first token: not a decode step
+        schedulers.append(scheduler)
+    plain, searched = interleaved_steps(schedulers)
     ratio = searched / plain
     print_table(
-        f"decoding: beam search against greedy, {BEAM_TOKENS} tokens from a 32-token prompt, "
-        f"124M-shaped random weights (ms per generated token, median of {BEAM_RUNS} runs); "
-        f"{load()}",
+        f"decoding: beam search against greedy, ms per generated token (median of {STEPS} "
+        f"decode steps), a 32-token prompt, 124M-shaped random weights; {load()}",
         ["greedy", f"beam W={BEAM_WIDTH}", "ratio", "target", ""],
         [
             [
