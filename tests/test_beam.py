@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from gpt2cli import beam
 from gpt2cli.errors import GPT2Error
 from gpt2cli.generate import Generation
 from gpt2cli.kvcache import DecodeState
@@ -394,6 +395,23 @@ def test_a_search_wider_than_the_batch_is_refused_naming_it(tiny: GPT2) -> None:
         scheduler.submit(Request([1, 2], GenerationParams(n=2, num_beams=5)))
     with pytest.raises(GPT2Error, match="best_of must be at most the batch size 4, got 6"):
         scheduler.submit(Request([1, 2], GenerationParams(n=2, best_of=6)))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_best_candidates_are_a_full_sorts_ties_and_all(seed: int) -> None:
+    """`largest` orders only the scores near the best, yet picks what a full sort by score,
+    then index, picks: spread or clustered scores, ties, -inf and the first step's -1e9 rows."""
+    rng = np.random.default_rng(seed)
+    x = np.round(rng.standard_normal(4 * 500) * rng.choice([0.1, 3.0, 40.0]), 1).astype(np.float32)
+    x[rng.random(len(x)) < 0.3] = -np.inf
+    if seed % 3 == 0:
+        x[500:] = x[500:] + np.float32(-1e9)  # beams 1..3 of a first step
+    if seed % 5 == 0:
+        x[:] = -np.inf
+        x[rng.integers(0, len(x), 3)] = 0.0  # fewer finite scores than asked for
+    k = int(rng.integers(1, 17))
+    expected = np.lexsort((np.arange(len(x)), -x))[:k]
+    assert beam.largest(x, k).tolist() == expected.tolist()
 
 
 def test_reorder_copies_only_moved_rows_positions_in_use() -> None:

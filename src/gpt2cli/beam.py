@@ -34,6 +34,8 @@ from gpt2cli.params import EarlyStopping
 Array = NDArray[np.floating[Any]]  # float32 throughout; numpy stubs cannot track it
 
 PUSHED_DOWN = np.float32(-1e9)  # transformers' score for a beam that must never be chosen
+# how far below the best score `largest` looks, in turn
+NEAR_MARGINS = (*(2.0**i for i in range(-1, 8)), np.inf)
 
 
 class Hypothesis(NamedTuple):
@@ -121,10 +123,10 @@ def step(search: BeamSearch, scores: Array, logprobs: Array) -> BeamSearch:
     (kept with each id)."""
     width, n_vocab = scores.shape
     length = search.length + 1  # generated ids of every candidate, its new one included
-    total = (scores + search.scores[:, None]).reshape(1, -1)  # [1, W*V]
-    best = top_ids(total, 2 * width)[0]  # [2W], best first, the lower index first among ties
+    total = (scores + search.scores[:, None]).reshape(-1)  # [W*V]
+    best = largest(total, 2 * width)  # [2W], best first, the lower index first among ties
     source, token = np.divmod(best, n_vocab)  # [2W], [2W]
-    value = total[0, best]  # [2W]
+    value = total[best]  # [2W]
     eos = -1 if search.eos is None else search.eos
     ends = (token == eos) | (length >= search.budget)  # [2W]
     running_value = value + ends.astype(np.float32) * PUSHED_DOWN  # [2W]
@@ -166,6 +168,20 @@ def step(search: BeamSearch, scores: Array, logprobs: Array) -> BeamSearch:
         finished=finished,
         done=not improvable or (full and search.early_stopping is True) or bool(ends.all()),
     )
+
+
+def largest(x: Array, k: int) -> NDArray[np.intp]:
+    """Indices of the k largest entries of x [n], best first, the lower index first among
+    equal ones (`top_ids`' order). Only the entries within a margin of the largest are ordered,
+    the margin widened until there are k of them: a partition of all W x V scores (1.5 ms for
+    W = 4) took most of a step's search, one comparison with a bound takes a fiftieth of that."""
+    bound = x.max()
+    for margin in NEAR_MARGINS:  # the last takes every entry, -inf too
+        near = np.flatnonzero(x >= bound - margin)  # [m], every entry tied with one kept too
+        if len(near) >= k:
+            break
+    chosen: NDArray[np.intp] = near[top_ids(x[near][None], k)[0]]  # [k]
+    return chosen
 
 
 def finalize(search: BeamSearch, k: int) -> list[Hypothesis]:

@@ -151,7 +151,8 @@ class DecodeState:
         source = np.asarray(rows)[np.asarray(sources)[moved]]  # [m]
         n = int(self.lengths[source].max())
         for cache in (self.keys, self.values):
-            cache[:, target, :, :n] = cache[:, source, :, :n]  # the right side is a copy first
+            for layer in cache:  # [B, H, C, hd]: a layer at a time, its copy stays in cache
+                layer[target, :, :n] = layer[source, :, :n]  # the right side is a copy first
         self.lengths[target] = self.lengths[source]
 
     def rows(self, start: int, stop: int) -> DecodeState:
