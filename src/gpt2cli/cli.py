@@ -468,8 +468,8 @@ def _decoding_options(command: Any) -> Any:
             type=click.Choice(["true", "false", "never"]),
             default="false",
             show_default=True,
-            help="With --num-beams: stop once -n beams are done (true), when no beam can beat "
-            "them (false), or only when none can at any length (never).",
+            help="With --num-beams W: stop once W beams have finished (true), when no running "
+            "beam can beat them at its length (false), or at any length (never).",
         ),
         click.option(
             "--draft-model",
