@@ -4,6 +4,7 @@ distribution), batched or alone, and the KV cache rolls back past what was rejec
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -364,7 +365,7 @@ def test_each_request_gets_what_it_gets_alone_in_a_batch_with_a_draft_model(
     list(scheduler.run())
     for request, state in zip(requests, states, strict=True):
         other = None if request.params.num_beams > 1 else draft  # a search ignores the draft
-        alone = _run(tiny, list(request.prompt_ids), other, **vars(request.params))
+        alone = _run(tiny, list(request.prompt_ids), other, **asdict(request.params))
         assert _ids(state.samples) == _ids(alone)
 
 
