@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
+from numpy.typing import NDArray
 
 from gpt2cli import beam, processors
 from gpt2cli.errors import GPT2Error
@@ -499,18 +500,25 @@ class Scheduler:
         """One decode step for every running request: an event per unfinished sample."""
         if any(self._speculates(s) for s in self._running):
             return self._speculate()
-        used = 1 + max(row for s in self._running for row in s.rows)  # rows 0..used-1 run
-        ids = np.zeros(used, np.intp)  # free rows are fed id 0 at position 0, then ignored
+        ids = self._next_ids()  # [used]
+        logits = self.model.step(self.cache.rows(0, len(ids)), ids)  # [used, V]
+        for state in self._running:
+            state.logits = logits[state.rows]
+        return self._sample(self._running)
+
+    def _next_ids(self) -> NDArray[np.intp]:
+        """The id each of rows 0..used-1 runs next (`RequestState.next_id`), up to the last row
+        in use [used]; free rows among them are emptied and fed id 0 at position 0, their
+        logits ignored."""
+        used = 1 + max(row for s in self._running for row in s.rows)
+        ids = np.zeros(used, np.intp)
         for row in range(used):
             owner = self._owner[row]
             if owner is None:
                 self.cache.lengths[row] = 0
             else:
                 ids[row] = owner.next_id(owner.rows.index(row), self.model.tokenizer.eot_token)
-        logits = self.model.step(self.cache.rows(0, used), ids)  # [used, V]
-        for state in self._running:
-            state.logits = logits[state.rows]
-        return self._sample(self._running)
+        return ids
 
     def _speculates(self, state: RequestState) -> bool:
         """It decodes speculatively: it looks up its prompt, or the scheduler has a draft model
@@ -526,17 +534,12 @@ class Scheduler:
         id and its draft as one multi-token pass; each sample of a speculating request keeps
         the tokens `accept` keeps, an event each, and its rows roll back past the rest; the
         other requests take one token, as in `_decode`."""
-        eot = self.model.tokenizer.eot_token
         drafts = self._drafts()  # {row: draft}
-        used = 1 + max(row for s in self._running for row in s.rows)  # rows 0..used-1 run
+        first = self._next_ids()  # [used]
+        used = len(first)
         width = 1 + max((len(d.tokens) for d in drafts.values()), default=0)
         ids = np.zeros((used, width), np.intp)  # [used, T]: rows right-padded with id 0
-        for row in range(used):
-            owner = self._owner[row]
-            if owner is None:  # free rows run from position 0, then are ignored
-                self.cache.lengths[row] = 0
-            else:
-                ids[row, 0] = owner.next_id(owner.rows.index(row), eot)
+        ids[:, 0] = first
         for row, draft in drafts.items():
             ids[row, 1 : 1 + len(draft.tokens)] = draft.tokens
         before = self.cache.lengths[:used].copy()  # [used]
@@ -639,9 +642,8 @@ class Scheduler:
         None for the model's own): an event each."""
         events: list[Event] = []
         params = state.params
-        logits = np.asarray(state.logits)[
-            :, : self.model.tokenizer.n_vocab
-        ]  # [n, V]: ids with text
+        known = self.model.tokenizer.n_vocab  # a padded vocabulary (nanoGPT's) has more
+        logits = np.asarray(state.logits)[:, :known]  # [n, V]: only ids that have a text
         assert state.rng is not None
         scores = logits if scores is None else scores  # [n, V]
         ids = sample(scores, state.rng, params.sampling)  # [n]: all n drawn, as alone
