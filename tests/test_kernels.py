@@ -3,6 +3,8 @@ sizes, int8 blocks cut short at the end of a row."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -10,7 +12,7 @@ pytest.importorskip("numba", reason="the kernels need the fast extra (numba)")
 
 from gpt2cli import kernels, quant
 
-# (rows, n_out, n_in, block): 1-16 rows; outputs that are no multiple of the kernels' CHUNK;
+# (rows, n_out, n_in, block): 1-16 rows; outputs that are no multiple of a panel's LANES;
 # inputs that are no multiple of the block (a shorter last block) or smaller than one
 SHAPES = [
     (1, 768, 768, 32),
@@ -41,7 +43,7 @@ def test_int8_kernel_equals_numpy_on_the_dequantised_weights(
     x, m = _case(rows, n_out, n_in, seed=rows)
     q, scales = quant.quantize_int8(m, block)
     out = np.full((rows, n_out), np.nan, np.float32)
-    kernels.int8_matmul(x, q, scales, block, out)
+    kernels.int8_matmul(x, quant.panels(q), quant.panels(scales), block, out)
     expected = x.astype(np.float64) @ quant.dequantize_int8(q, scales, block).T.astype(np.float64)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
@@ -51,7 +53,7 @@ def test_bf16_and_f32_kernels_equal_numpy(rows: int, n_out: int, n_in: int, bloc
     x, m = _case(rows, n_out, n_in, seed=100 + rows)
     bits = quant.to_bfloat16(m)
     for run, weights in (
-        (lambda out: kernels.bf16_matmul(x, bits, out), quant.from_bfloat16(bits)),
+        (lambda out: kernels.bf16_matmul(x, quant.panels(bits), out), quant.from_bfloat16(bits)),
         (lambda out: kernels.f32_matmul(x, m, out), m),
     ):
         out = np.full((rows, n_out), np.nan, np.float32)
@@ -66,12 +68,13 @@ def test_widening_kernels_give_exactly_numpys_float32_weights(
 ) -> None:
     _, m = _case(1, n_out, n_in, seed=n_in)
     q, scales = quant.quantize_int8(m, block)
-    out = np.empty((n_out, n_in), np.float32)
-    kernels.int8_widen(q, scales, block, out)
-    np.testing.assert_array_equal(out, quant.dequantize_int8(q, scales, block))
+    out = np.full((n_in, n_out), np.nan, np.float32)  # M.T: the outputs side by side
+    kernels.int8_widen(quant.panels(q), quant.panels(scales), block, out)
+    np.testing.assert_array_equal(out, quant.dequantize_int8(q, scales, block).T)
     bits = quant.to_bfloat16(m)
-    kernels.bf16_widen(bits, out)
-    np.testing.assert_array_equal(out, quant.from_bfloat16(bits))
+    out[:] = np.nan
+    kernels.bf16_widen(quant.panels(bits), out)
+    np.testing.assert_array_equal(out, quant.from_bfloat16(bits).T)
 
 
 def test_nan_and_inf_weights_reach_the_outputs() -> None:
@@ -83,8 +86,10 @@ def test_nan_and_inf_weights_reach_the_outputs() -> None:
     kernels.f32_matmul(x, m, out)
     assert np.isfinite(out[:, 0]).all() and np.isnan(out[:, 1]).all() and np.isinf(out[:, 2]).all()
     q, scales = quant.quantize_int8(m)
-    kernels.int8_matmul(x, q, scales, quant.BLOCK, out)
+    kernels.int8_matmul(x, quant.panels(q), quant.panels(scales), quant.BLOCK, out)
     assert np.isfinite(out[:, 0]).all() and not np.isfinite(out[:, 1:]).any()
+    kernels.bf16_matmul(x, quant.panels(quant.to_bfloat16(m)), out)
+    assert np.isfinite(out[:, 0]).all() and np.isnan(out[:, 1]).all() and np.isinf(out[:, 2]).all()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
@@ -93,14 +98,16 @@ def test_a_packed_matrix_gives_the_same_product_on_the_kernels_and_on_blas(
 ) -> None:
     """Up to KERNEL_ROWS rows run on the kernels, more on BLAS over pieces widened into one
     buffer (made small here so that a matrix takes several): both give the same product."""
-    monkeypatch.setattr(quant, "WIDEN_BYTES", 4 * 100 * 7)  # 7 rows of 100 inputs a piece
+    monkeypatch.setattr(quant, "WIDEN_BYTES", 4 * 100 * 2 * quant.LANES)  # 2 panels a piece
     x, m = _case(2 * quant.KERNEL_ROWS, 45, 100, seed=7)
     columns = quant.equalize(m)
     q, scales = quant.quantize_int8(m / columns)
     packed = {
         "float32": quant.Packed("float32", m),
-        "bfloat16": quant.Packed("bfloat16", quant.to_bfloat16(m)),
-        "int8": quant.Packed("int8", q, scales, columns=columns),
+        "bfloat16": quant.Packed("bfloat16", quant.panels(quant.to_bfloat16(m)), outputs=45),
+        "int8": quant.Packed(
+            "int8", quant.panels(q), quant.panels(scales), columns=columns, outputs=45
+        ),
     }[dtype]
     exact = x @ packed[np.arange(45)].T + np.arange(45, dtype=np.float32)  # the widened rows'
     np.testing.assert_allclose(
@@ -121,7 +128,7 @@ def test_one_thread_gives_the_same_outputs_as_all() -> None:
     for n in (1, 2):
         kernels.use_threads(n)
         out = np.empty((8, 200), np.float32)
-        kernels.int8_matmul(x, q, scales, quant.BLOCK, out)
+        kernels.int8_matmul(x, quant.panels(q), quant.panels(scales), quant.BLOCK, out)
         outs.append(out)
     np.testing.assert_array_equal(outs[0], outs[1])
 
@@ -162,3 +169,37 @@ def test_the_kernels_thread_count_follows_the_load(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(threads, "_kernel_sampler", (0.0, Busy()))
     assert threads.kernel_threads() == 1  # every core busy: one thread, never none
+
+
+@pytest.mark.parametrize("rows", [2, 5, quant.KERNEL_ROWS])
+def test_a_float32_model_decodes_a_batch_on_the_kernels_as_on_blas(
+    tiny_model_dir: Path, rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """2 to KERNEL_ROWS rows of float32 decoding run on f32_matmul, every block matrix and the
+    head (the checkpoint's own [V, D] one); one row and a prefill's blocks stay on BLAS."""
+    from gpt2cli.model import GPT2
+
+    model = GPT2.from_pretrained(tiny_model_dir)
+    quant.float32_kernels()  # loaded (its warm-up calls made) before counting
+    prompts = [[(7 * i + j) % 50257 for j in range(quant.KERNEL_ROWS + i % 3)] for i in range(rows)]
+    calls = []
+    product = kernels.f32_matmul
+    monkeypatch.setattr(kernels, "f32_matmul", lambda *a: calls.append(a[1].shape) or product(*a))
+    state, logits = model.prefill(prompts, 24)
+    n_embd, n_vocab = model.config.n_embd, model.config.n_vocab
+    assert calls == [(n_vocab, n_embd)]  # a prefill's blocks on BLAS; its rows' last logits not
+    calls.clear()
+    on = model.step(state, logits.argmax(-1))
+    assert (
+        (n_vocab, n_embd) in calls
+        and (3 * n_embd, n_embd) in calls
+        and (n_embd, 4 * n_embd) in calls
+    )
+    assert len(calls) == 4 * model.config.n_layer + 1
+    monkeypatch.setattr(quant, "float32_kernels", lambda: False)
+    state, logits = model.prefill(prompts, 24)
+    off = model.step(state, logits.argmax(-1))
+    np.testing.assert_allclose(on, off, rtol=1e-4, atol=1e-4)
+    calls.clear()
+    model.step(model.prefill(prompts[:1], 24)[0], np.array([1]))
+    assert calls == []  # one row: BLAS

@@ -725,7 +725,7 @@ def test_gpt2_refuses_a_hostile_folder_in_one_line(
     assert "Traceback" not in result.stderr and "Warning" not in result.stderr
 
 
-# the transposed layout of the head and c_proj weights, cached in the user's cache
+# the transposed layout of the head and every block's weight matrices, cached in the user's cache
 # (weights.transposed_layout)
 
 
@@ -748,22 +748,27 @@ def _layout(folder: Path) -> tuple[weights.Params, weights.Params]:
 
 
 def _transposed(params: weights.Params) -> list[np.ndarray]:
-    """The matrices transposed_layout stores transposed: the head, then each c_proj."""
+    """The matrices transposed_layout stores transposed: the head, then each block's four."""
     head = params.get("lm_head", params["wte"])
-    return [head] + [b[part]["c_proj"]["w"] for b in params["blocks"] for part in ("attn", "mlp")]
+    parts = (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))
+    return [head] + [b[part][name]["w"] for b in params["blocks"] for part, name in parts]
 
 
 def _assert_laid_out(loaded: weights.Params, laid_out: weights.Params) -> None:
-    """Every array holds the loaded values; the head and c_proj ones in transposed memory order
-    (a view of the one mapped cache file), the rest the loaded arrays themselves."""
+    """Every array holds the loaded values; the weight matrices in transposed memory order (a
+    view of the one mapped cache file), the rest the loaded arrays themselves; the checkpoint's
+    own head beside its copy, for the kernels."""
     for before, after in zip(_transposed(loaded), _transposed(laid_out), strict=True):
         np.testing.assert_array_equal(after, before)
         assert after.T.flags.c_contiguous and not after.flags.owndata
         assert isinstance(after.base, np.memmap) or isinstance(after.base.base, np.memmap)
     assert laid_out["wpe"] is loaded["wpe"]
     for b_before, b_after in zip(loaded["blocks"], laid_out["blocks"], strict=True):
-        assert b_after["mlp"]["c_fc"] is b_before["mlp"]["c_fc"]
+        assert b_after["ln_1"] is b_before["ln_1"]
         assert b_after["attn"]["c_proj"]["b"] is b_before["attn"]["c_proj"]["b"]
+    head = laid_out.get("lm_head", laid_out["wte"])
+    assert laid_out["head_by_row"][0] is head
+    assert laid_out["head_by_row"][1] is loaded.get("lm_head", loaded["wte"])
 
 
 def test_the_transposed_layout_is_made_once_then_memory_mapped_from_the_cache(

@@ -1,17 +1,22 @@
 """Compiled (numba) products of a few rows with weights in float32, bfloat16 or int8.
 
 Decoding multiplies 1 to 16 rows by every weight matrix, so it is bound by reading the weights:
-these kernels read each weight once for all the rows, widen it (int8 times its block's scale;
-bfloat16 shifted into a float32's high half) in registers, or for several rows once into a
-buffer in L1, and accumulate in float32. Each
-matrix is stored as [n_out, n_in] (`gpt2cli.quant.Packed`), so an output is a dot product of
-contiguous rows; the outputs are split into CHUNK-row pieces over numba's threads (`prange`).
-The widening kernels widen a whole matrix for BLAS, which wins past `quant.KERNEL_ROWS` rows.
+these kernels read each weight once for all the rows and widen it (int8 times its block's scale,
+bfloat16 shifted into a float32's high half) in registers.
 
-Imported only for `dtype="int8"`/`"bfloat16"` (`quant.load_kernels`; `f32_matmul` serves a
-float32 `quant.Packed`, which the float32 model does not use yet): numba costs about 0.2 s to
-import and compiles each kernel once, into its on-disk cache (`cache=True`), under the user's
-cache folder when the package folder is read-only.
+- bfloat16 and int8 matrices are stored in panels (`gpt2cli.quant.panels`): [n_panels, n_in,
+  LANES], LANES outputs side by side for each input, so one vector load holds one input's
+  weights for LANES outputs. A panel's outputs accumulate in a tile of ROWS rows x LANES
+  outputs kept in registers (`_tile`): each weight is loaded and widened once per ROWS rows,
+  and an int8 block's scale multiplies a whole tile of partial sums once per block, not each
+  weight. Panels are shared out over numba's threads (`prange`).
+- float32 matrices are [n_out, n_in] (`f32_matmul`): ROWS rows by ROWS outputs at a time, as
+  dot products along contiguous rows of both.
+
+The widening kernels widen panels into a float32 buffer for BLAS, which wins past
+`quant.KERNEL_ROWS` rows. Imported only where a kernel runs (`quant.load_kernels`): numba costs
+about 0.2 s to import and compiles each kernel once, into its on-disk cache (`cache=True`), under
+the user's cache folder when the package folder is read-only.
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gpt2cli import cache, threads
+from gpt2cli.quant import LANES
 
 
 def _prepare_environment() -> None:
     """Before numba is imported: its cache beside this file, or under the user's cache folder
-    when the package folder is read-only; its thread pool the size of the usable cores."""
+    when the package folder is read-only; its thread pool the size of the usable cores; plain
+    error messages."""
     here = Path(__file__).resolve().parent
     pycache = here / "__pycache__"
     writable = os.access(pycache if pycache.is_dir() else here, os.W_OK)
@@ -36,17 +43,18 @@ def _prepare_environment() -> None:
     if not writable and folder is not None:
         os.environ.setdefault("NUMBA_CACHE_DIR", str(folder / "numba"))
     os.environ.setdefault("NUMBA_NUM_THREADS", str(threads.usable_cores()))
+    # no colorama: numba would otherwise make it write a colour reset to stdout at exit
+    os.environ.setdefault("NUMBA_DISABLE_ERROR_MESSAGE_HIGHLIGHTING", "1")
 
 
 _prepare_environment()
 
 import numba  # noqa: E402
-from numba import njit, prange  # noqa: E402
+from numba import njit, prange, types  # noqa: E402
+from numba.core import cgutils  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
 
 _POOL = numba.get_num_threads()  # the threads numba starts (NUMBA_NUM_THREADS): its limit
-# outputs per prange iteration: 48 pieces for a 768-output matrix, enough for two threads to
-# share the work evenly when one of them runs late
-CHUNK = 16
 # float32 reassociation (vectorised sums) and fused multiply-adds, but no assumption that values
 # are finite: NaN and Inf weights must reach the logits, where GPT2.head reports them
 _MATH = {"reassoc", "contract", "arcp"}
@@ -55,112 +63,215 @@ _JIT: dict[str, Any] = {"fastmath": _MATH, "cache": True, "nogil": True}
 F32 = NDArray[np.float32]
 
 
-@njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
-def _dots(x: F32, w: F32, out: F32, j: int) -> None:  # pragma: no cover (compiled)
-    """out[:, j] = x @ w: each row of x [m, n] against one weight row w [n], four rows at a
-    time so that each weight is loaded once for four products."""
-    m = x.shape[0]
-    r = 0
-    while r + 4 <= m:
-        x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
-        a0 = a1 = a2 = a3 = np.float32(0.0)
-        for k in range(w.shape[0]):
-            a0 += x0[k] * w[k]
-            a1 += x1[k] * w[k]
-            a2 += x2[k] * w[k]
-            a3 += x3[k] * w[k]
-        out[r, j], out[r + 1, j], out[r + 2, j], out[r + 3, j] = a0, a1, a2, a3
-        r += 4
-    while r < m:
-        xr = x[r]
-        a = np.float32(0.0)
-        for k in range(w.shape[0]):
-            a += xr[k] * w[k]
-        out[r, j] = a
-        r += 1
+ROWS = 4  # rows of x in one tile of accumulators (ROWS x LANES float32s: four vectors)
+
+
+def _stack_tile_typer(typingctx: Any, dtype: Any) -> Any:  # pragma: no cover (compiled)
+    """A pointer to ROWS * LANES values of `dtype` on the stack (an alloca): unlike an array
+    numba allocates on its heap, LLVM keeps it in registers once the loops over it unroll."""
+    alloca: Any = cgutils.alloca_once
+    pointer: Any = types.CPointer
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        size = context.get_constant(types.intp, ROWS * LANES)
+        return alloca(builder, context.get_value_type(dtype.dtype), size=size)
+
+    return pointer(dtype.dtype)(dtype), codegen
+
+
+_stack_tile: Any = intrinsic(_stack_tile_typer)
 
 
 @njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
-def _widen_int8(q: Any, scales: F32, block: int, buf: F32) -> None:  # pragma: no cover
-    """buf [n] = the int8 row q [n] times each block's scale (the last block may be shorter)."""
-    for b in range(scales.shape[0]):
-        s = scales[b]
-        qb = q[b * block : (b + 1) * block]
-        wb = buf[b * block : (b + 1) * block]
-        for t in range(qb.shape[0]):
-            wb[t] = np.float32(qb[t]) * s
+def _tile() -> F32:  # pragma: no cover (compiled)
+    """ROWS x LANES float32 accumulators, zeroed, on the stack."""
+    tile = numba.carray(_stack_tile(np.float32), (ROWS, LANES))  # type: ignore[attr-defined]
+    _zero(tile)
+    return tile
 
 
 @njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
-def _widen_bf16(u: Any, bits: Any) -> None:  # pragma: no cover (compiled)
-    """bits [n] (a float32 buffer seen as uint32) = the bfloat16 row u [n] as float32s."""
-    for k in range(u.shape[0]):
-        bits[k] = np.uint32(u[k]) << np.uint32(16)
+def _zero(tile: F32) -> None:  # pragma: no cover (compiled)
+    for i in range(ROWS):
+        for j in range(LANES):
+            tile[i, j] = 0
+
+
+@njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
+def _store(tile: F32, out: F32, r: int, lo: int) -> None:  # pragma: no cover (compiled)
+    """out[r + i, lo + j] = tile[i, j] for the rows and outputs that exist."""
+    for i in range(min(ROWS, out.shape[0] - r)):
+        for j in range(min(LANES, out.shape[1] - lo)):
+            out[r + i, lo + j] = tile[i, j]
+
+
+@njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
+def _rows(x: F32, r: int) -> tuple[F32, F32, F32, F32]:  # pragma: no cover (compiled)
+    """Rows r to r + ROWS - 1 of x, the last row repeated past its end (computed, not stored)."""
+    last = x.shape[0] - 1
+    return x[min(r, last)], x[min(r + 1, last)], x[min(r + 2, last)], x[min(r + 3, last)]
 
 
 @njit(parallel=True, **_JIT)  # type: ignore[untyped-decorator]
 def int8_matmul(x: F32, q: Any, scales: F32, block: int, out: F32) -> None:  # pragma: no cover
-    """out [m, n_out] = x [m, n_in] @ dequantised(q [n_out, n_in], scales [n_out, n_blocks]).T.
-
-    One row: a dot product per block, scaled, read straight from the int8 weights. More rows:
-    each weight row is widened once into a small float32 buffer (in L1), then dotted with all.
-    """
+    """out [m, n_out] = x [m, n_in] @ M.T, M the int8 panels q [n_panels, n_in, LANES] times
+    scales [n_panels, n_blocks, LANES] (one per `block` inputs of each output)."""
     m, n_in = x.shape
-    n_out = q.shape[0]
-    for c in prange((n_out + CHUNK - 1) // CHUNK):
-        buf = np.empty(n_in, np.float32)
-        for j in range(c * CHUNK, min(n_out, (c + 1) * CHUNK)):
-            if m == 1:
-                x0 = x[0]
-                a = np.float32(0.0)
-                for b in range(scales.shape[1]):
-                    qb = q[j, b * block : (b + 1) * block]
-                    xb = x0[b * block : (b + 1) * block]
-                    p = np.float32(0.0)
-                    for t in range(qb.shape[0]):
-                        p += xb[t] * np.float32(qb[t])
-                    a += scales[j, b] * p
-                out[0, j] = a
-            else:
-                _widen_int8(q[j], scales[j], block, buf)
-                _dots(x, buf, out, j)
+    for c in prange(q.shape[0]):
+        qc, sc = q[c], scales[c]
+        total = _tile()
+        if m == 1:  # one row: four inputs at a time, their products summed before scaling
+            x0 = x[0]
+            for b in range(sc.shape[0]):
+                sb, k, end = sc[b], b * block, min(n_in, (b + 1) * block)
+                while k + 4 <= end:
+                    q0, q1, q2, q3 = qc[k], qc[k + 1], qc[k + 2], qc[k + 3]
+                    y0, y1, y2, y3 = x0[k], x0[k + 1], x0[k + 2], x0[k + 3]
+                    for j in range(LANES):
+                        p = y0 * np.float32(q0[j]) + y1 * np.float32(q1[j])
+                        p += y2 * np.float32(q2[j]) + y3 * np.float32(q3[j])
+                        total[0, j] += sb[j] * p
+                    k += 4
+                for t in range(k, end):
+                    qt, y0 = qc[t], x0[t]
+                    for j in range(LANES):
+                        total[0, j] += sb[j] * (y0 * np.float32(qt[j]))
+            _store(total, out, 0, c * LANES)
+            continue
+        for r in range(0, m, ROWS):
+            x0, x1, x2, x3 = _rows(x, r)
+            for b in range(sc.shape[0]):
+                sb = sc[b]
+                for k in range(b * block, min(n_in, (b + 1) * block)):
+                    qk, y0, y1, y2, y3 = qc[k], x0[k], x1[k], x2[k], x3[k]
+                    for j in range(LANES):
+                        v = np.float32(qk[j]) * sb[j]
+                        total[0, j] += y0 * v
+                        total[1, j] += y1 * v
+                        total[2, j] += y2 * v
+                        total[3, j] += y3 * v
+            _store(total, out, r, c * LANES)
+            _zero(total)
 
 
 @njit(parallel=True, **_JIT)  # type: ignore[untyped-decorator]
 def bf16_matmul(x: F32, u: Any, out: F32) -> None:  # pragma: no cover (compiled)
-    """out [m, n_out] = x [m, n_in] @ widened(u [n_out, n_in] bfloat16 bits).T."""
-    n_in = x.shape[1]
-    n_out = u.shape[0]
-    for c in prange((n_out + CHUNK - 1) // CHUNK):
-        buf = np.empty(n_in, np.float32)
-        bits = buf.view(np.uint32)
-        for j in range(c * CHUNK, min(n_out, (c + 1) * CHUNK)):
-            _widen_bf16(u[j], bits)
-            _dots(x, buf, out, j)
+    """out [m, n_out] = x [m, n_in] @ M.T, M the bfloat16 panels u [n_panels, n_in, LANES]
+    (their bits as uint16)."""
+    m, n_in = x.shape
+    for c in prange(u.shape[0]):
+        uc = u[c]
+        total = _tile()
+        if m == 1:  # one row: four inputs at a time, into four rows of sums (four chains)
+            x0 = x[0]
+            for k in range(0, n_in - 3, 4):
+                u0, u1, u2, u3 = uc[k], uc[k + 1], uc[k + 2], uc[k + 3]
+                y0, y1, y2, y3 = x0[k], x0[k + 1], x0[k + 2], x0[k + 3]
+                for j in range(LANES):
+                    total[0, j] += y0 * _bf16(u0[j])
+                    total[1, j] += y1 * _bf16(u1[j])
+                    total[2, j] += y2 * _bf16(u2[j])
+                    total[3, j] += y3 * _bf16(u3[j])
+            for k in range(n_in - n_in % 4, n_in):
+                uk, y0 = uc[k], x0[k]
+                for j in range(LANES):
+                    total[0, j] += y0 * _bf16(uk[j])
+            for j in range(LANES):
+                total[0, j] += total[1, j] + total[2, j] + total[3, j]
+            _store(total, out, 0, c * LANES)
+            continue
+        for r in range(0, m, ROWS):
+            x0, x1, x2, x3 = _rows(x, r)
+            for k in range(n_in):
+                uk, y0, y1, y2, y3 = uc[k], x0[k], x1[k], x2[k], x3[k]
+                for j in range(LANES):
+                    v = _bf16(uk[j])
+                    total[0, j] += y0 * v
+                    total[1, j] += y1 * v
+                    total[2, j] += y2 * v
+                    total[3, j] += y3 * v
+            _store(total, out, r, c * LANES)
+            _zero(total)
+
+
+@njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
+def _bf16(bits: Any) -> Any:  # pragma: no cover (compiled)
+    """The float32 that bfloat16 `bits` (a uint16) stand for."""
+    return np.uint32(np.uint32(bits) << np.uint32(16)).view(np.float32)
 
 
 @njit(parallel=True, **_JIT)  # type: ignore[untyped-decorator]
 def f32_matmul(x: F32, w: F32, out: F32) -> None:  # pragma: no cover (compiled)
-    """out [m, n_out] = x [m, n_in] @ w [n_out, n_in].T."""
+    """out [m, n_out] = x [m, n_in] @ w [n_out, n_in].T: ROWS outputs at a time, each weight
+    loaded once for ROWS rows (sixteen sums, vectorised along the inputs)."""
+    m, n_in = x.shape
     n_out = w.shape[0]
-    for c in prange((n_out + CHUNK - 1) // CHUNK):
-        for j in range(c * CHUNK, min(n_out, (c + 1) * CHUNK)):
-            _dots(x, w[j], out, j)
+    for c in prange((n_out + ROWS - 1) // ROWS):
+        j = c * ROWS
+        last = n_out - 1
+        w0, w1, w2, w3 = w[j], w[min(j + 1, last)], w[min(j + 2, last)], w[min(j + 3, last)]
+        for r in range(0, m, ROWS):
+            x0, x1, x2, x3 = _rows(x, r)
+            a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = np.float32(0.0)
+            a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = np.float32(0.0)
+            for k in range(n_in):
+                v0, v1, v2, v3 = w0[k], w1[k], w2[k], w3[k]
+                y0, y1, y2, y3 = x0[k], x1[k], x2[k], x3[k]
+                a00 += y0 * v0
+                a01 += y0 * v1
+                a02 += y0 * v2
+                a03 += y0 * v3
+                a10 += y1 * v0
+                a11 += y1 * v1
+                a12 += y1 * v2
+                a13 += y1 * v3
+                a20 += y2 * v0
+                a21 += y2 * v1
+                a22 += y2 * v2
+                a23 += y2 * v3
+                a30 += y3 * v0
+                a31 += y3 * v1
+                a32 += y3 * v2
+                a33 += y3 * v3
+            sums = (
+                (a00, a01, a02, a03),
+                (a10, a11, a12, a13),
+                (a20, a21, a22, a23),
+                (a30, a31, a32, a33),
+            )
+            for i in range(min(ROWS, m - r)):
+                for t in range(min(ROWS, n_out - j)):
+                    out[r + i, j + t] = sums[i][t]
 
 
 @njit(parallel=True, **_JIT)  # type: ignore[untyped-decorator]
 def int8_widen(q: Any, scales: F32, block: int, out: F32) -> None:  # pragma: no cover
-    """out [n_out, n_in] = q [n_out, n_in] times each block's scale, as float32."""
-    for j in prange(q.shape[0]):
-        _widen_int8(q[j], scales[j], block, out[j])
+    """out [n_in, n] = the outputs of int8 panels q [n_panels, n_in, LANES] (times scales
+    [n_panels, n_blocks, LANES]) side by side, as float32: the first n of them."""
+    n = out.shape[1]
+    for c in prange(q.shape[0]):
+        lo = c * LANES
+        width = min(LANES, n - lo)
+        qc, sc = q[c], scales[c]
+        for k in range(q.shape[1]):
+            sb, qk, row = sc[k // block], qc[k], out[k, lo : lo + width]
+            for j in range(width):
+                row[j] = np.float32(qk[j]) * sb[j]
 
 
 @njit(parallel=True, **_JIT)  # type: ignore[untyped-decorator]
 def bf16_widen(u: Any, out: F32) -> None:  # pragma: no cover (compiled)
-    """out [n_out, n_in] = the bfloat16 bits u [n_out, n_in] as float32."""
-    bits = out.view(np.uint32)
-    for j in prange(u.shape[0]):
-        _widen_bf16(u[j], bits[j])
+    """out [n_in, n] = the outputs of bfloat16 panels u [n_panels, n_in, LANES] side by side,
+    as float32: the first n of them."""
+    n = out.shape[1]
+    for c in prange(u.shape[0]):
+        lo = c * LANES
+        width = min(LANES, n - lo)
+        uc = u[c]
+        for k in range(u.shape[1]):
+            uk, row = uc[k], out[k, lo : lo + width]
+            for j in range(width):
+                row[j] = _bf16(uk[j])
 
 
 def use_threads(n: int) -> None:

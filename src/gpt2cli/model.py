@@ -93,14 +93,20 @@ def linear(x: Array, w: Array | Packed, b: Array) -> Array:
 
     Weights stored transposed (`w.T` contiguous: `weights.transposed_layout`) are multiplied as
     (w.T @ x.T).T when x has fewer than TRANSPOSED_ROWS rows, the product BLAS runs fastest for
-    them; the result is the same. Narrow weights (`quant.Packed`, w.T in bfloat16 or int8)
-    multiply themselves, on compiled kernels.
+    them, or for 2 to `quant.KERNEL_ROWS` rows (a decoding batch) on the compiled kernels when
+    the `fast` extra is installed, about 2x faster than BLAS there; the result is the same.
+    Narrow weights (`quant.Packed`, in bfloat16 or int8) multiply themselves, on the kernels.
     """
+    from gpt2cli import quant
+
     if not isinstance(w, np.ndarray):
         return w.linear(x, b)
     rows = x.reshape(-1, w.shape[0])  # [..., n_in] -> [m, n_in]: the weights are read once
     out: Array
-    if len(rows) < TRANSPOSED_ROWS and w.flags.f_contiguous and not w.flags.c_contiguous:
+    transposed = w.flags.f_contiguous and not w.flags.c_contiguous
+    if transposed and 2 <= len(rows) <= quant.KERNEL_ROWS and quant.float32_kernels():
+        return quant.Packed("float32", w.T).linear(x, b)
+    if len(rows) < TRANSPOSED_ROWS and transposed:
         out = np.add((w.T @ rows.T).T, b, order="C")  # [n_out, n_in] @ [n_in, m] -> [m, n_out]
     else:
         out = rows @ w  # [m, n_in] @ [n_in, n_out] -> [m, n_out]
@@ -241,9 +247,15 @@ def forward(
 def output_head(x: Array, params: Params) -> Array:
     """Logits over the vocabulary: each hidden state against every token's embedding (the head
     is wte itself unless the checkpoint has an untied lm_head)."""
+    from gpt2cli import quant
+
     head: Array | Packed = params["lm_head"] if "lm_head" in params else params["wte"]  # [V, D]
     if not isinstance(head, np.ndarray):  # narrow weights (quant.Packed)
         return head.linear(x)
+    # (head, head as [V, D] C-contiguous): `weights.transposed_layout`'s, if the head is its
+    head_of, by_row = params.get("head_by_row", (None, None))
+    if head_of is head and 2 <= len(x) <= quant.KERNEL_ROWS and quant.float32_kernels():
+        return quant.Packed("float32", by_row).linear(x)
     logits: Array = x @ head.T  # [..., D] @ [D, V] -> [..., V]
     return logits
 

@@ -13,9 +13,10 @@ float32, and the products accumulate in float32.
   input instead: an input whose weights are all large no longer coarsens its block's steps
   (on the heavy-tailed fixture, 0.42x the KL divergence).
 
-A narrow matrix is a `Packed` [n_out, n_in] (the checkpoint's [n_in, n_out] transposed, so each
-output is a dot product of contiguous rows): up to KERNEL_ROWS rows go through `gpt2cli.kernels`,
-more through BLAS, on a float32 copy widened a piece at a time into a reused buffer. The narrow
+A narrow matrix is a `Packed` M [n_out, n_in] stored in panels (`panels`: LANES outputs side by
+side for each input, the layout the kernels read with vector loads): up to KERNEL_ROWS rows go
+through `gpt2cli.kernels`, more through BLAS, on a float32 copy widened a piece at a time into a
+reused buffer. The narrow
 weights are converted once and kept in the user's cache (`pack`), keyed by the weights' content.
 
 This module imports no numba: `check_dtype` and the names are cheap; `load_kernels` imports it.
@@ -23,6 +24,8 @@ This module imports no numba: `check_dtype` and the names are cheap; `load_kerne
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import sys
 import threading
 from collections.abc import Iterator
@@ -46,7 +49,9 @@ BLOCK = 32
 KERNEL_ROWS = 16
 # bytes of float32 widened at a time for BLAS: a whole block matrix, the head in pieces
 WIDEN_BYTES = 16 << 20
-PACK_FORMAT = 2  # change it when the cached narrow weights' layout changes
+# outputs side by side in a panel: one AVX-512 vector of float32s (two AVX2 ones)
+LANES = 16
+PACK_FORMAT = 3  # change it when the cached narrow weights' layout changes
 _ALIGN = 64  # bytes: each array in a cache entry starts on a cache line
 _CHECK_ROWS = 16  # rows of each matrix (at its start and middle) compared on loading
 
@@ -91,6 +96,22 @@ def equalize(m: Array) -> Array:
     return columns.astype(np.float32)
 
 
+def panels(m: NDArray[Any]) -> NDArray[Any]:
+    """m [n_out, n] as panels [ceil(n_out / LANES), n, LANES]: panel c holds outputs c * LANES
+    to c * LANES + LANES - 1 side by side for each of the n inputs (zeros past n_out)."""
+    n_out, n = m.shape
+    padded = np.zeros((-(-n_out // LANES) * LANES, n), m.dtype)
+    padded[:n_out] = m
+    return np.ascontiguousarray(padded.reshape(-1, LANES, n).transpose(0, 2, 1))
+
+
+def panel_rows(p: NDArray[Any], ids: Any) -> NDArray[Any]:
+    """Rows `ids` (an int array) of the matrix that panels p hold: [..., n]."""
+    ids = np.asarray(ids)
+    rows: NDArray[Any] = p[ids // LANES, :, ids % LANES]
+    return rows
+
+
 def quantize_int8(m: Array, block: int = BLOCK) -> tuple[NDArray[np.int8], Array]:
     """m [n_out, n_in] as int8 q [n_out, n_in] and scales [n_out, ceil(n_in / block)]: each
     block of `block` consecutive weights of a row scaled so that its largest magnitude is 127.
@@ -117,33 +138,39 @@ def dequantize_int8(q: NDArray[np.int8], scales: Array, block: int = BLOCK) -> A
 
 @dataclass(frozen=True, eq=False)
 class Packed:
-    """A weight matrix M [n_out, n_in] used as `x @ M.T`, in `dtype`: float32, the bfloat16 bits
-    (uint16) or int8 with `scales` [n_out, n_blocks] for blocks of `block` inputs.
+    """A weight matrix M [n_out, n_in] used as `x @ M.T`, in `dtype`: float32 as it is, or in
+    `panels` [n_panels, n_in, LANES]: the bfloat16 bits (uint16), or int8 with `scales`
+    [n_panels, n_blocks, LANES] for blocks of `block` inputs.
 
     `linear(x, b)` is the product; `m[ids]` widens rows, the embedding lookup of a tied head.
     """
 
     dtype: str
-    data: NDArray[Any]  # [n_out, n_in]
-    scales: Array | None = None  # [n_out, n_blocks], int8 only
+    data: NDArray[Any]  # float32: [n_out, n_in]; else panels [n_panels, n_in, LANES]
+    scales: Array | None = None  # [n_panels, n_blocks, LANES], int8 only
     block: int = BLOCK
     columns: Array | None = None  # [n_in]: M = data's values times these (int8: `equalize`)
+    outputs: int | None = None  # n_out of panels (their last one may be part padding)
 
     @property
     def shape(self) -> tuple[int, int]:
-        n_out, n_in = self.data.shape
-        return n_out, n_in
+        if self.dtype == "float32":
+            n_out, n_in = self.data.shape
+            return n_out, n_in
+        assert self.outputs is not None
+        return self.outputs, self.data.shape[1]
 
     def __getitem__(self, ids: Any) -> Array:
-        """Rows `ids` of M as float32 [..., n_in]."""
+        """Rows `ids` (ints) of M as float32 [..., n_in]."""
         if self.dtype == "int8":
             assert self.scales is not None
-            widened = dequantize_int8(self.data[ids], self.scales[ids], self.block)
+            q, scales = panel_rows(self.data, ids), panel_rows(self.scales, ids)
+            widened = dequantize_int8(q, scales, self.block)
             if self.columns is not None:
                 widened *= self.columns
             return widened
         if self.dtype == "bfloat16":
-            return from_bfloat16(self.data[ids])
+            return from_bfloat16(panel_rows(self.data, ids))
         rows: Array = self.data[ids]
         return rows
 
@@ -160,31 +187,33 @@ class Packed:
         elif self.dtype == "float32":
             np.matmul(rows, self.data.T, out=out)
         else:
-            for lo, widened in self._pieces():  # [n, n_in] float32, n <= WIDEN_BYTES / 4 n_in
-                np.matmul(rows, widened.T, out=out[:, lo : lo + len(widened)])
+            for lo, widened in self._pieces():  # [n_in, n] float32, n <= WIDEN_BYTES / 4 n_in
+                np.matmul(rows, widened, out=out[:, lo : lo + widened.shape[1]])
         if b is not None:
             out += b
         return out.reshape(*x.shape[:-1], n_out)
 
     def _pieces(self) -> Iterator[tuple[int, Array]]:
-        """M widened to float32 a piece of rows at a time, in one buffer reused by each call on
-        this thread: (first row, rows [n, n_in]). Widening costs about a tenth of the BLAS
-        products that follow (measured in CPU time over a 256-token prefill: int8 1.01-1.06 s,
-        float32 0.92-1.0 s)."""
+        """M.T widened to float32 a piece of panels at a time, in one buffer reused by each call
+        on this thread: (first output, M.T's columns [n_in, n] for n outputs). Widening costs
+        about a tenth of the BLAS products that follow (measured in CPU time over a 256-token
+        prefill: int8 1.01-1.06 s, float32 0.92-1.0 s)."""
         from gpt2cli import kernels
 
         n_out, n_in = self.shape
-        step = max(1, min(n_out, WIDEN_BYTES // (4 * n_in)))
-        buffer = _scratch(step * n_in)
+        step = max(1, WIDEN_BYTES // (4 * n_in * LANES))  # panels a piece
+        buffer = _scratch(step * LANES * n_in)
         # on this thread alone: between BLAS products, OpenBLAS's other threads still spin on
         # the other cores (about 0.1 s), and a kernel thread there would wait for its turn
         kernels.use_threads(1)
-        for lo in range(0, n_out, step):
-            part = self.data[lo : lo + step]
-            out = buffer[: part.size].reshape(part.shape)
+        for c in range(0, len(self.data), step):
+            part = self.data[c : c + step]
+            lo = c * LANES
+            n = min(n_out - lo, len(part) * LANES)
+            out = buffer[: n_in * n].reshape(n_in, n)
             if self.dtype == "int8":
                 assert self.scales is not None
-                kernels.int8_widen(part, self.scales[lo : lo + step], self.block, out)
+                kernels.int8_widen(part, self.scales[c : c + step], self.block, out)
             else:
                 kernels.bf16_widen(part, out)
             yield lo, out
@@ -214,6 +243,20 @@ def _kernel_product(m: Packed, rows: Array, out: Array) -> None:
         kernels.f32_matmul(rows, m.data, out)
 
 
+@functools.cache
+def float32_kernels() -> bool:
+    """Whether the float32 kernel can run (the `fast` extra is installed), loading it once: the
+    float32 model multiplies decoding batches on it (`model.linear`) and otherwise runs on
+    BLAS alone, so a missing extra is no error here."""
+    if importlib.util.find_spec("numba") is None:
+        return False
+    try:
+        load_kernels("float32")
+    except GPT2Error:
+        return False
+    return True
+
+
 def load_kernels(dtype: str) -> None:
     """Import `gpt2cli.kernels` and compile the ones `dtype` uses (or load them from numba's
     cache), saying so in one line on a terminal when they must be compiled (the first run: tens
@@ -240,8 +283,11 @@ def _warm(kernels: Any, kernel: Any, dtype: str) -> None:
     """Call `kernel` once on tiny arrays of the types the model passes it: numba compiles one
     version per type, and the weights are read-only (memory-mapped, or made so by `pack`)."""
     x, out = np.zeros((1, 2), np.float32), np.zeros((1, 2), np.float32)
-    data = np.zeros((2, 2), _NARROW.get(dtype, np.dtype(np.float32)))
-    scales = np.zeros((2, 1), np.float32)
+    if dtype == "float32":
+        data = np.zeros((2, 2), np.float32)
+    else:
+        data = np.zeros((1, 2, LANES), _NARROW[dtype])
+    scales = np.zeros((1, 1, LANES), np.float32)
     data.flags.writeable = scales.flags.writeable = False
     if kernel is kernels.int8_matmul:
         kernel(x, data, scales, BLOCK, out)
@@ -299,19 +345,23 @@ def _convert_matrix(dtype: str, m: Array, transposed: bool, block: int) -> list[
         largest = [np.abs(_rows(m, transposed, lo, lo + step)).max(axis=0) for lo in ranges]
         columns = equalize(np.stack(largest))
     pieces = [_convert(dtype, _rows(m, transposed, lo, lo + step), block, columns) for lo in ranges]
-    arrays = [np.concatenate(parts) for parts in zip(*pieces, strict=True)]
+    arrays = [panels(np.concatenate(parts)) for parts in zip(*pieces, strict=True)]
     return arrays if columns is None else [*arrays, columns[None]]
 
 
-def _layout(
-    dtype: str, shape: tuple[int, int], block: int
-) -> list[tuple[np.dtype[Any], tuple[int, int]]]:
-    """The arrays one matrix of `shape` [n_out, n_in] is stored as, in order."""
+Layout = list[tuple[np.dtype[Any], tuple[int, ...]]]
+
+
+def _layout(dtype: str, shape: tuple[int, int], block: int) -> Layout:
+    """The arrays one matrix of `shape` [n_out, n_in] is stored as, in order: its panels (and
+    for int8 its scales' panels and the inputs' factors)."""
     n_out, n_in = shape
+    n_panels = -(-n_out // LANES)
+    data = (_NARROW[dtype], (n_panels, n_in, LANES))
     if dtype == "bfloat16":
-        return [(_NARROW[dtype], shape)]
+        return [data]
     f4 = np.dtype("<f4")
-    return [(_NARROW[dtype], shape), (f4, (n_out, -(-n_in // block))), (f4, (1, n_in))]
+    return [data, (f4, (n_panels, -(-n_in // block), LANES)), (f4, (1, n_in))]
 
 
 def pack(
@@ -352,25 +402,26 @@ def pack(
         arrays = [_convert_matrix(dtype, m, t, block) for m, t in matrices]
         for array in (a for matrix in arrays for a in matrix):
             array.flags.writeable = False  # as memory-mapped ones: one compiled kernel for both
-    return _replace(params, [_packed(dtype, a, block) for a in arrays])
+    packed = [_packed(dtype, a, block, shape[0]) for a, shape in zip(arrays, shapes, strict=True)]
+    return _replace(params, packed)
 
 
-def _packed(dtype: str, arrays: list[NDArray[Any]], block: int) -> Packed:
+def _packed(dtype: str, arrays: list[NDArray[Any]], block: int, n_out: int) -> Packed:
     if dtype == "int8":
-        return Packed(dtype, arrays[0], arrays[1], block, arrays[2][0])
-    return Packed(dtype, arrays[0], block=block)
+        return Packed(dtype, arrays[0], arrays[1], block, arrays[2][0], outputs=n_out)
+    return Packed(dtype, arrays[0], block=block, outputs=n_out)
 
 
 def _spans(
-    layouts: list[list[tuple[np.dtype[Any], tuple[int, int]]]],
+    layouts: list[Layout],
 ) -> list[list[tuple[int, int]]]:
     """Each array's (start, end) byte offsets in the entry's data, each start aligned."""
     at, spans = 0, []
     for layout in layouts:
         matrix = []
-        for dtype, (n_out, n_in) in layout:
+        for dtype, shape in layout:
             at = -(-at // _ALIGN) * _ALIGN
-            matrix.append((at, at + dtype.itemsize * n_out * n_in))
+            matrix.append((at, at + dtype.itemsize * int(np.prod(shape))))
             at = matrix[-1][1]
         spans.append(matrix)
     return spans
@@ -400,7 +451,7 @@ def _write(
 def _cached(
     entry: Path,
     total: int,
-    layouts: list[list[tuple[np.dtype[Any], tuple[int, int]]]],
+    layouts: list[Layout],
     spans: list[list[tuple[int, int]]],
     matrices: list[tuple[Array, bool]],
     dtype: str,
@@ -418,13 +469,17 @@ def _cached(
         for layout, sp in zip(layouts, spans, strict=True)
     ]
     for (m, transposed), stored in zip(matrices, arrays, strict=True):
-        n_out, n_in = stored[0].shape[0], stored[0].shape[-1]
+        n_out = m.shape[1] if transposed else m.shape[0]
+        n_in = stored[0].shape[1]
         cols = slice(0, min(block, n_in))
         for lo in (0, n_out // 2):
-            hi = min(n_out, lo + _CHECK_ROWS)
+            ids = np.arange(lo, min(n_out, lo + _CHECK_ROWS))
             columns = stored[2][0, cols] if dtype == "int8" else None
-            expected = _convert(dtype, _rows(m, transposed, lo, hi, cols), block, columns)
-            got = [stored[0][lo:hi, cols]] + [s[lo:hi, :1] for s in stored[1:2]]
+            expected = _convert(dtype, _rows(m, transposed, lo, ids[-1] + 1, cols), block, columns)
+            got = [
+                panel_rows(s, ids)[:, c]
+                for s, c in zip(stored[:2], (cols, slice(0, 1)), strict=False)
+            ]
             if not all(
                 np.array_equal(a, b, equal_nan=True) for a, b in zip(expected, got, strict=True)
             ):

@@ -182,8 +182,15 @@ def race(probs: Array, rng: np.random.Generator) -> int:
     number in about 4 draws of 1,000 (measured on a flat distribution), so a seeded sample of
     60 tokens would change with its batch about one time in five. Here the draw changes only if
     the two earliest clocks ring within rounding of each other (none in 20,000 such draws).
+
+    The clocks come from a generator seeded with one number drawn from `rng`, so each draw
+    takes one number from `rng` whatever m is: where rounding moves a cutoff (top-p, min-p,
+    typical-p) by one token in another batch, this draw may change (rarely: only if that token
+    rings first), but the draws after it do not.
     """
-    clocks = rng.standard_exponential(len(probs), dtype=np.float32)  # [m]
+    clocks = np.random.default_rng(int(rng.integers(1 << 63))).standard_exponential(
+        len(probs), dtype=np.float32
+    )  # [m]
     times = np.full(len(probs), np.inf, np.float32)  # a token of probability 0 never rings
     with np.errstate(over="ignore"):  # a clock over a tiny probability: inf, never first
         np.divide(clocks, probs, out=times, where=probs > 0)

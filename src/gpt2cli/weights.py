@@ -29,7 +29,8 @@ from gpt2cli.errors import CorruptWeightsError, GPT2Error
 
 # {"wte": [V, D], "wpe": [C, D], "blocks": [{"ln_1": {"g", "b"}, "attn": {"c_attn": {"w", "b"},
 #  "c_proj": {"w", "b"}}, "ln_2": {"g", "b"}, "mlp": {"c_fc": {"w", "b"}, "c_proj": {"w", "b"}}}],
-#  "ln_f": {"g", "b"}} and "lm_head": [V, D] only when the checkpoint's head is not tied to wte.
+#  "ln_f": {"g", "b"}} and "lm_head": [V, D] only when the checkpoint's head is not tied to wte;
+# `transposed_layout` adds "head_by_row": (the head, the head [V, D] as the checkpoint stores it).
 Params = dict[str, Any]
 
 SINGLE_FILE = "model.safetensors"
@@ -66,21 +67,24 @@ def load(folder: str | os.PathLike[str]) -> tuple[GPT2Config, Params]:
     return config, _nest(tensors, config, where)
 
 
-LAYOUT_FORMAT = 2  # change it when the cached copies' layout changes
+LAYOUT_FORMAT = 3  # change it when the cached copies' layout changes
 _FINGERPRINT_ROWS = 192  # rows of the head hashed into the cache key
-_PROJECTED = ("attn", "mlp")  # the parts of a block whose c_proj weights are transposed
+# (part, matrix): each block's weights that are transposed, in their order in the cache entry
+_TRANSPOSED = (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))
 _F32 = np.dtype("<f4")
 
 
 def transposed_layout(params: Params, files: list[Path]) -> Params:
-    """`params` with the output head and every block's two `c_proj` weights replaced by the same
+    """`params` with the output head and every block's four weight matrices replaced by the same
     values in transposed memory order: views (`.T`) of contiguous copies memory-mapped from one
     file in the user's cache (`gpt2cli.cache`), made and stored there on first use. `params` as
     they are when the cache cannot hold it (the model is then only slower).
 
     Why: BLAS multiplies a few rows by these matrices faster stored that way (the head [D, V]:
-    about 1.5x; `c_proj` as [n_out, n_in], used as w.T @ x.T: 1.1-1.9x, most on AVX2), and the
-    checkpoint's own arrays are never paged in, so memory does not grow; the embedding lookup
+    about 1.5x; `c_proj` as [n_out, n_in], used as w.T @ x.T: 1.1-1.9x, most on AVX2), the
+    compiled kernels multiply 2 to 16 rows by [n_out, n_in] matrices 2x faster than BLAS
+    (`model.linear`), and the checkpoint's own arrays are never paged in, so memory does not
+    grow (but for its head, when the kernels multiply a batch by it); the embedding lookup
     reads the head's copy too. The key is the weight files' content: their sha256 (a hub file's
     blob name; a local file's hashed once and remembered by `cache.Index`), so every folder
     holding the same weights shares one copy, with the matrices' shapes and a hash of sampled
@@ -90,7 +94,7 @@ def transposed_layout(params: Params, files: list[Path]) -> Params:
     tied = "lm_head" not in params
     head = params["wte"] if tied else params["lm_head"]
     blocks = params["blocks"]
-    matrices = [head] + [b[part]["c_proj"]["w"] for b in blocks for part in _PROJECTED]
+    matrices = [head] + [b[part][name]["w"] for b in blocks for part, name in _TRANSPOSED]
     folder = cache.folder()
     key = content_key(f"{LAYOUT_FORMAT} {[m.shape for m in matrices]}", params, files, folder)
     if key is None or folder is None:
@@ -109,7 +113,7 @@ def transposed_layout(params: Params, files: list[Path]) -> Params:
             flat[end - m.size : end].reshape(m.shape[::-1])
             for m, end in zip(matrices, ends, strict=True)
         ]
-        # the copies' columns against a few of the head's hashed rows and each c_proj's first
+        # the copies' columns against a few of the head's hashed rows and each matrix's first
         # row (beside its bias, which every forward reads): no other checkpoint page is touched
         picks = [rows[::16]] + [np.array([0])] * (len(matrices) - 1)
         ok = all(
@@ -133,14 +137,23 @@ def transposed_layout(params: Params, files: list[Path]) -> Params:
         return params
     index.derived(entry.name, files[0].parent)
     index.save()
-    projections = iter(copies[1:])  # in the order of `matrices`
+    transposed = iter(copies[1:])  # in the order of `matrices`
     laid_out = []
     for b in blocks:  # new dicts: the loaded `params` stay as they are
-        b = dict(b)
-        for part in _PROJECTED:
-            b[part] = {**b[part], "c_proj": {**b[part]["c_proj"], "w": next(projections).T}}
+        b = {part: dict(b[part]) if part in ("attn", "mlp") else b[part] for part in b}
+        for part, name in _TRANSPOSED:
+            b[part][name] = {**b[part][name], "w": next(transposed).T}
         laid_out.append(b)
-    return {**params, "blocks": laid_out, ("wte" if tied else "lm_head"): copies[0].T}
+    # the checkpoint's own [V, D] head stays, unread until the kernels multiply a decoding
+    # batch by it (`model.output_head`, 2x faster than BLAS on the copy there), paired with the
+    # head it stands for: params whose head is replaced later do not use it
+    laid_out_head = copies[0].T
+    return {
+        **params,
+        "blocks": laid_out,
+        ("wte" if tied else "lm_head"): laid_out_head,
+        "head_by_row": (laid_out_head, head),
+    }
 
 
 def head_rows(n: int) -> np.ndarray:
