@@ -14,7 +14,7 @@ bfloat16 shifted into a float32's high half) in registers.
   dot products along contiguous rows of both.
 
 The widening kernels widen panels into a float32 buffer for BLAS, which wins past
-`quant.KERNEL_ROWS` rows. Imported only where a kernel runs (`quant.load_kernels`): numba costs
+`quant.NARROW_ROWS` rows. Imported only where a kernel runs (`quant.load_kernels`): numba costs
 about 0.2 s to import and compiles each kernel once, into its on-disk cache (`cache=True`), under
 the user's cache folder when the package folder is read-only.
 """
@@ -253,10 +253,16 @@ def int8_widen(q: Any, scales: F32, block: int, out: F32) -> None:  # pragma: no
         lo = c * LANES
         width = min(LANES, n - lo)
         qc, sc = q[c], scales[c]
-        for k in range(q.shape[1]):
-            sb, qk, row = sc[k // block], qc[k], out[k, lo : lo + width]
-            for j in range(width):
-                row[j] = np.float32(qk[j]) * sb[j]
+        for b in range(sc.shape[0]):
+            sb = sc[b]
+            for k in range(b * block, min(q.shape[1], (b + 1) * block)):
+                qk, row = qc[k], out[k, lo : lo + width]
+                if width == LANES:  # a whole panel: one vector
+                    for j in range(LANES):
+                        row[j] = np.float32(qk[j]) * sb[j]
+                else:
+                    for j in range(width):
+                        row[j] = np.float32(qk[j]) * sb[j]
 
 
 @njit(parallel=True, **_JIT)  # type: ignore[untyped-decorator]
@@ -270,8 +276,12 @@ def bf16_widen(u: Any, out: F32) -> None:  # pragma: no cover (compiled)
         uc = u[c]
         for k in range(u.shape[1]):
             uk, row = uc[k], out[k, lo : lo + width]
-            for j in range(width):
-                row[j] = _bf16(uk[j])
+            if width == LANES:  # a whole panel: one vector
+                for j in range(LANES):
+                    row[j] = _bf16(uk[j])
+            else:
+                for j in range(width):
+                    row[j] = _bf16(uk[j])
 
 
 def use_threads(n: int) -> None:

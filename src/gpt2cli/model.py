@@ -53,7 +53,7 @@ QUERY_ROWS = 128
 TRANSPOSED_ROWS = 256
 
 # positions per product with the output head, in `model(ids)` and in scoring: [HEAD_ROWS, V]
-# logits are 25 MB
+# logits are 25 MB (narrow weights: `GPT2.head_rows`)
 HEAD_ROWS = 128
 
 _GELU_C = math.sqrt(2.0 / math.pi)  # a Python float: it keeps float32 arrays float32
@@ -326,7 +326,7 @@ class GPT2:
         n_batch, n_pos = batch.shape
         state = DecodeState.empty(self.config, n_batch, n_pos, logits=n_batch * n_pos)
         out = lazy_zeros((n_batch, n_pos, self.config.n_vocab))  # [B, T, V]: 206 MB for 1,024
-        size = max(1, HEAD_ROWS // n_batch)  # positions per product with the head
+        size = max(1, self.head_rows // n_batch)  # positions per product with the head
         for start, x in self.run_prompts(state, batch):  # x [B, chunk, D]
             for lo in range(start, start + x.shape[1], size):
                 piece = x[:, lo - start : lo - start + size]  # [B, n, D]
@@ -488,6 +488,15 @@ class GPT2:
             state.lengths[:, None] + np.arange(n), state.capacity - 1
         )
         return positions
+
+    @property
+    def head_rows(self) -> int:
+        """Positions per product with the output head where all positions' logits are wanted:
+        HEAD_ROWS, or for narrow weights as many as their kernels take (`quant.NARROW_ROWS`),
+        which beats widening the head for BLAS at every product."""
+        from gpt2cli import quant
+
+        return HEAD_ROWS if self.dtype == "float32" else quant.NARROW_ROWS
 
     def head(self, x: Array, positions: NDArray[np.intp]) -> Array:
         """Logits of final hidden states x [..., D] at `positions` [...], all finite or an error.

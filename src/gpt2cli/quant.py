@@ -14,7 +14,7 @@ float32, and the products accumulate in float32.
   (on the heavy-tailed fixture, 0.42x the KL divergence).
 
 A narrow matrix is a `Packed` M [n_out, n_in] stored in panels (`panels`: LANES outputs side by
-side for each input, the layout the kernels read with vector loads): up to KERNEL_ROWS rows go
+side for each input, the layout the kernels read with vector loads): up to NARROW_ROWS rows go
 through `gpt2cli.kernels`, more through BLAS, on a float32 copy widened a piece at a time into a
 reused buffer. The narrow
 weights are converted once and kept in the user's cache (`pack`), keyed by the weights' content.
@@ -44,9 +44,12 @@ DTYPES = ("float32", "bfloat16", "int8")
 # (docs/performance.md), mean KL divergence from float32 over 1,024 tokens: 32 0.013, 64 0.026,
 # 128 0.042, 256 0.047 nats; a 1-row product with the head took 1.7x as long at 32 as at 128
 BLOCK = 32
-# products of up to this many rows run on the kernels (decoding: one row per sequence); more
-# rows (a prefill) widen the weights for BLAS, which is faster there (measured)
+# products of up to this many rows run on the float32 kernel (decoding: one row per sequence)
 KERNEL_ROWS = 16
+# and on the bfloat16 and int8 kernels; more rows (a prefill) widen the weights for BLAS, which
+# is faster there (measured, int8, 124M's shapes: at 64 rows the kernel took 0.5-1.4x the time
+# of widening and BLAS for block matrices and 0.5x for the head, at 128 rows 1.2-3x and 0.75x)
+NARROW_ROWS = 64
 # bytes of float32 widened at a time for BLAS: a whole block matrix, the head in pieces
 WIDEN_BYTES = 16 << 20
 # outputs side by side in a panel: one AVX-512 vector of float32s (two AVX2 ones)
@@ -182,7 +185,7 @@ class Packed:
             rows = rows * self.columns
         rows = np.ascontiguousarray(rows, np.float32)
         out = np.empty((len(rows), n_out), np.float32)  # [m, n_out]
-        if len(rows) <= KERNEL_ROWS:
+        if len(rows) <= (KERNEL_ROWS if self.dtype == "float32" else NARROW_ROWS):
             _kernel_product(self, rows, out)
         elif self.dtype == "float32":
             np.matmul(rows, self.data.T, out=out)

@@ -28,7 +28,6 @@ from numpy.typing import NDArray
 from gpt2cli import ops
 from gpt2cli.errors import GPT2Error
 from gpt2cli.kvcache import DecodeState
-from gpt2cli.model import HEAD_ROWS
 
 if TYPE_CHECKING:
     from gpt2cli.model import GPT2, Array, Ids
@@ -414,7 +413,7 @@ def scored_logits(
     Each token is scored once, in the strided window (`score_windows`) that gives it the
     most context; windows of all sequences are run as padded batches of at most
     `batch_tokens` positions (or one window), longest first, and the output head runs only
-    for positions whose next token is scored, HEAD_ROWS of them at a time, so memory stays
+    for positions whose next token is scored, `model.head_rows` at a time, so memory stays
     flat in the length of the text. Blocks of one sequence come in position order.
     """
     n_ctx = model.config.n_ctx
@@ -443,12 +442,12 @@ def _score_batch(
     model: GPT2, rows: list[NDArray[np.intp]], windows: list[tuple[int, int, int, int]]
 ) -> Iterator[ScoredBlock]:
     """Run windows (row, begin, end, first scored) as one right-padded batch, and the output
-    head HEAD_ROWS scored positions at a time."""
+    head `model.head_rows` scored positions at a time."""
     width = max(end - begin for _, begin, end, _ in windows)
     batch = np.zeros((len(windows), width), np.intp)  # [B, T]
     for b, (row, begin, end, _) in enumerate(windows):
         batch[b, : end - begin] = rows[row][begin:end]
-    state = DecodeState.empty(model.config, len(windows), width, logits=HEAD_ROWS)
+    state = DecodeState.empty(model.config, len(windows), width, logits=model.head_rows)
     for start, x in model.run_prompts(state, batch):  # x [B, chunk, D]
         # the hidden state at window position p predicts the token at p + 1
         picks = [
@@ -475,13 +474,14 @@ def _head_blocks(
     rows: Sequence[int],
     sequences: Sequence[NDArray[np.intp]],
 ) -> Iterator[ScoredBlock]:
-    """Score from final hidden states [n, D], the output head over HEAD_ROWS at a time: state i
-    predicts the token at position targets[i] of window which[i] (a window's states are
+    """Score from final hidden states [n, D], the output head over `model.head_rows` at a time:
+    state i predicts the token at position targets[i] of window which[i] (a window's states are
     contiguous), which is a window of sequence `rows[which[i]]`. One block per window per
     product with the head."""
-    for lo in range(0, len(hidden), HEAD_ROWS):
-        logits = model.head(hidden[lo : lo + HEAD_ROWS], targets[lo : lo + HEAD_ROWS] - 1)
-        part = which[lo : lo + HEAD_ROWS]
+    size = model.head_rows
+    for lo in range(0, len(hidden), size):
+        logits = model.head(hidden[lo : lo + size], targets[lo : lo + size] - 1)
+        part = which[lo : lo + size]
         for b in np.unique(part):  # [V]-wide rows of one window at a time, in order
             here = np.flatnonzero(part == b)
             row, positions = rows[b], targets[lo + here]
