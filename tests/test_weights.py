@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import mmap
@@ -748,9 +749,12 @@ def _layout(folder: Path) -> tuple[weights.Params, weights.Params]:
 
 
 def _transposed(params: weights.Params) -> list[np.ndarray]:
-    """The matrices transposed_layout stores transposed: the head, then each block's four."""
+    """The matrices transposed_layout stores transposed: the head, then each block's four (two
+    without the fast extra: its kernels read the other two transposed)."""
     head = params.get("lm_head", params["wte"])
     parts = (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))
+    if importlib.util.find_spec("numba") is None:
+        parts = (("attn", "c_proj"), ("mlp", "c_proj"))
     return [head] + [b[part][name]["w"] for b in params["blocks"] for part, name in parts]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import math
 import mmap
 import os
@@ -69,14 +70,17 @@ def load(folder: str | os.PathLike[str]) -> tuple[GPT2Config, Params]:
 
 LAYOUT_FORMAT = 3  # change it when the cached copies' layout changes
 _FINGERPRINT_ROWS = 192  # rows of the head hashed into the cache key
-# (part, matrix): each block's weights that are transposed, in their order in the cache entry
-_TRANSPOSED = (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))
+# (part, matrix): each block's weights that are transposed, in their order in the cache entry:
+# both c_proj, and with the `fast` extra (its kernels read [n_out, n_in] matrices) all four
+_PROJECTIONS = (("attn", "c_proj"), ("mlp", "c_proj"))
+_ALL_FOUR = (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))
 _F32 = np.dtype("<f4")
 
 
 def transposed_layout(params: Params, files: list[Path]) -> Params:
-    """`params` with the output head and every block's four weight matrices replaced by the same
-    values in transposed memory order: views (`.T`) of contiguous copies memory-mapped from one
+    """`params` with the output head and every block's two `c_proj` weights (with the `fast`
+    extra, all four of its weight matrices) replaced by the same values in transposed memory
+    order: views (`.T`) of contiguous copies memory-mapped from one
     file in the user's cache (`gpt2cli.cache`), made and stored there on first use. `params` as
     they are when the cache cannot hold it (the model is then only slower).
 
@@ -94,7 +98,8 @@ def transposed_layout(params: Params, files: list[Path]) -> Params:
     tied = "lm_head" not in params
     head = params["wte"] if tied else params["lm_head"]
     blocks = params["blocks"]
-    matrices = [head] + [b[part][name]["w"] for b in blocks for part, name in _TRANSPOSED]
+    parts = _ALL_FOUR if importlib.util.find_spec("numba") is not None else _PROJECTIONS
+    matrices = [head] + [b[part][name]["w"] for b in blocks for part, name in parts]
     folder = cache.folder()
     key = content_key(f"{LAYOUT_FORMAT} {[m.shape for m in matrices]}", params, files, folder)
     if key is None or folder is None:
@@ -141,7 +146,7 @@ def transposed_layout(params: Params, files: list[Path]) -> Params:
     laid_out = []
     for b in blocks:  # new dicts: the loaded `params` stay as they are
         b = {part: dict(b[part]) if part in ("attn", "mlp") else b[part] for part in b}
-        for part, name in _TRANSPOSED:
+        for part, name in parts:
             b[part][name] = {**b[part][name], "w": next(transposed).T}
         laid_out.append(b)
     # the checkpoint's own [V, D] head stays, unread until the kernels multiply a decoding
