@@ -229,7 +229,8 @@ def forward(
         np.arange(config.n_head)[None, :, None],
         positions[:, None, :],
     )
-    x = params["wte"][ids] + params["wpe"][positions]  # [B, T, D]
+    wte = params["wte"]
+    x = by_row(params, wte)[ids] + params["wpe"][positions]  # [B, T, D]
     for i, layer in enumerate(params["blocks"]):
         x = block(
             x,
@@ -244,6 +245,14 @@ def forward(
     return layer_norm(x, **params["ln_f"], eps=config.layer_norm_epsilon)  # [B, T, D]
 
 
+def by_row(params: Params, head: Array) -> Array:
+    """`head` [V, D] as the checkpoint stores it, row by row, where `weights.transposed_layout`
+    replaced it by a transposed copy (and kept the pair): an embedding row is then one run of
+    memory, not D values a copy's row apart, and the kernels read it (`output_head`)."""
+    laid_out, own = params.get("head_by_row", (None, None))
+    return own if laid_out is head else head
+
+
 def output_head(x: Array, params: Params) -> Array:
     """Logits over the vocabulary: each hidden state against every token's embedding (the head
     is wte itself unless the checkpoint has an untied lm_head)."""
@@ -252,10 +261,9 @@ def output_head(x: Array, params: Params) -> Array:
     head: Array | Packed = params["lm_head"] if "lm_head" in params else params["wte"]  # [V, D]
     if not isinstance(head, np.ndarray):  # narrow weights (quant.Packed)
         return head.linear(x)
-    # (head, head as [V, D] C-contiguous): `weights.transposed_layout`'s, if the head is its
-    head_of, by_row = params.get("head_by_row", (None, None))
-    if head_of is head and 2 <= len(x) <= quant.KERNEL_ROWS and quant.float32_kernels():
-        return quant.Packed("float32", by_row).linear(x)
+    rows = by_row(params, head)
+    if rows is not head and 2 <= len(x) <= quant.KERNEL_ROWS and quant.float32_kernels():
+        return quant.Packed("float32", rows).linear(x)
     logits: Array = x @ head.T  # [..., D] @ [D, V] -> [..., V]
     return logits
 
