@@ -80,9 +80,9 @@ _F32 = np.dtype("<f4")
 def transposed_layout(params: Params, files: list[Path]) -> Params:
     """`params` with the output head and every block's two `c_proj` weights (with the `fast`
     extra, all four of its weight matrices) replaced by the same values in transposed memory
-    order: views (`.T`) of contiguous copies memory-mapped from one
-    file in the user's cache (`gpt2cli.cache`), made and stored there on first use. `params` as
-    they are when the cache cannot hold it (the model is then only slower).
+    order: views (`.T`) of contiguous copies memory-mapped from one file in the user's cache
+    (`gpt2cli.cache`), made and stored there on first use. `params` as they are when the cache
+    cannot hold it (the model is then only slower).
 
     Why: BLAS multiplies a few rows by these matrices faster stored that way (the head [D, V]:
     about 1.5x; `c_proj` as [n_out, n_in], used as w.T @ x.T: 1.1-1.9x, most on AVX2), the
@@ -90,10 +90,11 @@ def transposed_layout(params: Params, files: list[Path]) -> Params:
     (`model.linear`), and the checkpoint's own arrays are never paged in, so memory does not
     grow, but for the head's rows the embedding lookup reads (a run of memory each) and the
     head when the kernels multiply a batch by it. The key is the weight files' content: their
-    sha256 (a hub file's blob name; a local file's hashed once and remembered by `cache.Index`), so every folder
-    holding the same weights shares one copy, with the matrices' shapes and a hash of sampled
-    head rows; a loaded copy is checked against rows of every matrix it holds. The folder is
-    recorded in the index as one the copy was derived from, for `gpt2 cache` to show.
+    sha256 (a hub file's blob name; a local file's hashed once and remembered by
+    `cache.Index`), so every folder holding the same weights shares one copy, with the
+    matrices' shapes and a hash of sampled head rows; a loaded copy is checked against rows of
+    every matrix it holds. The folder is recorded in the index as one the copy was derived
+    from, for `gpt2 cache` to show.
     """
     tied = "lm_head" not in params
     head = params["wte"] if tied else params["lm_head"]
