@@ -24,6 +24,7 @@ This module imports no numba: `check_dtype` and the names are cheap; `load_kerne
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import sys
@@ -278,8 +279,26 @@ def load_kernels(dtype: str) -> None:
     terminal = sys.stderr is not None and sys.stderr.isatty()
     if terminal and not all(kernels.is_cached(k) for k in chosen):
         print(f"gpt2: compiling the {dtype} kernels (once)…", file=sys.stderr, flush=True)
-    for kernel in chosen:  # one tiny call each: compiled (or loaded) now, not mid-generation
-        _warm(kernels, kernel, dtype)
+    with _without_scipy():
+        for kernel in chosen:  # one tiny call each: compiled (or loaded) now, not mid-generation
+            _warm(kernels, kernel, dtype)
+
+
+@contextlib.contextmanager
+def _without_scipy() -> Iterator[None]:
+    """numba's first compile or cache load imports scipy.linalg, when installed, to offer BLAS
+    inside kernels, which ours do not use: 0.25 s of a start-up's 0.7. Unless it is already
+    imported, it is made unimportable meanwhile (numba then offers no BLAS, and says nothing)."""
+    name = "scipy.linalg"
+    if name in sys.modules:
+        yield
+        return
+    sys.modules[name] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if sys.modules.get(name, 0) is None:
+            del sys.modules[name]
 
 
 def _warm(kernels: Any, kernel: Any, dtype: str) -> None:

@@ -88,8 +88,8 @@ def transposed_layout(params: Params, files: list[Path]) -> Params:
     about 1.5x; `c_proj` as [n_out, n_in], used as w.T @ x.T: 1.1-1.9x, most on AVX2), the
     compiled kernels multiply 2 to 16 rows by [n_out, n_in] matrices 2x faster than BLAS
     (`model.linear`), and the checkpoint's own arrays are never paged in, so memory does not
-    grow, but for the head's rows the embedding lookup reads (a run of memory each) and the
-    head when the kernels multiply a batch by it. The key is the weight files' content: their
+    grow, but for the head when the kernels multiply a batch by it; the embedding lookup reads
+    the head's copy too. The key is the weight files' content: their
     sha256 (a hub file's blob name; a local file's hashed once and remembered by
     `cache.Index`), so every folder holding the same weights shares one copy, with the
     matrices' shapes and a hash of sampled head rows; a loaded copy is checked against rows of
@@ -151,8 +151,8 @@ def transposed_layout(params: Params, files: list[Path]) -> Params:
             b[part][name] = {**b[part][name], "w": next(transposed).T}
         laid_out.append(b)
     # the checkpoint's own [V, D] head stays, paired with the copy it stands for (params whose
-    # head is replaced later do not use it): the embedding lookup reads its rows, and the
-    # kernels multiply a decoding batch by it, 2x faster than BLAS on the copy (`model.by_row`)
+    # head is replaced later do not use it): the kernels multiply a decoding batch by it, 2x
+    # faster than BLAS on the copy (`model.by_row`)
     laid_out_head = copies[0].T
     return {
         **params,
