@@ -106,6 +106,17 @@ def _store(tile: F32, out: F32, r: int, lo: int) -> None:  # pragma: no cover (c
 
 
 @njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
+def _add(
+    tile: F32, j: int, v: Any, y0: Any, y1: Any, y2: Any, y3: Any
+) -> None:  # pragma: no cover (compiled)
+    """Column j of a tile of ROWS rows += each row's input (y0..y3) times the weight v."""
+    tile[0, j] += y0 * v
+    tile[1, j] += y1 * v
+    tile[2, j] += y2 * v
+    tile[3, j] += y3 * v
+
+
+@njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
 def _rows(x: F32, r: int) -> tuple[F32, F32, F32, F32]:  # pragma: no cover (compiled)
     """Rows r to r + ROWS - 1 of x, the last row repeated past its end (computed, not stored)."""
     last = x.shape[0] - 1
@@ -145,11 +156,7 @@ def int8_matmul(x: F32, q: Any, scales: F32, block: int, out: F32) -> None:  # p
                 for k in range(b * block, min(n_in, (b + 1) * block)):
                     qk, y0, y1, y2, y3 = qc[k], x0[k], x1[k], x2[k], x3[k]
                     for j in range(LANES):
-                        v = np.float32(qk[j]) * sb[j]
-                        total[0, j] += y0 * v
-                        total[1, j] += y1 * v
-                        total[2, j] += y2 * v
-                        total[3, j] += y3 * v
+                        _add(total, j, np.float32(qk[j]) * sb[j], y0, y1, y2, y3)
             _store(total, out, r, c * LANES)
             _zero(total)
 
@@ -185,11 +192,7 @@ def bf16_matmul(x: F32, u: Any, out: F32) -> None:  # pragma: no cover (compiled
             for k in range(n_in):
                 uk, y0, y1, y2, y3 = uc[k], x0[k], x1[k], x2[k], x3[k]
                 for j in range(LANES):
-                    v = _bf16(uk[j])
-                    total[0, j] += y0 * v
-                    total[1, j] += y1 * v
-                    total[2, j] += y2 * v
-                    total[3, j] += y3 * v
+                    _add(total, j, _bf16(uk[j]), y0, y1, y2, y3)
             _store(total, out, r, c * LANES)
             _zero(total)
 
