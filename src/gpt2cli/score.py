@@ -407,13 +407,15 @@ def scored_logits(
     *,
     stride: int | None = None,
     batch_tokens: int = BATCH_TOKENS,
+    head_rows: int | None = None,
 ) -> Iterator[ScoredBlock]:
     """The logits that score every token of each sequence but its first, a block at a time.
 
     Each token is scored once, in the strided window (`score_windows`) that gives it the
     most context; windows of all sequences are run as padded batches of at most
     `batch_tokens` positions (or one window), longest first, and the output head runs only
-    for positions whose next token is scored, `model.head_rows` at a time, so memory stays
+    for positions whose next token is scored, `head_rows` (`model.head_rows`) at a time, so
+    memory stays
     flat in the length of the text. Blocks of one sequence come in position order.
     """
     n_ctx = model.config.n_ctx
@@ -435,19 +437,22 @@ def scored_logits(
     while windows:
         size = max(1, batch_tokens // (windows[0][2] - windows[0][1]))
         batch, windows = windows[:size], windows[size:]
-        yield from _score_batch(model, rows, batch)
+        yield from _score_batch(model, rows, batch, head_rows or model.head_rows)
 
 
 def _score_batch(
-    model: GPT2, rows: list[NDArray[np.intp]], windows: list[tuple[int, int, int, int]]
+    model: GPT2,
+    rows: list[NDArray[np.intp]],
+    windows: list[tuple[int, int, int, int]],
+    head_rows: int,
 ) -> Iterator[ScoredBlock]:
     """Run windows (row, begin, end, first scored) as one right-padded batch, and the output
-    head `model.head_rows` scored positions at a time."""
+    head `head_rows` scored positions at a time."""
     width = max(end - begin for _, begin, end, _ in windows)
     batch = np.zeros((len(windows), width), np.intp)  # [B, T]
     for b, (row, begin, end, _) in enumerate(windows):
         batch[b, : end - begin] = rows[row][begin:end]
-    state = DecodeState.empty(model.config, len(windows), width, logits=model.head_rows)
+    state = DecodeState.empty(model.config, len(windows), width, logits=head_rows)
     for start, x in model.run_prompts(state, batch):  # x [B, chunk, D]
         # the hidden state at window position p predicts the token at p + 1
         picks = [
@@ -463,7 +468,8 @@ def _score_batch(
         hidden = np.concatenate([x[b, p - start] for b, p in picks])  # [n, D]
         which = np.concatenate([np.full(p.size, b) for b, p in picks])  # [n]: window
         targets = np.concatenate([p + 1 + windows[b][1] for b, p in picks])  # [n]: positions
-        yield from _head_blocks(model, hidden, targets, which, [w[0] for w in windows], rows)
+        picked = [w[0] for w in windows]
+        yield from _head_blocks(model, hidden, targets, which, picked, rows, head_rows)
 
 
 def _head_blocks(
@@ -473,12 +479,14 @@ def _head_blocks(
     which: NDArray[np.intp],
     rows: Sequence[int],
     sequences: Sequence[NDArray[np.intp]],
+    head_rows: int | None = None,
 ) -> Iterator[ScoredBlock]:
-    """Score from final hidden states [n, D], the output head over `model.head_rows` at a time:
+    """Score from final hidden states [n, D], the output head over `head_rows` at a time
+    (`model.head_rows` by default):
     state i predicts the token at position targets[i] of window which[i] (a window's states are
     contiguous), which is a window of sequence `rows[which[i]]`. One block per window per
     product with the head."""
-    size = model.head_rows
+    size = head_rows or model.head_rows
     for lo in range(0, len(hidden), size):
         logits = model.head(hidden[lo : lo + size], targets[lo : lo + size] - 1)
         part = which[lo : lo + size]
@@ -630,9 +638,10 @@ def kl_divergence(
         raise GPT2Error("the reference and the model compared with it differ in shape")
     sequence = scoring_sequence(reference, ids, bos=bos)
     parts: list[tuple[NDArray[np.intp], Array, Array, Array, Array]] = []
+    rows = min(reference.head_rows, model.head_rows)  # the same blocks from both
     pairs = zip(
-        scored_logits(reference, [sequence], stride=stride),
-        scored_logits(model, [sequence], stride=stride),
+        scored_logits(reference, [sequence], stride=stride, head_rows=rows),
+        scored_logits(model, [sequence], stride=stride, head_rows=rows),
         strict=True,
     )
     for ours, theirs in pairs:  # the same windows and blocks: the same positions, in order
