@@ -211,8 +211,7 @@ def f32_matmul(x: F32, w: F32, out: F32) -> None:  # pragma: no cover (compiled)
     n_out = w.shape[0]
     for c in prange((n_out + ROWS - 1) // ROWS):
         j = c * ROWS
-        last = n_out - 1
-        w0, w1, w2, w3 = w[j], w[min(j + 1, last)], w[min(j + 2, last)], w[min(j + 3, last)]
+        w0, w1, w2, w3 = _rows(w, j)
         for r in range(0, m, ROWS):
             x0, x1, x2, x3 = _rows(x, r)
             a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = np.float32(0.0)

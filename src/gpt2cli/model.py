@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from gpt2cli import quant
 from gpt2cli.config import GPT2Config, too_long
 from gpt2cli.errors import GPT2Error
 from gpt2cli.kvcache import DecodeState, keep_freed_memory, lazy_zeros
@@ -97,8 +98,6 @@ def linear(x: Array, w: Array | Packed, b: Array) -> Array:
     the `fast` extra is installed, about 2x faster than BLAS there; the result is the same.
     Narrow weights (`quant.Packed`, in bfloat16 or int8) multiply themselves, on the kernels.
     """
-    from gpt2cli import quant
-
     if not isinstance(w, np.ndarray):
         return w.linear(x, b)
     rows = x.reshape(-1, w.shape[0])  # [..., n_in] -> [m, n_in]: the weights are read once
@@ -258,8 +257,6 @@ def by_row(params: Params, head: Array) -> Array:
 def output_head(x: Array, params: Params) -> Array:
     """Logits over the vocabulary: each hidden state against every token's embedding (the head
     is wte itself unless the checkpoint has an untied lm_head)."""
-    from gpt2cli import quant
-
     head: Array | Packed = params["lm_head"] if "lm_head" in params else params["wte"]  # [V, D]
     if not isinstance(head, np.ndarray):  # narrow weights (quant.Packed)
         return head.linear(x)
@@ -301,7 +298,7 @@ class GPT2:
         `dtype` "bfloat16" or "int8" narrows the weight matrices (`gpt2cli.quant`; they need the
         `fast` extra, numba), converted once into the user's cache; "float32" runs the
         checkpoint's weights as they are (widened from float16 or bfloat16 checkpoints)."""
-        from gpt2cli import hub, quant, weights
+        from gpt2cli import hub, weights
 
         quant.check_dtype(dtype)
         if dtype != "float32":
@@ -504,8 +501,6 @@ class GPT2:
         """Positions per product with the output head where all positions' logits are wanted:
         HEAD_ROWS, or for narrow weights as many as their kernels take (`quant.NARROW_ROWS`),
         which beats widening the head for BLAS at every product."""
-        from gpt2cli import quant
-
         return HEAD_ROWS if self.dtype == "float32" else quant.NARROW_ROWS
 
     def head(self, x: Array, positions: NDArray[np.intp]) -> Array:

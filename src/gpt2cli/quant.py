@@ -16,8 +16,8 @@ float32, and the products accumulate in float32.
 A narrow matrix is a `Packed` M [n_out, n_in] stored in panels (`panels`: LANES outputs side by
 side for each input, the layout the kernels read with vector loads): up to NARROW_ROWS rows go
 through `gpt2cli.kernels`, more through BLAS, on a float32 copy widened a piece at a time into a
-reused buffer. The narrow
-weights are converted once and kept in the user's cache (`pack`), keyed by the weights' content.
+reused buffer. The narrow weights are converted once and kept in the user's cache (`pack`),
+keyed by the weights' content.
 
 This module imports no numba: `check_dtype` and the names are cheap; `load_kernels` imports it.
 """
@@ -249,12 +249,17 @@ def _kernel_product(m: Packed, rows: Array, out: Array) -> None:
         kernels.f32_matmul(rows, m.data, out)
 
 
+def kernels_installed() -> bool:
+    """Whether the `fast` extra's numba is installed (found, not imported: that takes 0.2 s)."""
+    return importlib.util.find_spec("numba") is not None
+
+
 @functools.cache
 def float32_kernels() -> bool:
     """Whether the float32 kernel can run (the `fast` extra is installed), loading it once: the
     float32 model multiplies decoding batches on it (`model.linear`) and otherwise runs on
     BLAS alone, so a missing extra is no error here."""
-    if importlib.util.find_spec("numba") is None:
+    if not kernels_installed():
         return False
     try:
         load_kernels("float32")

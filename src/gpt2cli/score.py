@@ -203,7 +203,9 @@ def score_hidden(model: GPT2, hidden: Array, ids: Sequence[int], *, top: int = 0
         model.check_ids(array)
     sequence = array.astype(np.intp)
     scored = np.arange(1, len(sequence))  # [T - 1]: positions scored, each from the one before
-    blocks = _head_blocks(model, hidden[:-1], scored, np.zeros_like(scored), [0], [sequence])
+    blocks = _head_blocks(
+        model, hidden[:-1], scored, np.zeros_like(scored), [0], [sequence], model.head_rows
+    )
     text = model.tokenizer.decode(sequence.tolist())
     return drain(_scoring(model, blocks, [sequence], [text], top=top, first=0))[0]
 
@@ -415,8 +417,7 @@ def scored_logits(
     most context; windows of all sequences are run as padded batches of at most
     `batch_tokens` positions (or one window), longest first, and the output head runs only
     for positions whose next token is scored, `head_rows` (`model.head_rows`) at a time, so
-    memory stays
-    flat in the length of the text. Blocks of one sequence come in position order.
+    memory stays flat in the length of the text. Blocks of one sequence come in position order.
     """
     n_ctx = model.config.n_ctx
     if n_ctx < 2:
@@ -479,17 +480,15 @@ def _head_blocks(
     which: NDArray[np.intp],
     rows: Sequence[int],
     sequences: Sequence[NDArray[np.intp]],
-    head_rows: int | None = None,
+    head_rows: int,
 ) -> Iterator[ScoredBlock]:
-    """Score from final hidden states [n, D], the output head over `head_rows` at a time
-    (`model.head_rows` by default):
-    state i predicts the token at position targets[i] of window which[i] (a window's states are
+    """Score from final hidden states [n, D], the output head over `head_rows` at a time: state
+    i predicts the token at position targets[i] of window which[i] (a window's states are
     contiguous), which is a window of sequence `rows[which[i]]`. One block per window per
     product with the head."""
-    size = head_rows or model.head_rows
-    for lo in range(0, len(hidden), size):
-        logits = model.head(hidden[lo : lo + size], targets[lo : lo + size] - 1)
-        part = which[lo : lo + size]
+    for lo in range(0, len(hidden), head_rows):
+        logits = model.head(hidden[lo : lo + head_rows], targets[lo : lo + head_rows] - 1)
+        part = which[lo : lo + head_rows]
         for b in np.unique(part):  # [V]-wide rows of one window at a time, in order
             here = np.flatnonzero(part == b)
             row, positions = rows[b], targets[lo + here]

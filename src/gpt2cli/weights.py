@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import math
 import mmap
 import os
@@ -24,7 +23,7 @@ from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 
-from gpt2cli import cache, jsonfile
+from gpt2cli import cache, jsonfile, quant
 from gpt2cli.config import GPT2Config
 from gpt2cli.errors import CorruptWeightsError, GPT2Error
 
@@ -99,7 +98,7 @@ def transposed_layout(params: Params, files: list[Path]) -> Params:
     tied = "lm_head" not in params
     head = params["wte"] if tied else params["lm_head"]
     blocks = params["blocks"]
-    parts = _ALL_FOUR if importlib.util.find_spec("numba") is not None else _PROJECTIONS
+    parts = _ALL_FOUR if quant.kernels_installed() else _PROJECTIONS
     matrices = [head] + [b[part][name]["w"] for b in blocks for part, name in parts]
     folder = cache.folder()
     key = content_key(f"{LAYOUT_FORMAT} {[m.shape for m in matrices]}", params, files, folder)
@@ -146,7 +145,7 @@ def transposed_layout(params: Params, files: list[Path]) -> Params:
     transposed = iter(copies[1:])  # in the order of `matrices`
     laid_out = []
     for b in blocks:  # new dicts: the loaded `params` stay as they are
-        b = {part: dict(b[part]) if part in ("attn", "mlp") else b[part] for part in b}
+        b = {**b, **{part: dict(b[part]) for part, _ in parts}}
         for part, name in parts:
             b[part][name] = {**b[part][name], "w": next(transposed).T}
         laid_out.append(b)
