@@ -150,6 +150,13 @@ def test_the_users_thread_count_wins_and_a_bad_one_is_one_line(
     monkeypatch.delenv(threads.THREADS_VARIABLE)
     with pytest.raises(GPT2Error, match="positive"):
         threads.apply_user_threads(0)
+    with pytest.raises(GPT2Error, match=f"at most {threads.MAX_THREADS}, got 10000"):
+        threads.apply_user_threads(10_000)
+    for text in ("99999999999999999999", "\u00b2"):  # huge; a digit int() refuses
+        monkeypatch.setenv(threads.THREADS_VARIABLE, text)
+        with pytest.raises(GPT2Error, match="positive number of threads, at most"):
+            threads.user_threads()
+    monkeypatch.delenv(threads.THREADS_VARIABLE)
     threads.apply_user_threads(1)
     assert threads.kernel_threads() == 1 and threads.blas_threads() in (1, None)
 

@@ -51,6 +51,9 @@ BUSY_SHARE = 0.5
 MIN_SAMPLE_S = 0.1
 
 
+# the most threads a user may ask for: more than any machine's cores, far fewer than would
+# overflow OpenBLAS's count or exhaust the process's threads
+MAX_THREADS = 1024
 # how often the kernels' thread count follows the machine's load (kernel_threads)
 KERNEL_REFIT_S = 1.0
 _chosen: int | None = None  # apply_user_threads' count: the user's, it wins
@@ -126,7 +129,7 @@ def user_choice(environ: Mapping[str, str] | None = None) -> str | None:
 
 def user_threads(environ: Mapping[str, str] | None = None) -> int | None:
     """The count the user chose for every product: `apply_user_threads`' or GPT2CLI_THREADS'
-    (a GPT2Error unless it is a positive integer); None if neither."""
+    (a GPT2Error unless it is a whole number from 1 to MAX_THREADS); None if neither."""
     from gpt2cli.errors import GPT2Error
 
     if _chosen is not None:
@@ -134,8 +137,11 @@ def user_threads(environ: Mapping[str, str] | None = None) -> int | None:
     text = (os.environ if environ is None else environ).get(THREADS_VARIABLE, "").strip()
     if not text:
         return None
-    if not text.isdigit() or int(text) < 1:
-        raise GPT2Error(f"{THREADS_VARIABLE}={text!r}: set it to a positive number of threads")
+    if not text.isdecimal() or not 1 <= int(text) <= MAX_THREADS:
+        raise GPT2Error(
+            f"{THREADS_VARIABLE}={text!r}: set it to a positive number of threads, at most "
+            f"{MAX_THREADS}"
+        )
     return int(text)
 
 
@@ -146,8 +152,10 @@ def apply_user_threads(n: int | None) -> None:
     global _chosen
     from gpt2cli.errors import GPT2Error
 
-    if n is not None and n < 1:
-        raise GPT2Error(f"--threads must be a positive number of threads, got {n}")
+    if n is not None and not 1 <= n <= MAX_THREADS:
+        raise GPT2Error(
+            f"--threads must be a positive number of threads, at most {MAX_THREADS}, got {n}"
+        )
     count = n if n is not None else user_threads()
     if count is None:
         return
