@@ -1,5 +1,6 @@
-"""The compiled kernels (gpt2cli.kernels) against NumPy on random shapes: 1 to 16 rows, odd
-sizes, int8 blocks cut short at the end of a row."""
+"""The compiled kernels (gpt2cli.kernels) against NumPy on random shapes: 1 to 16 rows and
+quant.NARROW_ROWS (whole and partial tiles of rows), odd sizes, int8 blocks cut short at the end
+of a row."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ pytest.importorskip("numba", reason="the kernels need the fast extra (numba)")
 
 from gpt2cli import kernels, quant
 
-# (rows, n_out, n_in, block): 1-16 rows; outputs that are no multiple of a panel's LANES;
-# inputs that are no multiple of the block (a shorter last block) or smaller than one
+# (rows, n_out, n_in, block): 1-16 rows and NARROW_ROWS; outputs that are no multiple of a
+# panel's LANES; inputs that are no multiple of the block (a shorter last block) or smaller than
+# one
 SHAPES = [
     (1, 768, 768, 32),
     (1, 37, 100, 32),
@@ -24,6 +26,7 @@ SHAPES = [
     (8, 300, 64, 32),
     (13, 1, 40, 16),
     (16, 75, 130, 32),
+    (quant.NARROW_ROWS, 33, 70, 32),
 ]
 
 

@@ -6,8 +6,8 @@ bfloat16 shifted into a float32's high half) in registers.
 
 - bfloat16 and int8 matrices are stored in panels (`gpt2cli.quant.panels`): [n_panels, n_in,
   LANES], LANES outputs side by side for each input, so one vector load holds one input's
-  weights for LANES outputs. A panel's outputs accumulate in a tile of ROWS rows x LANES
-  outputs kept in registers (`_tile`): each weight is loaded and widened once per ROWS rows,
+  weights for LANES outputs. A panel's outputs accumulate in a tile of TILE_ROWS rows x LANES
+  outputs kept in registers (`_tile`): each weight is loaded and widened once per TILE_ROWS rows,
   and an int8 block's scale multiplies a whole tile of partial sums once per block, not each
   weight. Panels are shared out over numba's threads (`prange`).
 - float32 matrices are [n_out, n_in] (`f32_matmul`): ROWS rows by ROWS outputs at a time, as
@@ -63,36 +63,44 @@ _JIT: dict[str, Any] = {"fastmath": _MATH, "cache": True, "nogil": True}
 F32 = NDArray[np.float32]
 
 
-ROWS = 4  # rows of x in one tile of accumulators (ROWS x LANES float32s: four vectors)
+# rows of x in one tile of accumulators for 2 rows or more (TILE_ROWS x LANES float32s: eight
+# vectors): each weight widened once feeds eight rows, so a decoding batch of 8 reads each panel
+# once (measured on 124M's head at 5-8 rows: 1.25x four rows' time; its blocks 1.0-1.15x). One
+# row keeps a tile of ROWS, which LLVM keeps in registers (eight were slower there: 0.85-0.9x)
+TILE_ROWS = 8
+ROWS = 4  # rows of a one-row kernel's tile, and f32_matmul's rows of x by outputs
 
 
-def _stack_tile_typer(typingctx: Any, dtype: Any) -> Any:  # pragma: no cover (compiled)
-    """A pointer to ROWS * LANES values of `dtype` on the stack (an alloca): unlike an array
-    numba allocates on its heap, LLVM keeps it in registers once the loops over it unroll."""
+def _stack_tile_typer(typingctx: Any, dtype: Any, rows: Any) -> Any:  # pragma: no cover
+    """A pointer to `rows` (a constant) * LANES values of `dtype` on the stack (an alloca):
+    unlike an array numba allocates on its heap, LLVM keeps it in registers once the loops over
+    it unroll."""
+    if not isinstance(rows, types.IntegerLiteral):
+        return None
     alloca: Any = cgutils.alloca_once
     pointer: Any = types.CPointer
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        size = context.get_constant(types.intp, ROWS * LANES)
+        size = context.get_constant(types.intp, rows.literal_value * LANES)
         return alloca(builder, context.get_value_type(dtype.dtype), size=size)
 
-    return pointer(dtype.dtype)(dtype), codegen
+    return pointer(dtype.dtype)(dtype, rows), codegen
 
 
 _stack_tile: Any = intrinsic(_stack_tile_typer)
 
 
 @njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
-def _tile() -> F32:  # pragma: no cover (compiled)
-    """ROWS x LANES float32 accumulators, zeroed, on the stack."""
-    tile = numba.carray(_stack_tile(np.float32), (ROWS, LANES))  # type: ignore[attr-defined]
+def _tile(rows: int) -> F32:  # pragma: no cover (compiled)
+    """`rows` (a constant) x LANES float32 accumulators, zeroed, on the stack."""
+    tile = numba.carray(_stack_tile(np.float32, rows), (rows, LANES))  # type: ignore[attr-defined]
     _zero(tile)
     return tile
 
 
 @njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
 def _zero(tile: F32) -> None:  # pragma: no cover (compiled)
-    for i in range(ROWS):
+    for i in range(tile.shape[0]):
         for j in range(LANES):
             tile[i, j] = 0
 
@@ -100,20 +108,18 @@ def _zero(tile: F32) -> None:  # pragma: no cover (compiled)
 @njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
 def _store(tile: F32, out: F32, r: int, lo: int) -> None:  # pragma: no cover (compiled)
     """out[r + i, lo + j] = tile[i, j] for the rows and outputs that exist."""
-    for i in range(min(ROWS, out.shape[0] - r)):
+    for i in range(min(tile.shape[0], out.shape[0] - r)):
         for j in range(min(LANES, out.shape[1] - lo)):
             out[r + i, lo + j] = tile[i, j]
 
 
 @njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
-def _add(
-    tile: F32, j: int, v: Any, y0: Any, y1: Any, y2: Any, y3: Any
-) -> None:  # pragma: no cover (compiled)
-    """Column j of a tile of ROWS rows += each row's input (y0..y3) times the weight v."""
-    tile[0, j] += y0 * v
-    tile[1, j] += y1 * v
-    tile[2, j] += y2 * v
-    tile[3, j] += y3 * v
+def _add(tile: F32, x: F32, r: int, k: int, j: int, v: Any) -> None:  # pragma: no cover
+    """Column j of the tile of rows r.. += each row's input k times the weight v (past x's last
+    row, its last row again: computed, not stored)."""
+    last = x.shape[0] - 1
+    for i in range(tile.shape[0]):
+        tile[i, j] += x[min(r + i, last), k] * v
 
 
 @njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
@@ -130,8 +136,8 @@ def int8_matmul(x: F32, q: Any, scales: F32, block: int, out: F32) -> None:  # p
     m, n_in = x.shape
     for c in prange(q.shape[0]):
         qc, sc = q[c], scales[c]
-        total = _tile()
         if m == 1:  # one row: four inputs at a time, their products summed before scaling
+            total = _tile(ROWS)
             x0 = x[0]
             for b in range(sc.shape[0]):
                 sb, k, end = sc[b], b * block, min(n_in, (b + 1) * block)
@@ -149,14 +155,14 @@ def int8_matmul(x: F32, q: Any, scales: F32, block: int, out: F32) -> None:  # p
                         total[0, j] += sb[j] * (y0 * np.float32(qt[j]))
             _store(total, out, 0, c * LANES)
             continue
-        for r in range(0, m, ROWS):
-            x0, x1, x2, x3 = _rows(x, r)
+        total = _tile(TILE_ROWS)
+        for r in range(0, m, TILE_ROWS):
             for b in range(sc.shape[0]):
                 sb = sc[b]
                 for k in range(b * block, min(n_in, (b + 1) * block)):
-                    qk, y0, y1, y2, y3 = qc[k], x0[k], x1[k], x2[k], x3[k]
+                    qk = qc[k]
                     for j in range(LANES):
-                        _add(total, j, np.float32(qk[j]) * sb[j], y0, y1, y2, y3)
+                        _add(total, x, r, k, j, np.float32(qk[j]) * sb[j])
             _store(total, out, r, c * LANES)
             _zero(total)
 
@@ -168,8 +174,8 @@ def bf16_matmul(x: F32, u: Any, out: F32) -> None:  # pragma: no cover (compiled
     m, n_in = x.shape
     for c in prange(u.shape[0]):
         uc = u[c]
-        total = _tile()
         if m == 1:  # one row: four inputs at a time, into four rows of sums (four chains)
+            total = _tile(ROWS)
             x0 = x[0]
             for k in range(0, n_in - 3, 4):
                 u0, u1, u2, u3 = uc[k], uc[k + 1], uc[k + 2], uc[k + 3]
@@ -187,12 +193,12 @@ def bf16_matmul(x: F32, u: Any, out: F32) -> None:  # pragma: no cover (compiled
                 total[0, j] += total[1, j] + total[2, j] + total[3, j]
             _store(total, out, 0, c * LANES)
             continue
-        for r in range(0, m, ROWS):
-            x0, x1, x2, x3 = _rows(x, r)
+        total = _tile(TILE_ROWS)
+        for r in range(0, m, TILE_ROWS):
             for k in range(n_in):
-                uk, y0, y1, y2, y3 = uc[k], x0[k], x1[k], x2[k], x3[k]
+                uk = uc[k]
                 for j in range(LANES):
-                    _add(total, j, _bf16(uk[j]), y0, y1, y2, y3)
+                    _add(total, x, r, k, j, _bf16(uk[j]))
             _store(total, out, r, c * LANES)
             _zero(total)
 

@@ -43,6 +43,9 @@ Ids = Sequence[int] | NDArray[np.integer[Any]]  # one sequence of token ids
 # many rows at once, enough for BLAS's full speed (measured: 512 and 1,024 rows run alike, 128
 # about 15% slower) while the [B, T, 4D] MLP activations stay small (6.3 MB for 124M)
 PREFILL_TOKENS = 512
+# narrow weights (bfloat16, int8) widen each matrix for BLAS once per pass (`quant.Packed`), so
+# they take longer passes: half the widening of 512 (measured, a 1,024-token int8 prefill: 1.05x)
+NARROW_PREFILL_TOKENS = 1024
 
 # queries per attention product, over the whole batch: bounds the [B, H, Q, S] scores (6.3 MB
 # for 124M) and computes little that the causal mask throws away
@@ -471,10 +474,12 @@ class GPT2:
         self, state: DecodeState, batch: NDArray[np.intp]
     ) -> Iterator[tuple[int, Array]]:
         """Run prompts [B, T] (checked ids, right-padded) into an empty cache a chunk of
-        positions at a time (about PREFILL_TOKENS in all per pass): yield each chunk's first
-        position and final hidden states [B, chunk, D], for `head` to turn into logits.
+        positions at a time (about PREFILL_TOKENS in all per pass, NARROW_PREFILL_TOKENS for
+        narrow weights): yield each chunk's first position and final hidden states
+        [B, chunk, D], for `head` to turn into logits.
         """
-        chunk = max(1, PREFILL_TOKENS // batch.shape[0])
+        tokens = PREFILL_TOKENS if self.dtype == "float32" else NARROW_PREFILL_TOKENS
+        chunk = max(1, tokens // batch.shape[0])
         for start in range(0, batch.shape[1], chunk):
             yield start, self._extend(state, batch[:, start : start + chunk])
 
