@@ -213,3 +213,29 @@ def test_a_float32_model_decodes_a_batch_on_the_kernels_as_on_blas(
     calls.clear()
     model.step(model.prefill(prompts[:1], 24)[0], np.array([1]))
     assert calls == []  # one row: BLAS
+
+
+def test_a_pass_whose_head_runs_on_the_kernel_reads_its_embedding_rows_there_too(
+    tiny_model_dir: Path,
+) -> None:
+    """A batch decode on the kernel reads the checkpoint's [V, D] head for its logits, and for
+    its embedding rows too (so the transposed copy's head is never paged in); a one-row pass reads
+    both from the copy. Seen by giving the checkpoint's head one changed row: the token's own
+    embedding then changes every logit of a batch step, and nothing of a one-row step."""
+    from gpt2cli.model import GPT2
+
+    model = GPT2.from_pretrained(tiny_model_dir)
+    laid_out, own = model.params["head_by_row"]
+    assert laid_out is model.params["wte"] and own is not laid_out
+    token, other = 5, 7  # `other`'s logit is the one column a changed row 5 leaves alone
+    changed = np.array(own)
+    changed[token] *= -2.0  # not a constant shift: every layer norm would take that out
+
+    def run(head: np.ndarray, rows: int) -> np.ndarray:
+        model.params = {**model.params, "head_by_row": (laid_out, head)}
+        state, _ = model.prefill([[1, 2, 3]] * rows, 8)
+        return model.step(state, np.full(rows, token))
+
+    for rows, moved in [(2, True), (1, False)]:
+        before, after = run(own, rows), run(changed, rows)
+        assert (not np.allclose(before[:, other], after[:, other])) is moved, rows

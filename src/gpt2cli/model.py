@@ -218,11 +218,15 @@ def forward(
     config: GPT2Config,
     keys: Array,
     values: Array,
+    *,
+    head_rows: int = 0,
 ) -> Array:
     """Final hidden states [B, T, D] of tokens `ids` [B, T] at `positions` [B, T].
 
     Their keys and values are cached in `keys`/`values` [L, B, H, C, hd] at those positions, and
     each attends to every cached position up to its own (earlier positions must already be there).
+    `head_rows`: how many rows each head product takes after this pass, which says where the
+    embedding rows are read from (`kernel_head`).
     """
     n_batch = ids.shape[0]
     blocks = query_blocks(positions)
@@ -231,7 +235,9 @@ def forward(
         np.arange(config.n_head)[None, :, None],
         positions[:, None, :],
     )
-    x = params["wte"][ids] + params["wpe"][positions]  # [B, T, D]
+    table = kernel_head(params, head_rows) if "lm_head" not in params else None
+    wte = params["wte"] if table is None else table  # [V, D]
+    x = wte[ids] + params["wpe"][positions]  # [B, T, D]
     for i, layer in enumerate(params["blocks"]):
         x = block(
             x,
@@ -246,15 +252,22 @@ def forward(
     return layer_norm(x, **params["ln_f"], eps=config.layer_norm_epsilon)  # [B, T, D]
 
 
-def by_row(params: Params, head: Array) -> Array:
-    """`head` [V, D] as the checkpoint stores it, row by row, where `weights.transposed_layout`
-    replaced it by a transposed copy (and kept the pair), for the kernels (`output_head`); else
-    `head`. Only they read it: the embedding rows come from the copy, whose pages a one-row
-    step's head product reads anyway (from the checkpoint, each row's page brings in megabytes
-    of its neighbours: peak memory 44 MB higher decoding one row, 144 MB over a 1,024-token
-    prefill)."""
+def kernel_head(params: Params, rows: int) -> Array | None:
+    """The head [V, D] as the checkpoint stores it, row by row, where a head product of `rows`
+    rows runs on the float32 kernel: 2 to `quant.KERNEL_ROWS` rows (a decoding batch), the
+    `fast` extra installed, and the head replaced by `weights.transposed_layout`'s copy (which
+    kept the pair). Else None: the head in `params` serves.
+
+    A pass whose head runs on the kernel takes its embedding rows from this array too (`forward`),
+    so a batch decode pages in one of the two 154 MB heads (124M), not both; other passes take
+    them from the copy, whose pages a one-row step's head product reads anyway (from the
+    checkpoint, each row's page brings in megabytes of its neighbours: peak memory 44 MB higher
+    decoding one row, 144 MB over a 1,024-token prefill)."""
+    head = params["lm_head"] if "lm_head" in params else params["wte"]
     laid_out, own = params.get("head_by_row", (None, None))
-    return own if laid_out is head else head
+    if laid_out is head and 2 <= rows <= quant.KERNEL_ROWS and quant.float32_kernels():
+        return own  # type: ignore[no-any-return]
+    return None
 
 
 def output_head(x: Array, params: Params) -> Array:
@@ -263,8 +276,8 @@ def output_head(x: Array, params: Params) -> Array:
     head: Array | Packed = params["lm_head"] if "lm_head" in params else params["wte"]  # [V, D]
     if not isinstance(head, np.ndarray):  # narrow weights (quant.Packed)
         return head.linear(x)
-    rows = by_row(params, head)
-    if rows is not head and 2 <= len(x) <= quant.KERNEL_ROWS and quant.float32_kernels():
+    rows = kernel_head(params, len(x))
+    if rows is not None:
         return quant.Packed("float32", rows).linear(x)
     logits: Array = x @ head.T  # [..., D] @ [D, V] -> [..., V]
     return logits
@@ -337,7 +350,8 @@ class GPT2:
         state = DecodeState.empty(self.config, n_batch, n_pos, logits=n_batch * n_pos)
         out = lazy_zeros((n_batch, n_pos, self.config.n_vocab))  # [B, T, V]: 206 MB for 1,024
         size = max(1, self.head_rows // n_batch)  # positions per product with the head
-        for start, x in self.run_prompts(state, batch):  # x [B, chunk, D]
+        pieces = n_batch * min(size, n_pos)  # rows per product with the head
+        for start, x in self.run_prompts(state, batch, head_rows=pieces):  # x [B, chunk, D]
             for lo in range(start, start + x.shape[1], size):
                 piece = x[:, lo - start : lo - start + size]  # [B, n, D]
                 positions = np.broadcast_to(lo + np.arange(piece.shape[1]), piece.shape[:2])
@@ -421,7 +435,7 @@ class GPT2:
             np.empty((len(row), self.config.n_embd), np.float32) if wanted else None
             for row, wanted in zip(rows, list(hidden) or [False] * len(rows), strict=True)
         ]
-        for start, x in self.run_prompts(state, batch):  # x [B, chunk, D]
+        for start, x in self.run_prompts(state, batch, head_rows=len(rows)):  # x [B, chunk, D]
             ends = (start <= lengths - 1) & (lengths - 1 < start + x.shape[1])  # rows ending here
             last[ends] = x[ends, lengths[ends] - 1 - start]
             for b, out in enumerate(kept):
@@ -468,26 +482,31 @@ class GPT2:
             )
         self.check_ids(array)
         positions = self._positions(state, array.shape[1])  # [B, T]
-        return self.head(self._extend(state, array), positions)  # [B, T, V]
+        logits = self.head(self._extend(state, array, head_rows=array.size), positions)
+        return logits  # [B, T, V]
 
     def run_prompts(
-        self, state: DecodeState, batch: NDArray[np.intp]
+        self, state: DecodeState, batch: NDArray[np.intp], *, head_rows: int = 0
     ) -> Iterator[tuple[int, Array]]:
         """Run prompts [B, T] (checked ids, right-padded) into an empty cache a chunk of
         positions at a time (about PREFILL_TOKENS in all per pass, NARROW_PREFILL_TOKENS for
         narrow weights): yield each chunk's first position and final hidden states
-        [B, chunk, D], for `head` to turn into logits.
+        [B, chunk, D], for `head` to turn into logits `head_rows` rows at a time (`forward`).
         """
         tokens = PREFILL_TOKENS if self.dtype == "float32" else NARROW_PREFILL_TOKENS
         chunk = max(1, tokens // batch.shape[0])
         for start in range(0, batch.shape[1], chunk):
-            yield start, self._extend(state, batch[:, start : start + chunk])
+            yield start, self._extend(state, batch[:, start : start + chunk], head_rows=head_rows)
 
-    def _extend(self, state: DecodeState, ids: NDArray[np.intp]) -> Array:
-        """Run ids [B, T] at each row's next T positions; return their final hidden states."""
+    def _extend(self, state: DecodeState, ids: NDArray[np.intp], *, head_rows: int) -> Array:
+        """Run ids [B, T] at each row's next T positions; return their final hidden states, for
+        head products of `head_rows` rows."""
         positions = self._positions(state, ids.shape[1])  # [B, T]
         with np.errstate(all="ignore"):  # weights that overflow float32 are caught in head
-            x = forward(ids, positions, self.params, self.config, state.keys, state.values)
+            x = forward(
+                ids, positions, self.params, self.config, state.keys, state.values,
+                head_rows=head_rows,
+            )  # fmt: skip
         # in place: a `rows` view updates the whole cache's lengths
         np.minimum(state.lengths + ids.shape[1], state.capacity, out=state.lengths)
         return x

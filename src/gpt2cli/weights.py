@@ -69,6 +69,7 @@ def load(folder: str | os.PathLike[str]) -> tuple[GPT2Config, Params]:
 
 LAYOUT_FORMAT = 3  # change it when the cached copies' layout changes
 _FINGERPRINT_ROWS = 192  # rows of the head hashed into the cache key
+_HEAD_CHECK_INPUTS = 16  # inputs (rows of the head's copy) compared for those rows on loading
 # (part, matrix): each block's weights that are transposed, in their order in the cache entry:
 # both c_proj, and with the `fast` extra (its kernels read [n_out, n_in] matrices) all four
 _PROJECTIONS = (("attn", "c_proj"), ("mlp", "c_proj"))
@@ -87,8 +88,8 @@ def transposed_layout(params: Params, files: list[Path]) -> Params:
     about 1.5x; `c_proj` as [n_out, n_in], used as w.T @ x.T: 1.1-1.9x, most on AVX2), the
     compiled kernels multiply 2 to 16 rows by [n_out, n_in] matrices 2x faster than BLAS
     (`model.linear`), and the checkpoint's own arrays are never paged in, so memory does not
-    grow, but for the head when the kernels multiply a batch by it; the embedding lookup reads
-    the head's copy too. The key is the weight files' content: their
+    grow, but for the head when the kernels multiply a batch by it (a pass then reads its
+    embedding rows there too, `model.kernel_head`). The key is the weight files' content: their
     sha256 (a hub file's blob name; a local file's hashed once and remembered by
     `cache.Index`), so every folder holding the same weights shares one copy, with the
     matrices' shapes and a hash of sampled head rows; a loaded copy is checked against rows of
@@ -118,11 +119,13 @@ def transposed_layout(params: Params, files: list[Path]) -> Params:
             flat[end - m.size : end].reshape(m.shape[::-1])
             for m, end in zip(matrices, ends, strict=True)
         ]
-        # the copies' columns against a few of the head's hashed rows and each matrix's first
-        # row (beside its bias, which every forward reads): no other checkpoint page is touched
-        picks = [rows[::16]] + [np.array([0])] * (len(matrices) - 1)
-        ok = all(
-            np.array_equal(c[:, p].T, m[p]) for c, m, p in zip(copies, matrices, picks, strict=True)
+        # each matrix's first row (beside its bias, which every forward reads) against the
+        # copy's first column, and the head's hashed rows at a few inputs against the copy's
+        # rows for those inputs: no other checkpoint page is touched, nor most of the head's
+        # copy, which a batch decode on the kernels never reads (`model.kernel_head`)
+        inputs = np.linspace(0, head.shape[1] - 1, _HEAD_CHECK_INPUTS).astype(np.intp)
+        ok = np.array_equal(copies[0][inputs[:, None], rows], head[rows][:, inputs].T) and all(
+            np.array_equal(c[:, 0], m[0]) for c, m in zip(copies[1:], matrices[1:], strict=True)
         )
         return copies if ok else None
 
@@ -151,7 +154,7 @@ def transposed_layout(params: Params, files: list[Path]) -> Params:
         laid_out.append(b)
     # the checkpoint's own [V, D] head stays, paired with the copy it stands for (params whose
     # head is replaced later do not use it): the kernels multiply a decoding batch by it, 2x
-    # faster than BLAS on the copy (`model.by_row`)
+    # faster than BLAS on the copy (`model.kernel_head`)
     laid_out_head = copies[0].T
     return {
         **params,
