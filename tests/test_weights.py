@@ -806,7 +806,9 @@ def test_rewritten_weights_get_a_new_layout_not_the_stale_one(tmp_path: Path, us
     _assert_laid_out(*_layout(folder))
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip-head", "flip-c_proj", "fifo"])
+@pytest.mark.parametrize(
+    "damage", ["truncate", "flip-head", "zero-head-input", "flip-c_proj", "fifo"]
+)
 def test_a_damaged_layout_entry_is_rebuilt_not_used(
     tmp_path: Path, user_cache: Path, damage: str
 ) -> None:
@@ -821,6 +823,11 @@ def test_a_damaged_layout_entry_is_rebuilt_not_used(
         head = loaded["wte"].size
         part = slice(0, head) if damage == "flip-head" else slice(head, None)
         flat[part] = -flat[part]
+        np.save(entry, flat)
+    elif damage == "zero-head-input":  # one input of the head's [D, V] copy, every output
+        flat = np.load(entry)
+        n_vocab = len(loaded["wte"])
+        flat[n_vocab * 5 : n_vocab * 6] = 0
         np.save(entry, flat)
     else:
         entry.unlink()

@@ -65,7 +65,7 @@ F32 = NDArray[np.float32]
 
 # rows of x in one tile of accumulators for 2 rows or more (TILE_ROWS x LANES float32s: eight
 # vectors): each weight widened once feeds eight rows, so a decoding batch of 8 reads each panel
-# once (measured on 124M's head at 5-8 rows: 1.25x four rows' time; its blocks 1.0-1.15x). One
+# once (measured on 124M's head at 5-8 rows: 1.25x four rows' speed; its blocks 1.0-1.15x). One
 # row keeps a tile of ROWS, which LLVM keeps in registers (eight were slower there: 0.85-0.9x)
 TILE_ROWS = 8
 ROWS = 4  # rows of a one-row kernel's tile, and f32_matmul's rows of x by outputs

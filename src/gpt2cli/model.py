@@ -225,8 +225,8 @@ def forward(
 
     Their keys and values are cached in `keys`/`values` [L, B, H, C, hd] at those positions, and
     each attends to every cached position up to its own (earlier positions must already be there).
-    `head_rows`: how many rows each head product takes after this pass, which says where the
-    embedding rows are read from (`kernel_head`).
+    `head_rows`: the rows of the head products this pass is for (0: unknown), a hint for where
+    the embedding rows are read from (`kernel_head`); the values are the same either way.
     """
     n_batch = ids.shape[0]
     blocks = query_blocks(positions)
@@ -491,7 +491,8 @@ class GPT2:
         """Run prompts [B, T] (checked ids, right-padded) into an empty cache a chunk of
         positions at a time (about PREFILL_TOKENS in all per pass, NARROW_PREFILL_TOKENS for
         narrow weights): yield each chunk's first position and final hidden states
-        [B, chunk, D], for `head` to turn into logits `head_rows` rows at a time (`forward`).
+        [B, chunk, D], for `head` to turn into logits, about `head_rows` rows at a time (a hint:
+        `forward`).
         """
         tokens = PREFILL_TOKENS if self.dtype == "float32" else NARROW_PREFILL_TOKENS
         chunk = max(1, tokens // batch.shape[0])
@@ -500,7 +501,7 @@ class GPT2:
 
     def _extend(self, state: DecodeState, ids: NDArray[np.intp], *, head_rows: int) -> Array:
         """Run ids [B, T] at each row's next T positions; return their final hidden states, for
-        head products of `head_rows` rows."""
+        head products of about `head_rows` rows (`forward`)."""
         positions = self._positions(state, ids.shape[1])  # [B, T]
         with np.errstate(all="ignore"):  # weights that overflow float32 are caught in head
             x = forward(

@@ -69,7 +69,6 @@ def load(folder: str | os.PathLike[str]) -> tuple[GPT2Config, Params]:
 
 LAYOUT_FORMAT = 3  # change it when the cached copies' layout changes
 _FINGERPRINT_ROWS = 192  # rows of the head hashed into the cache key
-_HEAD_CHECK_INPUTS = 16  # inputs (rows of the head's copy) compared for those rows on loading
 # (part, matrix): each block's weights that are transposed, in their order in the cache entry:
 # both c_proj, and with the `fast` extra (its kernels read [n_out, n_in] matrices) all four
 _PROJECTIONS = (("attn", "c_proj"), ("mlp", "c_proj"))
@@ -120,12 +119,16 @@ def transposed_layout(params: Params, files: list[Path]) -> Params:
             for m, end in zip(matrices, ends, strict=True)
         ]
         # each matrix's first row (beside its bias, which every forward reads) against the
-        # copy's first column, and the head's hashed rows at a few inputs against the copy's
-        # rows for those inputs: no other checkpoint page is touched, nor most of the head's
-        # copy, which a batch decode on the kernels never reads (`model.kernel_head`)
-        inputs = np.linspace(0, head.shape[1] - 1, _HEAD_CHECK_INPUTS).astype(np.intp)
-        ok = np.array_equal(copies[0][inputs[:, None], rows], head[rows][:, inputs].T) and all(
-            np.array_equal(c[:, 0], m[0]) for c, m in zip(copies[1:], matrices[1:], strict=True)
+        # copy's first column, and the head's hashed rows against the copy's columns for them,
+        # read from the file, not the mapping: no other checkpoint page is touched, nor the
+        # head's copy, which a batch decode on the kernels never reads (`model.kernel_head`)
+        columns = _columns(entry, total, copies[0].shape, rows)  # [D, len(rows)]
+        ok = (
+            columns is not None
+            and np.array_equal(columns, head[rows].T)
+            and all(
+                np.array_equal(c[:, 0], m[0]) for c, m in zip(copies[1:], matrices[1:], strict=True)
+            )
         )
         return copies if ok else None
 
@@ -162,6 +165,34 @@ def transposed_layout(params: Params, files: list[Path]) -> Params:
         ("wte" if tied else "lm_head"): laid_out_head,
         "head_by_row": (laid_out_head, head),
     }
+
+
+def _columns(entry: Path, total: int, shape: tuple[int, int], ids: np.ndarray) -> np.ndarray | None:
+    """Columns `ids` (sorted, in a few runs of consecutive ones) of the [rows, columns] matrix
+    that starts a cached .npy of `total` float32s, read with pread: pages read so are not
+    mapped into the process, so they add nothing to its memory. None when they cannot be read."""
+    n_rows, n_columns = shape
+    runs = np.split(ids, np.flatnonzero(np.diff(ids) != 1) + 1)
+    out = np.empty((n_rows, len(ids)), _F32)
+    f = cache.open_entry(entry, _F32.itemsize * total + 4096)
+    if f is None:
+        return None
+    try:
+        with f:
+            start = os.fstat(f.fileno()).st_size - _F32.itemsize * total  # after the header
+            for r in range(n_rows):
+                at = 0
+                for run in runs:
+                    size = _F32.itemsize * len(run)
+                    offset = start + _F32.itemsize * (r * n_columns + int(run[0]))
+                    data = os.pread(f.fileno(), size, offset)
+                    if len(data) != size:
+                        return None
+                    out[r, at : at + len(run)] = np.frombuffer(data, _F32)
+                    at += len(run)
+    except OSError:
+        return None
+    return out
 
 
 def head_rows(n: int) -> np.ndarray:
