@@ -84,6 +84,25 @@ def test_a_long_text_is_compared_on_the_tokens_score_scores_each_once(
     )
 
 
+@needs_numba
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+def test_narrow_weights_are_compared_token_by_token_though_their_blocks_are_cut_elsewhere(
+    reference: GPT2, tiny_model_dir: Path, dtype: str
+):
+    """Narrow weights run other numbers of positions per pass and per head product than
+    float32, so the two runs' blocks of logits end at other places: each token is still compared
+    with itself (a text of many windows in one batch, whose passes differ)."""
+    model = GPT2.from_pretrained(tiny_model_dir, dtype=dtype)
+    ids = np.random.default_rng(3).integers(0, TINY.n_vocab, 1_000)
+    report = kl_divergence(reference, model, ids, stride=100)
+    assert report.n_tokens == 1_000
+    np.testing.assert_array_equal(
+        report.reference_logprobs, token_logprobs(reference, ids, stride=100)
+    )
+    np.testing.assert_array_equal(report.logprobs, token_logprobs(model, ids, stride=100))
+    assert report.top1_agreement > 0.9  # the same weights, narrowed: each token met its own
+
+
 def test_several_texts_are_checked_before_any_runs(reference: GPT2, other: GPT2):
     with pytest.raises(GPT2Error, match=r"^b\.txt: nothing to score: the text is empty$"):
         kl_texts(reference, other, ["some text", ""], names=["a.txt", "b.txt"])

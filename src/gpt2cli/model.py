@@ -486,16 +486,19 @@ class GPT2:
         return logits  # [B, T, V]
 
     def run_prompts(
-        self, state: DecodeState, batch: NDArray[np.intp], *, head_rows: int = 0
+        self,
+        state: DecodeState,
+        batch: NDArray[np.intp],
+        *,
+        tokens: int | None = None,
+        head_rows: int = 0,
     ) -> Iterator[tuple[int, Array]]:
         """Run prompts [B, T] (checked ids, right-padded) into an empty cache a chunk of
-        positions at a time (about PREFILL_TOKENS in all per pass, NARROW_PREFILL_TOKENS for
-        narrow weights): yield each chunk's first position and final hidden states
-        [B, chunk, D], for `head` to turn into logits, about `head_rows` rows at a time (a hint:
-        `forward`).
+        positions at a time (about `tokens` in all per pass, `pass_tokens` by default): yield
+        each chunk's first position and final hidden states [B, chunk, D], for `head` to turn
+        into logits, about `head_rows` rows at a time (a hint: `forward`).
         """
-        tokens = PREFILL_TOKENS if self.dtype == "float32" else NARROW_PREFILL_TOKENS
-        chunk = max(1, tokens // batch.shape[0])
+        chunk = max(1, (tokens or self.pass_tokens) // batch.shape[0])
         for start in range(0, batch.shape[1], chunk):
             yield start, self._extend(state, batch[:, start : start + chunk], head_rows=head_rows)
 
@@ -520,6 +523,12 @@ class GPT2:
             state.lengths[:, None] + np.arange(n), state.capacity - 1
         )
         return positions
+
+    @property
+    def pass_tokens(self) -> int:
+        """Prompt tokens per forward pass over a batch: PREFILL_TOKENS, or for narrow weights,
+        which are widened for BLAS once per pass, NARROW_PREFILL_TOKENS."""
+        return PREFILL_TOKENS if self.dtype == "float32" else NARROW_PREFILL_TOKENS
 
     @property
     def head_rows(self) -> int:

@@ -410,6 +410,7 @@ def scored_logits(
     stride: int | None = None,
     batch_tokens: int = BATCH_TOKENS,
     head_rows: int | None = None,
+    pass_tokens: int | None = None,
 ) -> Iterator[ScoredBlock]:
     """The logits that score every token of each sequence but its first, a block at a time.
 
@@ -417,7 +418,9 @@ def scored_logits(
     most context; windows of all sequences are run as padded batches of at most
     `batch_tokens` positions (or one window), longest first, and the output head runs only
     for positions whose next token is scored, `head_rows` (`model.head_rows`) at a time, so
-    memory stays flat in the length of the text. Blocks of one sequence come in position order.
+    memory stays flat in the length of the text; `pass_tokens` (`model.pass_tokens`) positions
+    of a batch run through the blocks per pass. Where the blocks are cut depends on those two
+    alone, given the sequences. Blocks of one sequence come in position order.
     """
     n_ctx = model.config.n_ctx
     if n_ctx < 2:
@@ -438,7 +441,9 @@ def scored_logits(
     while windows:
         size = max(1, batch_tokens // (windows[0][2] - windows[0][1]))
         batch, windows = windows[:size], windows[size:]
-        yield from _score_batch(model, rows, batch, head_rows or model.head_rows)
+        yield from _score_batch(
+            model, rows, batch, head_rows or model.head_rows, pass_tokens or model.pass_tokens
+        )
 
 
 def _score_batch(
@@ -446,15 +451,16 @@ def _score_batch(
     rows: list[NDArray[np.intp]],
     windows: list[tuple[int, int, int, int]],
     head_rows: int,
+    pass_tokens: int,
 ) -> Iterator[ScoredBlock]:
-    """Run windows (row, begin, end, first scored) as one right-padded batch, and the output
-    head `head_rows` scored positions at a time."""
+    """Run windows (row, begin, end, first scored) as one right-padded batch, `pass_tokens`
+    positions a pass, and the output head `head_rows` scored positions at a time."""
     width = max(end - begin for _, begin, end, _ in windows)
     batch = np.zeros((len(windows), width), np.intp)  # [B, T]
     for b, (row, begin, end, _) in enumerate(windows):
         batch[b, : end - begin] = rows[row][begin:end]
     state = DecodeState.empty(model.config, len(windows), width, logits=head_rows)
-    for start, x in model.run_prompts(state, batch):  # x [B, chunk, D]
+    for start, x in model.run_prompts(state, batch, tokens=pass_tokens):  # x [B, chunk, D]
         # the hidden state at window position p predicts the token at p + 1
         picks = [
             (
@@ -637,10 +643,13 @@ def kl_divergence(
         raise GPT2Error("the reference and the model compared with it differ in shape")
     sequence = scoring_sequence(reference, ids, bos=bos)
     parts: list[tuple[NDArray[np.intp], Array, Array, Array, Array]] = []
-    rows = min(reference.head_rows, model.head_rows)  # the same blocks from both
+    cuts = {  # the same passes and head products, so the same blocks, from both
+        "head_rows": min(reference.head_rows, model.head_rows),
+        "pass_tokens": min(reference.pass_tokens, model.pass_tokens),
+    }
     pairs = zip(
-        scored_logits(reference, [sequence], stride=stride, head_rows=rows),
-        scored_logits(model, [sequence], stride=stride, head_rows=rows),
+        scored_logits(reference, [sequence], stride=stride, **cuts),
+        scored_logits(model, [sequence], stride=stride, **cuts),
         strict=True,
     )
     for ours, theirs in pairs:  # the same windows and blocks: the same positions, in order
