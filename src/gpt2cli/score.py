@@ -420,7 +420,9 @@ def scored_logits(
     for positions whose next token is scored, `head_rows` (`model.head_rows`) at a time, so
     memory stays flat in the length of the text; `pass_tokens` (`model.pass_tokens`) positions
     of a batch run through the blocks per pass. Where the blocks are cut depends on those two
-    alone, given the sequences. Blocks of one sequence come in position order.
+    alone, given the sequences. Each block's positions ascend, but one sequence's blocks
+    need not: windows batched together run a pass at a time, so a later window's first
+    positions can come before an earlier window's last (callers sort or index by position).
     """
     n_ctx = model.config.n_ctx
     if n_ctx < 2:
