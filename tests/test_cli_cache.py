@@ -9,7 +9,6 @@ imported); models are loaded in this process, as `gpt2 generate` loads them.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -18,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from gpt2cli import quant
 from gpt2cli.model import GPT2
 from tests.factory import TINY, write_random_gpt2
 from tests.hub_server import FakeHub, Repo
@@ -26,7 +26,7 @@ from tests.test_cli_download import assert_fails, downloaded, gpt2
 
 # the layout file: the npy header, then the head [V, D] and each block's two c_proj weights
 # (with the fast extra, all four of its matrices: 12 n_embd² instead of 5)
-_PER_LAYER = 12 if importlib.util.find_spec("numba") is not None else 5
+_PER_LAYER = 12 if quant.kernels_installed() else 5
 LAYOUT_BYTES = 128 + 4 * (TINY.n_vocab * TINY.n_embd + TINY.n_layer * _PER_LAYER * TINY.n_embd**2)
 
 

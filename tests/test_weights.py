@@ -818,16 +818,14 @@ def test_a_damaged_layout_entry_is_rebuilt_not_used(
     (entry,) = set(_layout_entries()) - before
     if damage == "truncate":
         os.truncate(entry, entry.stat().st_size - 4)
-    elif damage.startswith("flip"):  # right size and header, wrong values
+    elif damage != "fifo":  # right size and header, wrong values
         flat = np.load(entry)
-        head = loaded["wte"].size
-        part = slice(0, head) if damage == "flip-head" else slice(head, None)
-        flat[part] = -flat[part]
-        np.save(entry, flat)
-    elif damage == "zero-head-input":  # one input of the head's [D, V] copy, every output
-        flat = np.load(entry)
-        n_vocab = len(loaded["wte"])
-        flat[n_vocab * 5 : n_vocab * 6] = 0
+        head, n_vocab = loaded["wte"].size, len(loaded["wte"])
+        if damage == "zero-head-input":  # one input of the head's [D, V] copy, every output
+            flat[n_vocab * 5 : n_vocab * 6] = 0
+        else:
+            part = slice(0, head) if damage == "flip-head" else slice(head, None)
+            flat[part] = -flat[part]
         np.save(entry, flat)
     else:
         entry.unlink()
