@@ -1,8 +1,8 @@
 """Run the benchmark sections: `python -m bench [--avx2] [section ...]` (all of them by default).
 
-`--avx2` (or BENCH_AVX2=1 in the environment) runs the worker processes of the model and generate
-sections, both sides, as on an AVX2-only CPU (see bench.common.avx2_env); the other sections are
-measured as usual.
+`--avx2` (or BENCH_AVX2=1 in the environment) runs the worker processes of the model, generate
+and quant sections, both sides, as on an AVX2-only CPU (see bench.common.avx2_env); the other
+sections are measured as usual.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ SECTIONS = [
     "serve",
     "ray_serve",
 ]
-AVX2_SECTIONS = ("model", "generate")
+AVX2_SECTIONS = ("model", "generate", "quant")
 
 
 def main(argv: list[str]) -> None:
@@ -42,7 +42,7 @@ def main(argv: list[str]) -> None:
     if unknown:
         sys.exit(f"unknown section(s) {unknown}; choose from {SECTIONS}; option: --avx2")
     if common.avx2() and not set(chosen) & set(AVX2_SECTIONS):
-        sys.exit(f"--avx2 (BENCH_AVX2) applies to the {' and '.join(AVX2_SECTIONS)} sections only")
+        sys.exit(f"--avx2 (BENCH_AVX2) applies to the {', '.join(AVX2_SECTIONS)} sections only")
     # the files gpt2cli caches for the bench's random models (its transposed layout of each
     # checkpoint), and that checkpoint itself, written once and shared by the sections, go to a
     # folder of the run's own, inherited by every process it starts, not to the user's cache

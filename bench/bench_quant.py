@@ -33,7 +33,7 @@ import numpy as np
 
 from bench.bench_load import _busy_process
 from bench.bench_model import _ForkServer, _peak_rss
-from bench.common import print_table, random_124m, verdict, worker_env
+from bench.common import avx2_note, avx2_title, print_table, random_124m, verdict, worker_env
 from gpt2cli.config import GPT2Config
 
 REPEAT = 3
@@ -163,9 +163,17 @@ def _worker(folder: str, dtype: str, workload: str, warm_only: bool) -> None:
                 "peak_rss": _peak_rss(),
                 "blas_threads": None if fit is None else fit.threads,
                 "kernel_threads": threads.kernel_threads(),
+                "tile_rows": _tile_rows(),
             }
         )
     )
+
+
+def _tile_rows() -> int | None:
+    """The compiled kernels' rows a tile (gpt2cli.kernels.TILE_ROWS: 8 with AVX-512, else 4),
+    or None when this run loaded no kernel."""
+    kernels = sys.modules.get("gpt2cli.kernels")
+    return None if kernels is None else int(kernels.TILE_ROWS)
 
 
 def _report(
@@ -227,10 +235,13 @@ def _report(
     )  # fmt: skip
     print_table(
         "quant: float32 / bfloat16 / int8 weights (124M-shaped unless said), "
-        f"median of {REPEAT}; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} at the start",
+        f"median of {REPEAT}; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} at the start"
+        f"{avx2_title()}",
         ["workload", "transformers", "gpt2cli", "vs tf", "vs ours / note", "target"],
         rows,
     )
+    tiles = {str(r["tile_rows"]) for r in ours["int8", "decode-b8"]}
+    print(avx2_note({"gpt2cli kernels' rows a tile": ", ".join(sorted(tiles))}))
 
 
 if __name__ == "__main__":

@@ -56,13 +56,19 @@ def random_124m(folder: Path, *, tokenizer: bool = True) -> Path:
 
 
 # An AVX2-only CPU emulated on an AVX-512 one (`python -m bench --avx2` sets BENCH_AVX2=1), in
-# every worker process of the model and generate sections, both sides: OpenBLAS takes its
+# every worker process of the model, generate and quant sections, both sides: OpenBLAS takes its
 # Haswell kernels, torch's ATen its AVX2 ones (and MKL and oneDNN, under torch, AVX2 at most),
-# and NumPy leaves out every AVX-512 dispatch target of its build. NumPy 2.4 names those X86_V4,
-# AVX512_ICL and AVX512_SPR (older NumPy: AVX512F, AVX512_SKX, ...); a name that is not one of
-# the build's targets, such as AVX512F on 2.4, is ignored with a warning, so they are read from
-# the build rather than listed here.
+# numba compiles gpt2cli's kernels for a Haswell's features (no AVX-512; its cache keeps them
+# apart from the host's), and NumPy leaves out every AVX-512 dispatch target of its build. NumPy
+# 2.4 names those X86_V4, AVX512_ICL and AVX512_SPR (older NumPy: AVX512F, AVX512_SKX, ...); a
+# name that is not one of the build's targets, such as AVX512F on 2.4, is ignored with a
+# warning, so they are read from the build rather than listed here.
 AVX2_VARIABLE = "BENCH_AVX2"
+# LLVM's features of a Haswell (AVX2 and FMA), for numba; "-avx512f" turns off every AVX-512 one
+HASWELL_FEATURES = (
+    "+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+lzcnt,+movbe,+popcnt,"
+    "+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave,-avx512f"
+)
 
 
 def avx2() -> bool:
@@ -77,6 +83,8 @@ def avx2_env() -> dict[str, str]:
     targets = _multiarray_umath.__cpu_dispatch__
     return {
         "OPENBLAS_CORETYPE": "Haswell",
+        "NUMBA_CPU_NAME": "haswell",
+        "NUMBA_CPU_FEATURES": HASWELL_FEATURES,
         "NPY_DISABLE_CPU_FEATURES": " ".join(t for t in targets if _avx512(t)),
         "ATEN_CPU_CAPABILITY": "avx2",
         "MKL_ENABLE_INSTRUCTIONS": "AVX2",

@@ -69,6 +69,7 @@ SLOW_TESTS = frozenset(
         "tests/test_httpd.py::test_httpd_run_serves_with_a_deadline_on_headers_and_stops_cleanly",
         "tests/test_hub.py::test_model_we_downloaded_is_found_by_transformers_offline",
         "tests/test_hub.py::test_parameter_counts_of_known_models_match_transformers",
+        "tests/test_kernels.py::test_compiled_for_an_avx2_cpu_the_kernels_take_tiles_of_four_rows_and_stay_exact",
         "tests/test_model.py::test_logits_match_transformers_on_tiny_model_at_any_length",
         "tests/test_output.py::test_a_closed_stderr_does_not_stop_the_command",
         "tests/test_output.py::test_a_full_disk_is_one_error_line_and_a_failure_status",

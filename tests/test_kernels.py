@@ -4,6 +4,9 @@ of a row."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +81,30 @@ def test_widening_kernels_give_exactly_numpys_float32_weights(
     out[:] = np.nan
     kernels.bf16_widen(quant.panels(bits), out)
     np.testing.assert_array_equal(out, quant.from_bfloat16(bits).T)
+
+
+def test_compiled_for_an_avx2_cpu_the_kernels_take_tiles_of_four_rows_and_stay_exact(
+    tmp_path: Path,
+) -> None:
+    """An AVX2-only CPU has 16 vector registers, too few for tiles of eight rows: compiled for
+    one (numba told a Haswell's features, into a cache of its own), the kernels take four rows a
+    tile and pass this file's comparisons with NumPy again."""
+    from bench.common import HASWELL_FEATURES
+
+    env = os.environ | {
+        "NUMBA_CPU_NAME": "haswell",
+        "NUMBA_CPU_FEATURES": HASWELL_FEATURES,
+        "NUMBA_CACHE_DIR": str(tmp_path),
+    }
+    tile = [sys.executable, "-c", "from gpt2cli import kernels; print(kernels.TILE_ROWS)"]
+    assert subprocess.run(tile, env=env, capture_output=True, text=True).stdout == "4\n"
+    compared = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+         "-k", "numpy or nan_and_inf or one_thread"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert compared.returncode == 0, compared.stdout[-3000:]
+    assert " passed" in compared.stdout and "deselected" in compared.stdout
 
 
 def test_nan_and_inf_weights_reach_the_outputs() -> None:

@@ -63,11 +63,25 @@ _JIT: dict[str, Any] = {"fastmath": _MATH, "cache": True, "nogil": True}
 F32 = NDArray[np.float32]
 
 
-# rows of x in one tile of accumulators for 2 rows or more (TILE_ROWS x LANES float32s: eight
-# vectors): each weight widened once feeds eight rows, so a decoding batch of 8 reads each panel
-# once (measured on 124M's head at 5-8 rows: 1.25x four rows' speed; its blocks 1.0-1.15x). One
-# row keeps a tile of ROWS, which LLVM keeps in registers (eight were slower there: 0.85-0.9x)
-TILE_ROWS = 8
+def _avx512() -> bool:
+    """Whether numba compiles for AVX-512 (the host's features, or NUMBA_CPU_FEATURES when
+    set): 32 vector registers of 16 float32s, where AVX2 has 16 of 8."""
+    from numba.core import codegen, config
+
+    host: Any = codegen.get_host_cpu_features
+    features = getattr(config, "CPU_FEATURES", None) or host()
+    return "+avx512f" in str(features).split(",")
+
+
+# rows of x in one tile of accumulators for 2 rows or more (TILE_ROWS x LANES float32s). With
+# AVX-512, eight rows (eight of its 32 vector registers): each weight widened once feeds eight
+# rows, so a decoding batch of 8 reads each panel once (measured on 124M's head at 5-8 rows:
+# 1.25x four rows' speed; its blocks 1.0-1.15x). Elsewhere four: on AVX2 eight rows would take
+# all 16 of its registers and spill (a 124M step's products at 8 rows, compiled for AVX2 on
+# the AVX-512 machine: int8 1.3-1.6x and bfloat16 1.4-1.8x faster with four rows; two or three
+# were slower). One row keeps a tile of ROWS, which LLVM keeps in registers (eight were slower
+# there: 0.85-0.9x, AVX-512)
+TILE_ROWS = 8 if _avx512() else 4
 ROWS = 4  # rows of a one-row kernel's tile, and f32_matmul's rows of x by outputs
 
 
