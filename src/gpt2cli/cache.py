@@ -56,15 +56,18 @@ def open_entry(path: Path, max_size: int) -> BinaryIO | None:
 
 
 def store(path: Path, write: Callable[[BinaryIO], object]) -> bool:
-    """Write an entry atomically with `write` (a reader sees the old file or the whole new one);
-    False when it could not be written. The partial file is always created anew (O_EXCL), never
-    opened through something already there under its name."""
+    """Write an entry atomically with `write` (a reader sees the old file or the whole new one,
+    also after a crash: its bytes reach the disk before its name does); False when it could not
+    be written. The partial file is always created anew (O_EXCL), never opened through something
+    already there under its name."""
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _BINARY, 0o644)
         with os.fdopen(fd, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(partial, path)
     except OSError:
         with contextlib.suppress(OSError):
