@@ -231,7 +231,7 @@ def _report(
     added = ours["int8", "start-up"][0]["seconds"] - ours["float32", "start-up"][0]["seconds"]
     rows.append(
         ["start-up to first token, int8 s", "", ours["int8", "start-up"][0]["seconds"], "",
-         f"+{added:.2f} s vs fp32", f"<= +0.3 s: {verdict(added <= TARGETS['start-up added s'])}"]
+         f"{added:+.2f} s vs fp32", f"<= +0.3 s: {verdict(added <= TARGETS['start-up added s'])}"]
     )  # fmt: skip
     print_table(
         "quant: float32 / bfloat16 / int8 weights (124M-shaped unless said), "
