@@ -25,9 +25,11 @@ from tests.terminal import run_on_terminal
 from tests.test_cli_download import assert_fails, downloaded, gpt2
 
 # the layout file: the npy header, then the head [V, D] and each block's two c_proj weights
-# (with the fast extra, all four of its matrices: 12 n_embd² instead of 5)
+# (with the fast extra, all four of its matrices, 12 n_embd² instead of 5, in panels: the head's
+# outputs padded to a whole panel)
 _PER_LAYER = 12 if quant.kernels_installed() else 5
-LAYOUT_BYTES = 128 + 4 * (TINY.n_vocab * TINY.n_embd + TINY.n_layer * _PER_LAYER * TINY.n_embd**2)
+_HEAD_ROWS = -(-TINY.n_vocab // quant.LANES) * quant.LANES if _PER_LAYER == 12 else TINY.n_vocab
+LAYOUT_BYTES = 128 + 4 * (_HEAD_ROWS * TINY.n_embd + TINY.n_layer * _PER_LAYER * TINY.n_embd**2)
 
 
 @pytest.fixture

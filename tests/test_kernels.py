@@ -54,18 +54,30 @@ def test_int8_kernel_equals_numpy_on_the_dequantised_weights(
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize(("rows", "n_out", "n_in", "block"), SHAPES)
-def test_bf16_and_f32_kernels_equal_numpy(rows: int, n_out: int, n_in: int, block: int) -> None:
+@pytest.mark.parametrize(("rows", "n_out", "n_in", "block"), [*SHAPES, (512, 40, 70, 32)])
+def test_bf16_and_f32_panel_kernels_equal_numpy(
+    rows: int, n_out: int, n_in: int, block: int
+) -> None:
     x, m = _case(rows, n_out, n_in, seed=100 + rows)
     bits = quant.to_bfloat16(m)
-    for run, weights in (
-        (lambda out: kernels.bf16_matmul(x, quant.panels(bits), out), quant.from_bfloat16(bits)),
-        (lambda out: kernels.f32_matmul(x, m, out), m),
-    ):
+    for data, weights in ((quant.panels(bits), quant.from_bfloat16(bits)), (quant.panels(m), m)):
         out = np.full((rows, n_out), np.nan, np.float32)
-        run(out)
+        kernels.panel_matmul(x, data, out)
         expected = x.astype(np.float64) @ weights.T.astype(np.float64)
         np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_rows_float32_product_is_the_same_in_any_batch_on_the_kernel() -> None:
+    """Each row of 2 or more sums its inputs in the same order wherever it sits in a tile: a
+    row's outputs are bit for bit the same alone in a pair or among 64 rows."""
+    x, m = _case(64, 50, 96, seed=11)
+    p = quant.panels(m)
+    every = np.empty((64, 50), np.float32)
+    kernels.panel_matmul(x, p, every)
+    for lo, hi in [(0, 2), (5, 7), (9, 17), (30, 63)]:
+        part = np.empty((hi - lo, 50), np.float32)
+        kernels.panel_matmul(x[lo:hi], p, part)
+        np.testing.assert_array_equal(part, every[lo:hi])
 
 
 @pytest.mark.parametrize(("n_out", "n_in", "block"), [(37, 100, 32), (64, 250, 128), (5, 7, 32)])
@@ -113,31 +125,31 @@ def test_nan_and_inf_weights_reach_the_outputs() -> None:
     m = np.full((3, 64), 0.5, np.float32)
     m[1, 5], m[2, 9] = np.nan, np.inf
     out = np.empty((2, 3), np.float32)
-    kernels.f32_matmul(x, m, out)
-    assert np.isfinite(out[:, 0]).all() and np.isnan(out[:, 1]).all() and np.isinf(out[:, 2]).all()
+    for data in (quant.panels(m), quant.panels(quant.to_bfloat16(m))):
+        kernels.panel_matmul(x, data, out)
+        assert np.isfinite(out[:, 0]).all() and np.isnan(out[:, 1]).all()
+        assert np.isinf(out[:, 2]).all()
     q, scales = quant.quantize_int8(m)
     kernels.int8_matmul(x, quant.panels(q), quant.panels(scales), quant.BLOCK, out)
     assert np.isfinite(out[:, 0]).all() and not np.isfinite(out[:, 1:]).any()
-    kernels.bf16_matmul(x, quant.panels(quant.to_bfloat16(m)), out)
-    assert np.isfinite(out[:, 0]).all() and np.isnan(out[:, 1]).all() and np.isinf(out[:, 2]).all()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
 def test_a_packed_matrix_gives_the_same_product_on_the_kernels_and_on_blas(
     dtype: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Up to KERNEL_ROWS rows run on the kernels, more on BLAS over pieces widened into one
-    buffer (made small here so that a matrix takes several): both give the same product."""
+    """Narrow weights: up to NARROW_ROWS rows run on the kernels, more on BLAS over pieces
+    widened into one buffer (made small here so that a matrix takes several); float32 runs on
+    the kernel throughout, or on NumPy when the kernel cannot load: all give the same product."""
     monkeypatch.setattr(quant, "WIDEN_BYTES", 4 * 100 * 2 * quant.LANES)  # 2 panels a piece
-    x, m = _case(2 * quant.KERNEL_ROWS, 45, 100, seed=7)
+    monkeypatch.setattr(quant, "NARROW_ROWS", 16)
+    x, m = _case(32, 45, 100, seed=7)
     columns = quant.equalize(m)
     q, scales = quant.quantize_int8(m / columns)
     packed = {
-        "float32": quant.Packed("float32", m),
-        "bfloat16": quant.Packed("bfloat16", quant.panels(quant.to_bfloat16(m)), outputs=45),
-        "int8": quant.Packed(
-            "int8", quant.panels(q), quant.panels(scales), columns=columns, outputs=45
-        ),
+        "float32": quant.Packed("float32", quant.panels(m), 45),
+        "bfloat16": quant.Packed("bfloat16", quant.panels(quant.to_bfloat16(m)), 45),
+        "int8": quant.Packed("int8", quant.panels(q), 45, quant.panels(scales), columns=columns),
     }[dtype]
     exact = x @ packed[np.arange(45)].T + np.arange(45, dtype=np.float32)  # the widened rows'
     np.testing.assert_allclose(
@@ -149,6 +161,9 @@ def test_a_packed_matrix_gives_the_same_product_on_the_kernels_and_on_blas(
     assert many.shape == few.shape == (len(x), 45) and many.dtype == np.float32
     np.testing.assert_allclose(few, many, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(packed.linear(x[:3][None], bias)[0], many[:3], rtol=1e-4, atol=1e-4)
+    if dtype == "float32":
+        monkeypatch.setattr(quant, "float32_kernels", lambda: False)
+        np.testing.assert_allclose(packed.linear(x, bias), many, rtol=1e-4, atol=1e-4)
 
 
 def test_one_thread_gives_the_same_outputs_as_all() -> None:
@@ -208,61 +223,35 @@ def test_the_kernels_thread_count_follows_the_load(monkeypatch: pytest.MonkeyPat
     assert threads.kernel_threads() == 1  # every core busy: one thread, never none
 
 
-@pytest.mark.parametrize("rows", [2, 5, quant.KERNEL_ROWS])
-def test_a_float32_model_decodes_a_batch_on_the_kernels_as_on_blas(
+@pytest.mark.parametrize("rows", [1, 2, 5, 16])
+def test_a_float32_model_runs_every_product_on_the_kernel_as_blas_would(
     tiny_model_dir: Path, rows: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """2 to KERNEL_ROWS rows of float32 decoding run on f32_matmul, every block matrix and the
-    head (the checkpoint's own [V, D] one); one row and a prefill's blocks stay on BLAS."""
+    """With the extra, a float32 model's head and every block matrix are panels: a prefill and
+    each decoding step, one row or a batch, multiply them on the kernel, with the logits of the
+    layout BLAS multiplies (the extra absent); the embedding rows come from the head's panels."""
     from gpt2cli.model import GPT2
 
     model = GPT2.from_pretrained(tiny_model_dir)
+    assert isinstance(model.params["wte"], quant.Packed)
     quant.float32_kernels()  # loaded (its warm-up calls made) before counting
-    prompts = [[(7 * i + j) % 50257 for j in range(quant.KERNEL_ROWS + i % 3)] for i in range(rows)]
+    prompts = [[(7 * i + j) % 50257 for j in range(16 + i % 3)] for i in range(rows)]
     calls = []
-    product = kernels.f32_matmul
-    monkeypatch.setattr(kernels, "f32_matmul", lambda *a: calls.append(a[1].shape) or product(*a))
-    state, logits = model.prefill(prompts, 24)
-    n_embd, n_vocab = model.config.n_embd, model.config.n_vocab
-    assert calls == [(n_vocab, n_embd)]  # a prefill's blocks on BLAS; its rows' last logits not
-    calls.clear()
-    on = model.step(state, logits.argmax(-1))
-    assert (
-        (n_vocab, n_embd) in calls
-        and (3 * n_embd, n_embd) in calls
-        and (n_embd, 4 * n_embd) in calls
+    product = kernels.panel_matmul
+    monkeypatch.setattr(
+        kernels, "panel_matmul", lambda *a: calls.append((len(a[0]), a[1].shape[1])) or product(*a)
     )
-    assert len(calls) == 4 * model.config.n_layer + 1
-    monkeypatch.setattr(quant, "float32_kernels", lambda: False)
     state, logits = model.prefill(prompts, 24)
-    off = model.step(state, logits.argmax(-1))
-    np.testing.assert_allclose(on, off, rtol=1e-4, atol=1e-4)
+    on = model.step(state, logits.argmax(-1))
+    n_embd, n_layer = model.config.n_embd, model.config.n_layer
+    assert len(calls) == 2 * (4 * n_layer + 1)  # the prefill's and the step's
+    assert calls[-1] == (rows, n_embd)  # the step's head, one row per sequence
+    assert sum(n_in == 4 * n_embd for _, n_in in calls) == 2 * n_layer  # the MLP's c_proj
+
+    monkeypatch.setattr(quant, "kernels_installed", lambda: False)
+    blas = GPT2.from_pretrained(tiny_model_dir)  # the transposed layout, on BLAS
+    assert isinstance(blas.params["wte"], np.ndarray)
     calls.clear()
-    model.step(model.prefill(prompts[:1], 24)[0], np.array([1]))
-    assert calls == []  # one row: BLAS
-
-
-def test_a_pass_whose_head_runs_on_the_kernel_reads_its_embedding_rows_there_too(
-    tiny_model_dir: Path,
-) -> None:
-    """A batch decode on the kernel reads the checkpoint's [V, D] head for its logits, and for
-    its embedding rows too (so the transposed copy's head is never paged in); a one-row pass reads
-    both from the copy. Seen by giving the checkpoint's head one changed row: the token's own
-    embedding then changes every logit of a batch step, and nothing of a one-row step."""
-    from gpt2cli.model import GPT2
-
-    model = GPT2.from_pretrained(tiny_model_dir)
-    laid_out, own = model.params["head_by_row"]
-    assert laid_out is model.params["wte"] and own is not laid_out
-    token, other = 5, 7  # `other`'s logit is the one column a changed row 5 leaves alone
-    changed = np.array(own)
-    changed[token] *= -2.0  # not a constant shift: every layer norm would take that out
-
-    def run(head: np.ndarray, rows: int) -> np.ndarray:
-        model.params = {**model.params, "head_by_row": (laid_out, head)}
-        state, _ = model.prefill([[1, 2, 3]] * rows, 8)
-        return model.step(state, np.full(rows, token))
-
-    for rows, moved in [(2, True), (1, False)]:
-        before, after = run(own, rows), run(changed, rows)
-        assert (not np.allclose(before[:, other], after[:, other])) is moved, rows
+    state, logits = blas.prefill(prompts, 24)
+    np.testing.assert_allclose(on, blas.step(state, logits.argmax(-1)), rtol=1e-4, atol=1e-4)
+    assert calls == []

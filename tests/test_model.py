@@ -43,6 +43,14 @@ def tiny(tiny_model_dir: Path) -> GPT2:
     return GPT2.from_pretrained(tiny_model_dir)
 
 
+@pytest.fixture(scope="module")
+def tiny_blas(tiny_model_dir: Path) -> GPT2:
+    """The tiny model laid out as without the `fast` extra: transposed copies, on BLAS."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quant, "kernels_installed", lambda: False)
+        return GPT2.from_pretrained(tiny_model_dir)
+
+
 @pytest.fixture(scope="session")
 def reference_tiny(tiny_model_dir: Path) -> Any:
     return reference_model(tiny_model_dir)
@@ -127,9 +135,11 @@ def test_cached_steps_match_transformers_on_124m_shaped_weights(
     ids=["chunks", "query-blocks", "transposed-form", "plain-form"],
 )
 def test_how_a_pass_is_split_or_multiplied_leaves_cache_and_logits_unchanged(
-    tiny: GPT2, monkeypatch: pytest.MonkeyPatch, settings: dict[str, int]
+    tiny: GPT2, tiny_blas: GPT2, monkeypatch: pytest.MonkeyPatch, settings: dict[str, int]
 ) -> None:
-    assert tiny.params["blocks"][0]["mlp"]["c_proj"]["w"].flags.f_contiguous  # transposed
+    if "TRANSPOSED_ROWS" in settings:  # the layout without the fast extra's panels
+        tiny = tiny_blas
+        assert tiny.params["blocks"][0]["mlp"]["c_proj"]["w"].flags.f_contiguous  # transposed
     prompts = [_ids(n, seed=n) for n in (23, 9, 17)]
     whole_state, whole = tiny.prefill(prompts, 40)
     whole_logits = tiny(np.array(prompts[0]))
@@ -224,12 +234,10 @@ def test_greedy_continuation_matches_transformers_generate(
     assert ours == expected
 
 
-def test_every_intermediate_array_stays_float32(
-    tiny: GPT2, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Followed through NumPy (the compiled kernels write float32 arrays of their own making:
-    tests/test_kernels.py), every array derived from the weights stays float32."""
-    monkeypatch.setattr(quant, "float32_kernels", lambda: False)
+def test_every_intermediate_array_stays_float32(tiny: GPT2, tiny_model_dir: Path) -> None:
+    """Followed through NumPy, on the weights as loaded (the compiled kernels, which multiply
+    the laid-out panels, write float32 arrays of their own making: tests/test_kernels.py),
+    every array derived from the weights stays float32."""
 
     class Float32Only(np.ndarray):
         """An array type that fails the moment any array derived from it is wider than float32."""
@@ -245,7 +253,7 @@ def test_every_intermediate_array_stays_float32(
             return [watched(v) for v in tree]
         return np.asarray(tree).view(Float32Only)
 
-    probe = GPT2(tiny.config, watched(tiny.params))
+    probe = GPT2(tiny.config, watched(weights.load(tiny_model_dir)[1]))
     with pytest.raises(AssertionError, match="float64"):
         probe.params["wte"] * np.float64(2.0)  # the probe catches a widening when there is one
     ids = _ids(20, seed=2)
@@ -348,7 +356,7 @@ def _with_weights(tiny: GPT2, change: Any) -> GPT2:
 @pytest.mark.parametrize(
     "change",
     [
-        lambda p: p.update(wte=np.full_like(p["wte"], np.nan)),
+        lambda p: p.update(wte=np.full(p["wte"].shape, np.nan, np.float32)),
         lambda p: p["blocks"][1].update(ln_2={"g": np.full(32, np.inf, np.float32), "b": 0}),
         lambda p: p.update(ln_f={"g": np.full(32, 3e38, np.float32), "b": p["ln_f"]["b"]}),
     ],

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
-from gpt2cli import cache, weights
+from gpt2cli import cache, quant, weights
 from gpt2cli.config import GPT2Config
 from gpt2cli.errors import CorruptWeightsError, GPT2Error
 from gpt2cli.model import GPT2 as Model
@@ -748,31 +748,57 @@ def _layout(folder: Path) -> tuple[weights.Params, weights.Params]:
     return params, weights.transposed_layout(params, weights.weight_files(folder))
 
 
-def _transposed(params: weights.Params) -> list[np.ndarray]:
-    """The matrices transposed_layout stores transposed: the head, then each block's four (two
-    without the fast extra: its kernels read the other two transposed)."""
+# with the fast extra the layout holds panels for its kernel (quant.Packed), else transposed copies
+PANELS = importlib.util.find_spec("numba") is not None
+
+
+def _laid_out_matrices(params: weights.Params) -> list[Any]:
+    """The matrices transposed_layout lays out: the head, then each block's four (in panels,
+    with the fast extra) or two `c_proj` (transposed, without it)."""
     head = params.get("lm_head", params["wte"])
     parts = (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))
-    if importlib.util.find_spec("numba") is None:
+    if not PANELS:
         parts = (("attn", "c_proj"), ("mlp", "c_proj"))
     return [head] + [b[part][name]["w"] for b in params["blocks"] for part, name in parts]
 
 
+def _stored_values(params: weights.Params) -> int:
+    """The float32s the layout's cache entry holds for the loaded `params` (panels pad each
+    matrix's outputs to a whole panel)."""
+    shapes = [
+        m.shape if i == 0 else m.shape[::-1] for i, m in enumerate(_laid_out_matrices(params))
+    ]
+    if not PANELS:
+        return sum(n_out * n_in for n_out, n_in in shapes)
+    return sum(-(-n_out // quant.LANES) * quant.LANES * n_in for n_out, n_in in shapes)
+
+
+def _mapped(a: np.ndarray) -> bool:
+    """Whether `a` is a view of a memory-mapped file."""
+    base = a.base
+    while base is not None and not isinstance(base, np.memmap | mmap.mmap):
+        base = getattr(base, "base", None)
+    return base is not None and not a.flags.owndata
+
+
 def _assert_laid_out(loaded: weights.Params, laid_out: weights.Params) -> None:
-    """Every array holds the loaded values; the weight matrices in transposed memory order (a
-    view of the one mapped cache file), the rest the loaded arrays themselves; the checkpoint's
-    own head beside its copy, for the kernels."""
-    for before, after in zip(_transposed(loaded), _transposed(laid_out), strict=True):
-        np.testing.assert_array_equal(after, before)
-        assert after.T.flags.c_contiguous and not after.flags.owndata
-        assert isinstance(after.base, np.memmap) or isinstance(after.base.base, np.memmap)
+    """Every array holds the loaded values; the weight matrices as float32 panels or in
+    transposed memory order, a view of the one mapped cache file either way; the rest the
+    loaded arrays themselves."""
+    pairs = zip(_laid_out_matrices(loaded), _laid_out_matrices(laid_out), strict=True)
+    for i, (before, after) in enumerate(pairs):
+        if PANELS:  # the head is M [V, D] itself, each block's M its w.T
+            assert isinstance(after, quant.Packed) and after.dtype == "float32"
+            m = before if i == 0 else before.T
+            np.testing.assert_array_equal(after[np.arange(len(m))], m)
+            assert _mapped(after.data)
+        else:
+            np.testing.assert_array_equal(after, before)
+            assert after.T.flags.c_contiguous and _mapped(after)
     assert laid_out["wpe"] is loaded["wpe"]
     for b_before, b_after in zip(loaded["blocks"], laid_out["blocks"], strict=True):
         assert b_after["ln_1"] is b_before["ln_1"]
         assert b_after["attn"]["c_proj"]["b"] is b_before["attn"]["c_proj"]["b"]
-    head = laid_out.get("lm_head", laid_out["wte"])
-    assert laid_out["head_by_row"][0] is head
-    assert laid_out["head_by_row"][1] is loaded.get("lm_head", loaded["wte"])
 
 
 def test_the_transposed_layout_is_made_once_then_memory_mapped_from_the_cache(
@@ -820,8 +846,11 @@ def test_a_damaged_layout_entry_is_rebuilt_not_used(
         os.truncate(entry, entry.stat().st_size - 4)
     elif damage != "fifo":  # right size and header, wrong values
         flat = np.load(entry)
-        head, n_vocab = loaded["wte"].size, len(loaded["wte"])
-        if damage == "zero-head-input":  # one input of the head's [D, V] copy, every output
+        n_vocab, n_embd = loaded["wte"].shape
+        head = -(-n_vocab // quant.LANES) * quant.LANES * n_embd if PANELS else n_vocab * n_embd
+        if damage == "zero-head-input" and PANELS:  # one input of the head, every output
+            flat[:head].reshape(-1, n_embd, quant.LANES)[:, 5] = 0
+        elif damage == "zero-head-input":  # of the head's [D, V] copy
             flat[n_vocab * 5 : n_vocab * 6] = 0
         else:
             part = slice(0, head) if damage == "flip-head" else slice(head, None)
@@ -874,7 +903,7 @@ def test_copies_of_the_same_weights_share_one_layout(tmp_path: Path, user_cache:
     for each in (folder, copy, snapshot):
         _assert_laid_out(*_layout(each))
     (entry,) = _layout_entries()
-    assert entry.stat().st_size == 128 + 4 * sum(m.size for m in _transposed(_layout(copy)[0]))
+    assert entry.stat().st_size == 128 + 4 * _stored_values(_layout(copy)[0])
     index = _index(user_cache)
     assert index["sources"] == {entry.name: [str(folder), str(copy), str(snapshot)]}
     # the local files were hashed (once: remembered with their identity); the hub's blob is

@@ -4,16 +4,15 @@ Decoding multiplies 1 to 16 rows by every weight matrix, so it is bound by readi
 these kernels read each weight once for all the rows and widen it (int8 times its block's scale,
 bfloat16 shifted into a float32's high half) in registers.
 
-- bfloat16 and int8 matrices are stored in panels (`gpt2cli.quant.panels`): [n_panels, n_in,
-  LANES], LANES outputs side by side for each input, so one vector load holds one input's
-  weights for LANES outputs. A panel's outputs accumulate in a tile of TILE_ROWS rows x LANES
-  outputs kept in registers (`_tile`): each weight is loaded and widened once per TILE_ROWS rows,
-  and an int8 block's scale multiplies a whole tile of partial sums once per block, not each
-  weight. Panels are shared out over numba's threads (`prange`).
-- float32 matrices are [n_out, n_in] (`f32_matmul`): ROWS rows by ROWS outputs at a time, as
-  dot products along contiguous rows of both.
+Matrices are stored in panels (`gpt2cli.quant.panels`): [n_panels, n_in, LANES], LANES outputs
+side by side for each input, so one vector load holds one input's weights for LANES outputs, and
+each panel is one stream of memory. A panel's outputs accumulate in a tile of TILE_ROWS rows x
+LANES outputs kept in registers (`_tile`): each weight is loaded and widened once per TILE_ROWS
+rows, and an int8 block's scale multiplies a whole tile of partial sums once per block, not each
+weight. Panels are shared out over numba's threads (`prange`). float32 panels read at 36-38 GB/s
+on one row where OpenBLAS's matrix-vector product reads 24-25 (124M's matrices, 2 threads).
 
-The widening kernels widen panels into a float32 buffer for BLAS, which wins past
+The widening kernels widen narrow panels into a float32 buffer for BLAS, which wins past
 `quant.NARROW_ROWS` rows. Imported only where a kernel runs (`quant.load_kernels`): numba costs
 about 0.2 s to import and compiles each kernel once, into its on-disk cache (`cache=True`), under
 the user's cache folder when the package folder is read-only.
@@ -52,7 +51,7 @@ _prepare_environment()
 import numba  # noqa: E402
 from numba import njit, prange, types  # noqa: E402
 from numba.core import cgutils  # noqa: E402
-from numba.extending import intrinsic  # noqa: E402
+from numba.extending import intrinsic, overload  # noqa: E402
 
 _POOL = numba.get_num_threads()  # the threads numba starts (NUMBA_NUM_THREADS): its limit
 # float32 reassociation (vectorised sums) and fused multiply-adds, but no assumption that values
@@ -82,7 +81,7 @@ def _avx512() -> bool:
 # were slower). One row keeps a tile of ROWS, which LLVM keeps in registers (eight were slower
 # there: 0.85-0.9x, AVX-512)
 TILE_ROWS = 8 if _avx512() else 4
-ROWS = 4  # rows of a one-row kernel's tile, and f32_matmul's rows of x by outputs
+ROWS = 4  # rows of a one-row kernel's tile
 
 
 def _stack_tile_typer(typingctx: Any, dtype: Any, rows: Any) -> Any:  # pragma: no cover
@@ -136,13 +135,6 @@ def _add(tile: F32, x: F32, r: int, k: int, j: int, v: Any) -> None:  # pragma: 
         tile[i, j] += x[min(r + i, last), k] * v
 
 
-@njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
-def _rows(x: F32, r: int) -> tuple[F32, F32, F32, F32]:  # pragma: no cover (compiled)
-    """Rows r to r + ROWS - 1 of x, the last row repeated past its end (computed, not stored)."""
-    last = x.shape[0] - 1
-    return x[min(r, last)], x[min(r + 1, last)], x[min(r + 2, last)], x[min(r + 3, last)]
-
-
 @njit(parallel=True, **_JIT)  # type: ignore[untyped-decorator]
 def int8_matmul(x: F32, q: Any, scales: F32, block: int, out: F32) -> None:  # pragma: no cover
     """out [m, n_out] = x [m, n_in] @ M.T, M the int8 panels q [n_panels, n_in, LANES] times
@@ -182,9 +174,9 @@ def int8_matmul(x: F32, q: Any, scales: F32, block: int, out: F32) -> None:  # p
 
 
 @njit(parallel=True, **_JIT)  # type: ignore[untyped-decorator]
-def bf16_matmul(x: F32, u: Any, out: F32) -> None:  # pragma: no cover (compiled)
-    """out [m, n_out] = x [m, n_in] @ M.T, M the bfloat16 panels u [n_panels, n_in, LANES]
-    (their bits as uint16)."""
+def panel_matmul(x: F32, u: Any, out: F32) -> None:  # pragma: no cover (compiled)
+    """out [m, n_out] = x [m, n_in] @ M.T, M the panels u [n_panels, n_in, LANES] of float32s
+    or of bfloat16s (their bits as uint16: `_value`)."""
     m, n_in = x.shape
     for c in prange(u.shape[0]):
         uc = u[c]
@@ -195,14 +187,14 @@ def bf16_matmul(x: F32, u: Any, out: F32) -> None:  # pragma: no cover (compiled
                 u0, u1, u2, u3 = uc[k], uc[k + 1], uc[k + 2], uc[k + 3]
                 y0, y1, y2, y3 = x0[k], x0[k + 1], x0[k + 2], x0[k + 3]
                 for j in range(LANES):
-                    total[0, j] += y0 * _bf16(u0[j])
-                    total[1, j] += y1 * _bf16(u1[j])
-                    total[2, j] += y2 * _bf16(u2[j])
-                    total[3, j] += y3 * _bf16(u3[j])
+                    total[0, j] += y0 * _value(u0[j])
+                    total[1, j] += y1 * _value(u1[j])
+                    total[2, j] += y2 * _value(u2[j])
+                    total[3, j] += y3 * _value(u3[j])
             for k in range(n_in - n_in % 4, n_in):
                 uk, y0 = uc[k], x0[k]
                 for j in range(LANES):
-                    total[0, j] += y0 * _bf16(uk[j])
+                    total[0, j] += y0 * _value(uk[j])
             for j in range(LANES):
                 total[0, j] += total[1, j] + total[2, j] + total[3, j]
             _store(total, out, 0, c * LANES)
@@ -212,58 +204,31 @@ def bf16_matmul(x: F32, u: Any, out: F32) -> None:  # pragma: no cover (compiled
             for k in range(n_in):
                 uk = uc[k]
                 for j in range(LANES):
-                    _add(total, x, r, k, j, _bf16(uk[j]))
+                    _add(total, x, r, k, j, _value(uk[j]))
             _store(total, out, r, c * LANES)
             _zero(total)
+
+
+def _value(v: Any) -> Any:  # pragma: no cover (compiled, as `_typed_value` gives it)
+    """A panel's value as float32: a float32 as it is, bfloat16 bits (a uint16) widened."""
+    raise NotImplementedError
+
+
+@overload(_value, inline="always", jit_options={"fastmath": _MATH})
+def _typed_value(v: Any) -> Any:  # pragma: no cover (compiled)
+    def widened(v: Any) -> Any:
+        return _bf16(v)
+
+    def itself(v: Any) -> Any:
+        return v
+
+    return widened if v == types.uint16 else itself
 
 
 @njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
 def _bf16(bits: Any) -> Any:  # pragma: no cover (compiled)
     """The float32 that bfloat16 `bits` (a uint16) stand for."""
     return np.uint32(np.uint32(bits) << np.uint32(16)).view(np.float32)
-
-
-@njit(parallel=True, **_JIT)  # type: ignore[untyped-decorator]
-def f32_matmul(x: F32, w: F32, out: F32) -> None:  # pragma: no cover (compiled)
-    """out [m, n_out] = x [m, n_in] @ w [n_out, n_in].T: ROWS outputs at a time, each weight
-    loaded once for ROWS rows (sixteen sums, vectorised along the inputs)."""
-    m, n_in = x.shape
-    n_out = w.shape[0]
-    for c in prange((n_out + ROWS - 1) // ROWS):
-        j = c * ROWS
-        w0, w1, w2, w3 = _rows(w, j)
-        for r in range(0, m, ROWS):
-            x0, x1, x2, x3 = _rows(x, r)
-            a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = np.float32(0.0)
-            a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = np.float32(0.0)
-            for k in range(n_in):
-                v0, v1, v2, v3 = w0[k], w1[k], w2[k], w3[k]
-                y0, y1, y2, y3 = x0[k], x1[k], x2[k], x3[k]
-                a00 += y0 * v0
-                a01 += y0 * v1
-                a02 += y0 * v2
-                a03 += y0 * v3
-                a10 += y1 * v0
-                a11 += y1 * v1
-                a12 += y1 * v2
-                a13 += y1 * v3
-                a20 += y2 * v0
-                a21 += y2 * v1
-                a22 += y2 * v2
-                a23 += y2 * v3
-                a30 += y3 * v0
-                a31 += y3 * v1
-                a32 += y3 * v2
-                a33 += y3 * v3
-            sums = (
-                (a00, a01, a02, a03),
-                (a10, a11, a12, a13),
-                (a20, a21, a22, a23),
-                (a30, a31, a32, a33),
-            )
-            for i in range(min(ROWS, m - r)):
-                for t in range(min(ROWS, n_out - j)):
-                    out[r + i, j + t] = sums[i][t]
 
 
 @njit(parallel=True, **_JIT)  # type: ignore[untyped-decorator]
@@ -316,7 +281,7 @@ def use_threads(n: int) -> None:
 
 def compiled_kernels() -> list[Any]:
     """Every kernel, for `quant.load_kernels` to compile or load from the cache."""
-    return [int8_matmul, bf16_matmul, f32_matmul, int8_widen, bf16_widen]
+    return [int8_matmul, panel_matmul, int8_widen, bf16_widen]
 
 
 def is_cached(kernel: Any) -> bool:

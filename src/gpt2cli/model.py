@@ -98,17 +98,14 @@ def linear(x: Array, w: Array | Packed, b: Array) -> Array:
 
     Weights stored transposed (`w.T` contiguous: `weights.transposed_layout`) are multiplied as
     (w.T @ x.T).T when x has fewer than TRANSPOSED_ROWS rows, the product BLAS runs fastest for
-    them, or for 2 to `quant.KERNEL_ROWS` rows (a decoding batch) on the compiled kernels when
-    the `fast` extra is installed, about 2x faster than BLAS there; the result is the same.
-    Narrow weights (`quant.Packed`, in bfloat16 or int8) multiply themselves, on the kernels.
+    them; the result is the same. Weights in panels (`quant.Packed`: float32 with the `fast`
+    extra, bfloat16, int8) multiply themselves, on the compiled kernels.
     """
     if not isinstance(w, np.ndarray):
         return w.linear(x, b)
     rows = x.reshape(-1, w.shape[0])  # [..., n_in] -> [m, n_in]: the weights are read once
     out: Array
     transposed = w.flags.f_contiguous and not w.flags.c_contiguous
-    if transposed and 2 <= len(rows) <= quant.KERNEL_ROWS and quant.float32_kernels():
-        return quant.Packed("float32", w.T).linear(x, b)
     if len(rows) < TRANSPOSED_ROWS and transposed:
         out = np.add((w.T @ rows.T).T, b, order="C")  # [n_out, n_in] @ [n_in, m] -> [m, n_out]
     else:
@@ -219,15 +216,11 @@ def forward(
     config: GPT2Config,
     keys: Array,
     values: Array,
-    *,
-    head_rows: int = 0,
 ) -> Array:
     """Final hidden states [B, T, D] of tokens `ids` [B, T] at `positions` [B, T].
 
     Their keys and values are cached in `keys`/`values` [L, B, H, C, hd] at those positions, and
     each attends to every cached position up to its own (earlier positions must already be there).
-    `head_rows`: the rows of the head products this pass is for (0: unknown), a hint for where
-    the embedding rows are read from (`kernel_head`); the values are the same either way.
     """
     n_batch = ids.shape[0]
     blocks = query_blocks(positions)
@@ -236,9 +229,7 @@ def forward(
         np.arange(config.n_head)[None, :, None],
         positions[:, None, :],
     )
-    table = kernel_head(params, head_rows) if "lm_head" not in params else None
-    wte = params["wte"] if table is None else table  # [V, D]
-    x = wte[ids] + params["wpe"][positions]  # [B, T, D]
+    x = params["wte"][ids] + params["wpe"][positions]  # [B, T, D]
     for i, layer in enumerate(params["blocks"]):
         x = block(
             x,
@@ -253,33 +244,12 @@ def forward(
     return layer_norm(x, **params["ln_f"], eps=config.layer_norm_epsilon)  # [B, T, D]
 
 
-def kernel_head(params: Params, rows: int) -> Array | None:
-    """The head [V, D] as the checkpoint stores it, row by row, where a head product of `rows`
-    rows runs on the float32 kernel: 2 to `quant.KERNEL_ROWS` rows (a decoding batch), the
-    `fast` extra installed, and the head replaced by `weights.transposed_layout`'s copy (which
-    kept the pair). Else None: the head in `params` serves.
-
-    A pass whose head runs on the kernel takes its embedding rows from this array too (`forward`),
-    so a batch decode pages in one of the two 154 MB heads (124M), not both; other passes take
-    them from the copy, whose pages a one-row step's head product reads anyway (from the
-    checkpoint, each row's page brings in megabytes of its neighbours: peak memory 44 MB higher
-    decoding one row, 144 MB over a 1,024-token prefill)."""
-    head = params["lm_head"] if "lm_head" in params else params["wte"]
-    laid_out, own = params.get("head_by_row", (None, None))
-    if laid_out is head and 2 <= rows <= quant.KERNEL_ROWS and quant.float32_kernels():
-        return own  # type: ignore[no-any-return]
-    return None
-
-
 def output_head(x: Array, params: Params) -> Array:
     """Logits over the vocabulary: each hidden state against every token's embedding (the head
     is wte itself unless the checkpoint has an untied lm_head)."""
     head: Array | Packed = params["lm_head"] if "lm_head" in params else params["wte"]  # [V, D]
-    if not isinstance(head, np.ndarray):  # narrow weights (quant.Packed)
+    if not isinstance(head, np.ndarray):  # panels (quant.Packed)
         return head.linear(x)
-    rows = kernel_head(params, len(x))
-    if rows is not None:
-        return quant.Packed("float32", rows).linear(x)
     logits: Array = x @ head.T  # [..., D] @ [D, V] -> [..., V]
     return logits
 
@@ -351,8 +321,7 @@ class GPT2:
         state = DecodeState.empty(self.config, n_batch, n_pos, logits=n_batch * n_pos)
         out = lazy_zeros((n_batch, n_pos, self.config.n_vocab))  # [B, T, V]: 206 MB for 1,024
         size = max(1, self.head_rows // n_batch)  # positions per product with the head
-        pieces = n_batch * min(size, n_pos)  # rows per product with the head
-        for start, x in self.run_prompts(state, batch, head_rows=pieces):  # x [B, chunk, D]
+        for start, x in self.run_prompts(state, batch):  # x [B, chunk, D]
             for lo in range(start, start + x.shape[1], size):
                 piece = x[:, lo - start : lo - start + size]  # [B, n, D]
                 positions = np.broadcast_to(lo + np.arange(piece.shape[1]), piece.shape[:2])
@@ -436,7 +405,7 @@ class GPT2:
             np.empty((len(row), self.config.n_embd), np.float32) if wanted else None
             for row, wanted in zip(rows, list(hidden) or [False] * len(rows), strict=True)
         ]
-        for start, x in self.run_prompts(state, batch, head_rows=len(rows)):  # x [B, chunk, D]
+        for start, x in self.run_prompts(state, batch):  # x [B, chunk, D]
             ends = (start <= lengths - 1) & (lengths - 1 < start + x.shape[1])  # rows ending here
             last[ends] = x[ends, lengths[ends] - 1 - start]
             for b, out in enumerate(kept):
@@ -483,7 +452,7 @@ class GPT2:
             )
         self.check_ids(array)
         positions = self._positions(state, array.shape[1])  # [B, T]
-        logits = self.head(self._extend(state, array, head_rows=array.size), positions)
+        logits = self.head(self._extend(state, array), positions)
         return logits  # [B, T, V]
 
     def run_prompts(
@@ -492,26 +461,21 @@ class GPT2:
         batch: NDArray[np.intp],
         *,
         tokens: int | None = None,
-        head_rows: int = 0,
     ) -> Iterator[tuple[int, Array]]:
         """Run prompts [B, T] (checked ids, right-padded) into an empty cache a chunk of
         positions at a time (about `tokens` in all per pass, `pass_tokens` by default): yield
         each chunk's first position and final hidden states [B, chunk, D], for `head` to turn
-        into logits, about `head_rows` rows at a time (a hint: `forward`).
+        into logits.
         """
         chunk = max(1, (tokens or self.pass_tokens) // batch.shape[0])
         for start in range(0, batch.shape[1], chunk):
-            yield start, self._extend(state, batch[:, start : start + chunk], head_rows=head_rows)
+            yield start, self._extend(state, batch[:, start : start + chunk])
 
-    def _extend(self, state: DecodeState, ids: NDArray[np.intp], *, head_rows: int) -> Array:
-        """Run ids [B, T] at each row's next T positions; return their final hidden states, for
-        head products of about `head_rows` rows (`forward`)."""
+    def _extend(self, state: DecodeState, ids: NDArray[np.intp]) -> Array:
+        """Run ids [B, T] at each row's next T positions; return their final hidden states."""
         positions = self._positions(state, ids.shape[1])  # [B, T]
         with np.errstate(all="ignore"):  # weights that overflow float32 are caught in head
-            x = forward(
-                ids, positions, self.params, self.config, state.keys, state.values,
-                head_rows=head_rows,
-            )  # fmt: skip
+            x = forward(ids, positions, self.params, self.config, state.keys, state.values)
         # in place: a `rows` view updates the whole cache's lengths
         np.minimum(state.lengths + ids.shape[1], state.capacity, out=state.lengths)
         return x

@@ -45,11 +45,12 @@ DTYPES = ("float32", "bfloat16", "int8")
 # (docs/performance.md), mean KL divergence from float32 over 1,024 tokens: 32 0.013, 64 0.026,
 # 128 0.042, 256 0.047 nats; a 1-row product with the head took 1.7x as long at 32 as at 128
 BLOCK = 32
-# products of up to this many rows run on the float32 kernel (decoding: one row per sequence)
-KERNEL_ROWS = 16
-# and on the bfloat16 and int8 kernels; more rows (a prefill) widen the weights for BLAS, which
-# is faster there (measured, int8, 124M's shapes: at 64 rows the kernel took 0.5-1.4x the time
-# of widening and BLAS for block matrices and 0.5x for the head, at 128 rows 1.2-3x and 0.75x)
+# products of up to this many rows run on the bfloat16 and int8 kernels; more rows (a prefill)
+# widen the weights for BLAS, which is faster there (measured, int8, 124M's shapes: at 64 rows
+# the kernel took 0.5-1.4x the time of widening and BLAS for block matrices and 0.5x for the
+# head, at 128 rows 1.2-3x and 0.75x). float32 panels take any number of rows on the kernel,
+# which nothing widens: 0.35-0.6x BLAS's time up to 128 rows, 0.98-1.07x at 512 (AVX-512;
+# compiled for AVX2, 1.1x at 512), where copying the panels for BLAS cost 1.15-1.2x
 NARROW_ROWS = 64
 # bytes of float32 widened at a time for BLAS: a whole block matrix, the head in pieces
 WIDEN_BYTES = 16 << 20
@@ -142,26 +143,22 @@ def dequantize_int8(q: NDArray[np.int8], scales: Array, block: int = BLOCK) -> A
 
 @dataclass(frozen=True, eq=False)
 class Packed:
-    """A weight matrix M [n_out, n_in] used as `x @ M.T`, in `dtype`: float32 as it is, or in
-    `panels` [n_panels, n_in, LANES]: the bfloat16 bits (uint16), or int8 with `scales`
-    [n_panels, n_blocks, LANES] for blocks of `block` inputs.
+    """A weight matrix M [n_out, n_in] used as `x @ M.T`, stored in `panels` [n_panels, n_in,
+    LANES] of `dtype`: float32, the bfloat16 bits (uint16), or int8 with `scales` [n_panels,
+    n_blocks, LANES] for blocks of `block` inputs.
 
     `linear(x, b)` is the product; `m[ids]` widens rows, the embedding lookup of a tied head.
     """
 
     dtype: str
-    data: NDArray[Any]  # float32: [n_out, n_in]; else panels [n_panels, n_in, LANES]
+    data: NDArray[Any]  # panels [n_panels, n_in, LANES]
+    outputs: int  # n_out (the last panel may be part padding)
     scales: Array | None = None  # [n_panels, n_blocks, LANES], int8 only
     block: int = BLOCK
     columns: Array | None = None  # [n_in]: M = data's values times these (int8: `equalize`)
-    outputs: int | None = None  # n_out of panels (their last one may be part padding)
 
     @property
     def shape(self) -> tuple[int, int]:
-        if self.dtype == "float32":
-            n_out, n_in = self.data.shape
-            return n_out, n_in
-        assert self.outputs is not None
         return self.outputs, self.data.shape[1]
 
     def __getitem__(self, ids: Any) -> Array:
@@ -175,7 +172,7 @@ class Packed:
             return widened
         if self.dtype == "bfloat16":
             return from_bfloat16(panel_rows(self.data, ids))
-        rows: Array = self.data[ids]
+        rows: Array = panel_rows(self.data, ids)
         return rows
 
     def linear(self, x: Array, b: Array | None = None) -> Array:
@@ -186,10 +183,11 @@ class Packed:
             rows = rows * self.columns
         rows = np.ascontiguousarray(rows, np.float32)
         out = np.empty((len(rows), n_out), np.float32)  # [m, n_out]
-        if len(rows) <= (KERNEL_ROWS if self.dtype == "float32" else NARROW_ROWS):
+        if self.dtype == "float32" and not float32_kernels():  # numba broken: NumPy, slower
+            each = np.matmul(rows, self.data)  # [n_panels, m, LANES]
+            out[:] = each.swapaxes(0, 1).reshape(len(rows), -1)[:, :n_out]
+        elif self.dtype == "float32" or len(rows) <= NARROW_ROWS:
             _kernel_product(self, rows, out)
-        elif self.dtype == "float32":
-            np.matmul(rows, self.data.T, out=out)
         else:
             for lo, widened in self._pieces():  # [n_in, n] float32, n <= WIDEN_BYTES / 4 n_in
                 np.matmul(rows, widened, out=out[:, lo : lo + widened.shape[1]])
@@ -243,10 +241,8 @@ def _kernel_product(m: Packed, rows: Array, out: Array) -> None:
     kernels.use_threads(threads.kernel_threads())
     if m.dtype == "int8":
         kernels.int8_matmul(rows, m.data, m.scales, m.block, out)
-    elif m.dtype == "bfloat16":
-        kernels.bf16_matmul(rows, m.data, out)
     else:
-        kernels.f32_matmul(rows, m.data, out)
+        kernels.panel_matmul(rows, m.data, out)
 
 
 def kernels_installed() -> bool:
@@ -256,9 +252,10 @@ def kernels_installed() -> bool:
 
 @functools.cache
 def float32_kernels() -> bool:
-    """Whether the float32 kernel can run (the `fast` extra is installed), loading it once: the
-    float32 model multiplies decoding batches on it (`model.linear`) and otherwise runs on
-    BLAS alone, so a missing extra is no error here."""
+    """Whether the float32 kernel can run (the `fast` extra is installed), loading it once: a
+    float32 model is laid out in panels for it when the extra is installed
+    (`weights.transposed_layout`) and otherwise runs on BLAS alone, so a missing or broken
+    extra is no error here."""
     if not kernels_installed():
         return False
     try:
@@ -280,8 +277,8 @@ def load_kernels(dtype: str) -> None:
         raise GPT2Error(f"dtype {dtype} needs numba, which cannot be imported: {e}") from None
     chosen = {
         "int8": [kernels.int8_matmul, kernels.int8_widen],
-        "bfloat16": [kernels.bf16_matmul, kernels.bf16_widen],
-        "float32": [kernels.f32_matmul],
+        "bfloat16": [kernels.panel_matmul, kernels.bf16_widen],
+        "float32": [kernels.panel_matmul],
     }[dtype]
     terminal = sys.stderr is not None and sys.stderr.isatty()
     if terminal and not all(kernels.is_cached(k) for k in chosen):
@@ -312,10 +309,7 @@ def _warm(kernels: Any, kernel: Any, dtype: str) -> None:
     """Call `kernel` once on tiny arrays of the types the model passes it: numba compiles one
     version per type, and the weights are read-only (memory-mapped, or made so by `pack`)."""
     x, out = np.zeros((1, 2), np.float32), np.zeros((1, 2), np.float32)
-    if dtype == "float32":
-        data = np.zeros((2, 2), np.float32)
-    else:
-        data = np.zeros((1, 2, LANES), _NARROW[dtype])
+    data = np.zeros((1, 2, LANES), _NARROW.get(dtype, np.dtype("<f4")))
     scales = np.zeros((1, 1, LANES), np.float32)
     data.flags.writeable = scales.flags.writeable = False
     if kernel is kernels.int8_matmul:
@@ -346,7 +340,7 @@ def _matrices(params: dict[str, Any]) -> list[tuple[Array, bool]]:
     return found
 
 
-def _rows(m: Array, transposed: bool, lo: int, hi: int, cols: slice = slice(None)) -> Array:
+def matrix_rows(m: Array, transposed: bool, lo: int, hi: int, cols: slice = slice(None)) -> Array:
     """Rows lo:hi (columns `cols`) of the packed matrix M (m.T when `transposed`) as float32,
     reading only those elements of the checkpoint's pages."""
     part = m[cols, lo:hi].T if transposed else m[lo:hi, cols]
@@ -371,9 +365,11 @@ def _convert_matrix(dtype: str, m: Array, transposed: bool, block: int) -> list[
     ranges = range(0, n_out, step)
     columns = None
     if dtype == "int8":
-        largest = [np.abs(_rows(m, transposed, lo, lo + step)).max(axis=0) for lo in ranges]
+        largest = [np.abs(matrix_rows(m, transposed, lo, lo + step)).max(axis=0) for lo in ranges]
         columns = equalize(np.stack(largest))
-    pieces = [_convert(dtype, _rows(m, transposed, lo, lo + step), block, columns) for lo in ranges]
+    pieces = [
+        _convert(dtype, matrix_rows(m, transposed, lo, lo + step), block, columns) for lo in ranges
+    ]
     arrays = [panels(np.concatenate(parts)) for parts in zip(*pieces, strict=True)]
     return arrays if columns is None else [*arrays, columns[None]]
 
@@ -437,8 +433,8 @@ def pack(
 
 def _packed(dtype: str, arrays: list[NDArray[Any]], block: int, n_out: int) -> Packed:
     if dtype == "int8":
-        return Packed(dtype, arrays[0], arrays[1], block, arrays[2][0], outputs=n_out)
-    return Packed(dtype, arrays[0], block=block, outputs=n_out)
+        return Packed(dtype, arrays[0], n_out, arrays[1], block, arrays[2][0])
+    return Packed(dtype, arrays[0], n_out, block=block)
 
 
 def _spans(
@@ -504,7 +500,8 @@ def _cached(
         for lo in (0, n_out // 2):
             ids = np.arange(lo, min(n_out, lo + _CHECK_ROWS))
             columns = stored[2][0, cols] if dtype == "int8" else None
-            expected = _convert(dtype, _rows(m, transposed, lo, ids[-1] + 1, cols), block, columns)
+            part = matrix_rows(m, transposed, lo, ids[-1] + 1, cols)
+            expected = _convert(dtype, part, block, columns)
             got = [
                 panel_rows(s, ids)[:, c]
                 for s, c in zip(stored[:2], (cols, slice(0, 1)), strict=False)

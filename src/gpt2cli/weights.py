@@ -30,7 +30,7 @@ from gpt2cli.errors import CorruptWeightsError, GPT2Error
 # {"wte": [V, D], "wpe": [C, D], "blocks": [{"ln_1": {"g", "b"}, "attn": {"c_attn": {"w", "b"},
 #  "c_proj": {"w", "b"}}, "ln_2": {"g", "b"}, "mlp": {"c_fc": {"w", "b"}, "c_proj": {"w", "b"}}}],
 #  "ln_f": {"g", "b"}} and "lm_head": [V, D] only when the checkpoint's head is not tied to wte;
-# `transposed_layout` adds "head_by_row": (the head, the head [V, D] as the checkpoint stores it).
+# `transposed_layout` may replace the head and block matrices by `quant.Packed` float32 panels.
 Params = dict[str, Any]
 
 SINGLE_FILE = "model.safetensors"
@@ -67,68 +67,74 @@ def load(folder: str | os.PathLike[str]) -> tuple[GPT2Config, Params]:
     return config, _nest(tensors, config, where)
 
 
-LAYOUT_FORMAT = 3  # change it when the cached copies' layout changes
+LAYOUT_FORMAT = 4  # change it when the cached copies' layout changes
 _FINGERPRINT_ROWS = 192  # rows of the head hashed into the cache key
-# (part, matrix): each block's weights that are transposed, in their order in the cache entry:
-# both c_proj, and with the `fast` extra (its kernels read [n_out, n_in] matrices) all four
+# (part, matrix): each block's weights that are laid out anew, in their order in the cache
+# entry: both c_proj (transposed), and with the `fast` extra all four (in panels)
 _PROJECTIONS = (("attn", "c_proj"), ("mlp", "c_proj"))
 _ALL_FOUR = (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))
 _F32 = np.dtype("<f4")
 
 
 def transposed_layout(params: Params, files: list[Path]) -> Params:
-    """`params` with the output head and every block's two `c_proj` weights (with the `fast`
-    extra, all four of its weight matrices) replaced by the same values in transposed memory
-    order: views (`.T`) of contiguous copies memory-mapped from one file in the user's cache
+    """`params` with the output head and every block's two `c_proj` weights replaced by the same
+    values in transposed memory order (views, `.T`, of contiguous copies), or with the `fast`
+    extra the head and all four of every block's matrices replaced by `quant.Packed` float32
+    panels for the compiled kernel: memory-mapped from one file in the user's cache
     (`gpt2cli.cache`), made and stored there on first use. `params` as they are when the cache
     cannot hold it (the model is then only slower).
 
-    Why: BLAS multiplies a few rows by these matrices faster stored that way (the head [D, V]:
-    about 1.5x; `c_proj` as [n_out, n_in], used as w.T @ x.T: 1.1-1.9x, most on AVX2), the
-    compiled kernels multiply 2 to 16 rows by [n_out, n_in] matrices 2x faster than BLAS
-    (`model.linear`), and the checkpoint's own arrays are never paged in, so memory does not
-    grow, but for the head when the kernels multiply a batch by it (a pass then reads its
-    embedding rows there too, `model.kernel_head`). The key is the weight files' content: their
-    sha256 (a hub file's blob name; a local file's hashed once and remembered by
-    `cache.Index`), so every folder holding the same weights shares one copy, with the
-    matrices' shapes and a hash of sampled head rows; a loaded copy is checked against rows of
-    every matrix it holds. The folder is recorded in the index as one the copy was derived
-    from, for `gpt2 cache` to show.
+    Why: BLAS multiplies a few rows by these matrices faster stored transposed (the head [D, V]:
+    about 1.5x; `c_proj` as [n_out, n_in], used as w.T @ x.T: 1.1-1.9x, most on AVX2); the
+    kernel reads panels faster still (`gpt2cli.kernels`: one row 1.5x OpenBLAS's speed, eight
+    2.5x), and as fast as BLAS at a prefill's 512 rows. The checkpoint's own matrices are then
+    never paged in (the embedding rows come from the copy too), so memory does not grow. The
+    key is the weight files' content: their sha256 (a hub file's blob name; a local file's
+    hashed once and remembered by `cache.Index`), so every folder holding the same weights
+    shares one copy, with the layout, the matrices' shapes and a hash of sampled head rows; a
+    loaded copy is checked against rows of every matrix it holds. The folder is recorded in the
+    index as one the copy was derived from, for `gpt2 cache` to show.
     """
     tied = "lm_head" not in params
     head = params["wte"] if tied else params["lm_head"]
     blocks = params["blocks"]
-    parts = _ALL_FOUR if quant.kernels_installed() else _PROJECTIONS
-    matrices = [head] + [b[part][name]["w"] for b in blocks for part, name in parts]
+    in_panels = quant.kernels_installed()
+    parts = _ALL_FOUR if in_panels else _PROJECTIONS
+    # (the stored array, whether the product's M [n_out, n_in] is its transpose): the head is M
+    stored = [(head, False)] + [(b[part][name]["w"], True) for b in blocks for part, name in parts]
+    shapes = [m.shape[::-1] if transposed else m.shape for m, transposed in stored]  # M's
     folder = cache.folder()
-    key = content_key(f"{LAYOUT_FORMAT} {[m.shape for m in matrices]}", params, files, folder)
+    layout = "panels" if in_panels else "transposed"
+    key = content_key(f"{LAYOUT_FORMAT} {layout} {shapes}", params, files, folder)
     if key is None or folder is None:
         return params
     digest, index = key
     rows = head_rows(len(head))
     entry = folder / f"layout-{digest}.npy"
-    total = sum(m.size for m in matrices)
+    # each M stored as panels [n_panels, n_in, LANES], or the stored array transposed (the head
+    # as [D, V], each c_proj as [n_out, n_in])
+    copy_shapes = [
+        (-(-n_out // quant.LANES), n_in, quant.LANES) if in_panels else m.shape[::-1]
+        for (n_out, n_in), (m, _) in zip(shapes, stored, strict=True)
+    ]
+    sizes = [math.prod(shape) for shape in copy_shapes]
+    total = sum(sizes)
 
     def cached() -> list[np.ndarray] | None:
         flat = load_flat(entry, total)
         if flat is None:
             return None
-        ends = np.cumsum([m.size for m in matrices])
-        copies = [  # each [n_in, n_out] matrix stored as its contiguous [n_out, n_in] transpose
-            flat[end - m.size : end].reshape(m.shape[::-1])
-            for m, end in zip(matrices, ends, strict=True)
+        ends = np.cumsum(sizes)
+        copies = [
+            flat[end - size : end].reshape(shape)
+            for shape, size, end in zip(copy_shapes, sizes, ends, strict=True)
         ]
-        # each matrix's first row (beside its bias, which every forward reads) against the
-        # copy's first column, and the head's hashed rows against the copy's columns for them,
-        # read from the file, not the mapping: no other checkpoint page is touched, nor the
-        # head's copy, which a batch decode on the kernels never reads (`model.kernel_head`)
-        columns = _columns(entry, total, copies[0].shape, rows)  # [D, len(rows)]
-        ok = (
-            columns is not None
-            and np.array_equal(columns, head[rows].T)
-            and all(
-                np.array_equal(c[:, 0], m[0]) for c, m in zip(copies[1:], matrices[1:], strict=True)
-            )
+        # the head's hashed rows, and each block matrix's first input (beside its bias, which
+        # every forward reads)
+        head_copy = quant.panel_rows(copies[0], rows) if in_panels else copies[0][:, rows].T
+        ok = np.array_equal(head_copy, head[rows]) and all(
+            np.array_equal(_first_input(c, in_panels)[: m.shape[1]], m[0])
+            for c, (m, _) in zip(copies[1:], stored[1:], strict=True)
         )
         return copies if ok else None
 
@@ -138,8 +144,14 @@ def transposed_layout(params: Params, files: list[Path]) -> Params:
         def write(f: BinaryIO) -> None:
             header = {"descr": "<f4", "fortran_order": False, "shape": (total,)}
             np.lib.format.write_array_header_1_0(f, header)
-            for m in matrices:  # one at a time: no second copy of every weight in memory
-                f.write(np.ascontiguousarray(m.T).data)
+            for (m, transposed), (n_out, n_in) in zip(stored, shapes, strict=True):
+                if not in_panels:
+                    f.write(np.ascontiguousarray(m.T).data)
+                    continue
+                # a piece of whole panels at a time: no second copy of every weight in memory
+                step = quant.LANES * max(1, quant.WIDEN_BYTES // (4 * n_in * quant.LANES))
+                for lo in range(0, n_out, step):
+                    f.write(quant.panels(quant.matrix_rows(m, transposed, lo, lo + step)).data)
 
         if cache.store(entry, write):
             copies = cached()
@@ -148,51 +160,27 @@ def transposed_layout(params: Params, files: list[Path]) -> Params:
         return params
     index.derived(entry.name, files[0].parent)
     index.save()
-    transposed = iter(copies[1:])  # in the order of `matrices`
+    if in_panels:
+        laid_out_copies = [
+            quant.Packed("float32", c, n_out) for c, (n_out, _) in zip(copies, shapes, strict=True)
+        ]
+    else:
+        laid_out_copies = [c.T for c in copies]
+    replaced = iter(laid_out_copies[1:])  # in the order of `stored`
     laid_out = []
     for b in blocks:  # new dicts: the loaded `params` stay as they are
         b = {**b, **{part: dict(b[part]) for part, _ in parts}}
         for part, name in parts:
-            b[part][name] = {**b[part][name], "w": next(transposed).T}
+            b[part][name] = {**b[part][name], "w": next(replaced)}
         laid_out.append(b)
-    # the checkpoint's own [V, D] head stays, paired with the copy it stands for (params whose
-    # head is replaced later do not use it): the kernels multiply a decoding batch by it, 2x
-    # faster than BLAS on the copy (`model.kernel_head`)
-    laid_out_head = copies[0].T
-    return {
-        **params,
-        "blocks": laid_out,
-        ("wte" if tied else "lm_head"): laid_out_head,
-        "head_by_row": (laid_out_head, head),
-    }
+    return {**params, "blocks": laid_out, ("wte" if tied else "lm_head"): laid_out_copies[0]}
 
 
-def _columns(entry: Path, total: int, shape: tuple[int, int], ids: np.ndarray) -> np.ndarray | None:
-    """Columns `ids` (sorted, in a few runs of consecutive ones) of the [rows, columns] matrix
-    that starts a cached .npy of `total` float32s, read with pread: pages read so are not
-    mapped into the process, so they add nothing to its memory. None when they cannot be read."""
-    n_rows, n_columns = shape
-    runs = np.split(ids, np.flatnonzero(np.diff(ids) != 1) + 1)
-    out = np.empty((n_rows, len(ids)), _F32)
-    f = cache.open_entry(entry, _F32.itemsize * total + 4096)
-    if f is None:
-        return None
-    try:
-        with f:
-            start = os.fstat(f.fileno()).st_size - _F32.itemsize * total  # after the header
-            for r in range(n_rows):
-                at = 0
-                for run in runs:
-                    size = _F32.itemsize * len(run)
-                    offset = start + _F32.itemsize * (r * n_columns + int(run[0]))
-                    data = os.pread(f.fileno(), size, offset)
-                    if len(data) != size:
-                        return None
-                    out[r, at : at + len(run)] = np.frombuffer(data, _F32)
-                    at += len(run)
-    except OSError:
-        return None
-    return out
+def _first_input(copy: np.ndarray, in_panels: bool) -> np.ndarray:
+    """The weights of a block matrix's first input for every output (the checkpoint's first
+    row of w [n_in, n_out]), from its copy: panels (padded past n_out) or [n_out, n_in]."""
+    first: np.ndarray = copy[:, 0, :].reshape(-1) if in_panels else copy[:, 0]
+    return first
 
 
 def head_rows(n: int) -> np.ndarray:
