@@ -49,14 +49,16 @@ LOADERS = {
     "gpt2cli GPT2.from_pretrained": """
         import numpy as np
         from gpt2cli.model import GPT2
+        from gpt2cli.quant import Packed
         before = rss_mb(); start = time.perf_counter()
-        model = GPT2.from_pretrained(folder)  # head and c_proj: transposed copies, mapped
+        model = GPT2.from_pretrained(folder)  # the cached layout's copies (panels with numba)
         seconds = time.perf_counter() - start; after = rss_mb()
         params = model.params
         arrays = [params["wte"], params["wpe"], params["ln_f"]["g"], params["ln_f"]["b"]]
         arrays += [t for b in params["blocks"] for layer in b.values()
                    for t in (layer.values() if "g" in layer else
                              [x for sub in layer.values() for x in sub.values()])]
+        arrays = [a.data if isinstance(a, Packed) else a for a in arrays]  # its panels
         checksum = sum(float(a.sum(dtype=np.float32)) for a in arrays)  # what a forward reads
         touched = rss_mb()
     """,

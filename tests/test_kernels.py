@@ -164,6 +164,7 @@ def test_a_packed_matrix_gives_the_same_product_on_the_kernels_and_on_blas(
     if dtype == "float32":
         monkeypatch.setattr(quant, "float32_kernels", lambda: False)
         np.testing.assert_allclose(packed.linear(x, bias), many, rtol=1e-4, atol=1e-4)
+        assert packed.linear(x[:0], bias).shape == (0, 45)
 
 
 def test_one_thread_gives_the_same_outputs_as_all() -> None:

@@ -1,12 +1,13 @@
 """The user's cache of files gpt2cli derives from others, so later runs skip the work.
 
 It lives in `$XDG_CACHE_HOME/gpt2cli` (`~/.cache/gpt2cli`) and holds the tokenizer's tables and
-each model's transposed output head and c_proj weights. Every entry is named by a hash of the
-content it was derived from (so the same weights in two folders share one entry), written
-atomically, and checked when read: a stale, damaged or missing entry is rebuilt, never used, and a
-cache that cannot be written (read-only, full, not a folder) only costs speed. `Index`
-(`index.json`) remembers each weight file's hash, so it is computed once, and the folders each
-entry came from, for `gpt2 cache` (`gpt2cli.cachelist`) to show.
+each model's weight layout: its output head and c_proj weights transposed, or with the `fast`
+extra every weight matrix in panels (`weights.transposed_layout`). Every entry is named by a
+hash of the content it was derived from (so the same weights in two folders share one entry),
+written atomically, and checked when read: a stale, damaged or missing entry is rebuilt, never
+used, and a cache that cannot be written (read-only, full, not a folder) only costs speed.
+`Index` (`index.json`) remembers each weight file's hash, so it is computed once, and the
+folders each entry came from, for `gpt2 cache` (`gpt2cli.cachelist`) to show.
 """
 
 from __future__ import annotations

@@ -1180,7 +1180,8 @@ def cache_group(ctx: click.Context, as_json: bool) -> None:
     GPT-2 models in the Hugging Face hub cache.
 
     gpt2cli's cache ($XDG_CACHE_HOME/gpt2cli, ~/.cache/gpt2cli) holds tokenizer tables and each
-    model's transposed layout of its head and c_proj weights, keyed by the weights' content: the
+    model's weight layout (its head and c_proj weights transposed, or with the fast extra every
+    weight matrix in panels for its kernels), keyed by the weights' content: the
     same weights in several folders are stored once. The hub cache (HF_HUB_CACHE) holds the
     downloads, shared with transformers.
     """

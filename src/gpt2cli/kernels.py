@@ -68,7 +68,8 @@ def _avx512() -> bool:
     from numba.core import codegen, config
 
     host: Any = codegen.get_host_cpu_features
-    features = getattr(config, "CPU_FEATURES", None) or host()
+    features = getattr(config, "CPU_FEATURES", None)  # "" (NUMBA_CPU_NAME=generic): no AVX
+    features = host() if features is None else features
     return "+avx512f" in str(features).split(",")
 
 

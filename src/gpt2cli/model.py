@@ -283,8 +283,9 @@ class GPT2:
         """Load a model by hub name ("gpt2", "124M", "owner/name") or from a local folder.
 
         `dtype` "bfloat16" or "int8" narrows the weight matrices (`gpt2cli.quant`; they need the
-        `fast` extra, numba), converted once into the user's cache; "float32" runs the
-        checkpoint's weights as they are (widened from float16 or bfloat16 checkpoints)."""
+        `fast` extra, numba), converted once into the user's cache; "float32" keeps the
+        checkpoint's values (widened from float16 or bfloat16 checkpoints), in the layout
+        `weights.transposed_layout` caches: panels for the kernels with the `fast` extra."""
         from gpt2cli import hub, weights
 
         quant.check_dtype(dtype)

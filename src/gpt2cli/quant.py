@@ -1,4 +1,4 @@
-"""Weights in a narrower dtype than float32: bfloat16 or int8, read by compiled kernels.
+"""Weights in panels for the compiled kernels: float32, or a narrower dtype, bfloat16 or int8.
 
 Decoding reads every weight once per token, so it runs at the speed of memory: half the bytes
 (bfloat16) or a quarter and a little (int8) decode up to 2x or 4x faster. Only the matrices of
@@ -13,11 +13,12 @@ float32, and the products accumulate in float32.
   input instead: an input whose weights are all large no longer coarsens its block's steps
   (on the heavy-tailed fixture, 0.42x the KL divergence).
 
-A narrow matrix is a `Packed` M [n_out, n_in] stored in panels (`panels`: LANES outputs side by
-side for each input, the layout the kernels read with vector loads): up to NARROW_ROWS rows go
-through `gpt2cli.kernels`, more through BLAS, on a float32 copy widened a piece at a time into a
-reused buffer. The narrow weights are converted once and kept in the user's cache (`pack`),
-keyed by the weights' content.
+A matrix is a `Packed` M [n_out, n_in] stored in panels (`panels`: LANES outputs side by side
+for each input, the layout the kernels read with vector loads). float32 panels (the float32
+layout with the `fast` extra, `weights.transposed_layout`) go through `gpt2cli.kernels` at any
+number of rows; narrow ones up to NARROW_ROWS rows, more through BLAS, on a float32 copy
+widened a piece at a time into a reused buffer. The narrow weights are converted once and kept
+in the user's cache (`pack`), keyed by the weights' content.
 
 This module imports no numba: `check_dtype` and the names are cheap; `load_kernels` imports it.
 """
@@ -185,7 +186,7 @@ class Packed:
         out = np.empty((len(rows), n_out), np.float32)  # [m, n_out]
         if self.dtype == "float32" and not float32_kernels():  # numba broken: NumPy, slower
             each = np.matmul(rows, self.data)  # [n_panels, m, LANES]
-            out[:] = each.swapaxes(0, 1).reshape(len(rows), -1)[:, :n_out]
+            out[:] = each.swapaxes(0, 1).reshape(len(rows), each.shape[0] * LANES)[:, :n_out]
         elif self.dtype == "float32" or len(rows) <= NARROW_ROWS:
             _kernel_product(self, rows, out)
         else:

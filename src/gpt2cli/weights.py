@@ -79,16 +79,18 @@ _F32 = np.dtype("<f4")
 def transposed_layout(params: Params, files: list[Path]) -> Params:
     """`params` with the output head and every block's two `c_proj` weights replaced by the same
     values in transposed memory order (views, `.T`, of contiguous copies), or with the `fast`
-    extra the head and all four of every block's matrices replaced by `quant.Packed` float32
-    panels for the compiled kernel: memory-mapped from one file in the user's cache
+    extra installed the head and all four of every block's matrices replaced by `quant.Packed`
+    float32 panels for the compiled kernel (a numba that is installed but cannot load leaves
+    them to a slower NumPy product): memory-mapped from one file in the user's cache
     (`gpt2cli.cache`), made and stored there on first use. `params` as they are when the cache
     cannot hold it (the model is then only slower).
 
     Why: BLAS multiplies a few rows by these matrices faster stored transposed (the head [D, V]:
     about 1.5x; `c_proj` as [n_out, n_in], used as w.T @ x.T: 1.1-1.9x, most on AVX2); the
-    kernel reads panels faster still (`gpt2cli.kernels`: one row 1.5x OpenBLAS's speed, eight
-    2.5x), and as fast as BLAS at a prefill's 512 rows. The checkpoint's own matrices are then
-    never paged in (the embedding rows come from the copy too), so memory does not grow. The
+    kernel reads panels faster still (`gpt2cli.kernels`: one row 1.5x OpenBLAS's speed on the
+    products, eight 2.5x), and as fast as BLAS at a prefill's 512 rows. The checkpoint's own
+    copies of the replaced matrices are not paged in but for the rows the load's check reads
+    (a tied head's embedding rows come from its copy too), so memory does not grow. The
     key is the weight files' content: their sha256 (a hub file's blob name; a local file's
     hashed once and remembered by `cache.Index`), so every folder holding the same weights
     shares one copy, with the layout, the matrices' shapes and a hash of sampled head rows; a
@@ -98,7 +100,7 @@ def transposed_layout(params: Params, files: list[Path]) -> Params:
     tied = "lm_head" not in params
     head = params["wte"] if tied else params["lm_head"]
     blocks = params["blocks"]
-    in_panels = quant.kernels_installed()
+    in_panels = quant.kernels_installed()  # found, not loaded: numba loads at the first product
     parts = _ALL_FOUR if in_panels else _PROJECTIONS
     # (the stored array, whether the product's M [n_out, n_in] is its transpose): the head is M
     stored = [(head, False)] + [(b[part][name]["w"], True) for b in blocks for part, name in parts]
@@ -132,8 +134,8 @@ def transposed_layout(params: Params, files: list[Path]) -> Params:
         # the head's hashed rows, and each block matrix's first input (beside its bias, which
         # every forward reads)
         head_copy = quant.panel_rows(copies[0], rows) if in_panels else copies[0][:, rows].T
-        ok = np.array_equal(head_copy, head[rows]) and all(
-            np.array_equal(_first_input(c, in_panels)[: m.shape[1]], m[0])
+        ok = np.array_equal(head_copy, head[rows], equal_nan=True) and all(
+            np.array_equal(_first_input(c, in_panels)[: m.shape[1]], m[0], equal_nan=True)
             for c, (m, _) in zip(copies[1:], stored[1:], strict=True)
         )
         return copies if ok else None
