@@ -102,11 +102,22 @@ def equalize(m: Array) -> Array:
     return columns.astype(np.float32)
 
 
+def panel_shape(n_out: int, n_in: int) -> tuple[int, int, int]:
+    """The shape of an [n_out, n_in] matrix's panels: [ceil(n_out / LANES), n_in, LANES]."""
+    return -(-n_out // LANES), n_in, LANES
+
+
+def piece_panels(n_in: int) -> int:
+    """Panels of n_in inputs in one piece of at most WIDEN_BYTES of float32 (one at least): what
+    is widened, or written, at a time."""
+    return max(1, WIDEN_BYTES // (4 * n_in * LANES))
+
+
 def panels(m: NDArray[Any]) -> NDArray[Any]:
     """m [n_out, n] as panels [ceil(n_out / LANES), n, LANES]: panel c holds outputs c * LANES
     to c * LANES + LANES - 1 side by side for each of the n inputs (zeros past n_out)."""
     n_out, n = m.shape
-    padded = np.zeros((-(-n_out // LANES) * LANES, n), m.dtype)
+    padded = np.zeros((panel_shape(n_out, n)[0] * LANES, n), m.dtype)
     padded[:n_out] = m
     return np.ascontiguousarray(padded.reshape(-1, LANES, n).transpose(0, 2, 1))
 
@@ -204,7 +215,7 @@ class Packed:
         from gpt2cli import kernels
 
         n_out, n_in = self.shape
-        step = max(1, WIDEN_BYTES // (4 * n_in * LANES))  # panels a piece
+        step = piece_panels(n_in)
         buffer = _scratch(step * LANES * n_in)
         # on this thread alone: between BLAS products, OpenBLAS's other threads still spin on
         # the other cores, and a kernel thread there waits for its turn (measured with their
@@ -381,9 +392,8 @@ Layout = list[tuple[np.dtype[Any], tuple[int, ...]]]
 def _layout(dtype: str, shape: tuple[int, int], block: int) -> Layout:
     """The arrays one matrix of `shape` [n_out, n_in] is stored as, in order: its panels (and
     for int8 its scales' panels and the inputs' factors)."""
-    n_out, n_in = shape
-    n_panels = -(-n_out // LANES)
-    data = (_NARROW[dtype], (n_panels, n_in, LANES))
+    n_panels, n_in, _ = grid = panel_shape(*shape)
+    data = (_NARROW[dtype], grid)
     if dtype == "bfloat16":
         return [data]
     f4 = np.dtype("<f4")

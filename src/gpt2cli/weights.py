@@ -116,7 +116,7 @@ def transposed_layout(params: Params, files: list[Path]) -> Params:
     # each M stored as panels [n_panels, n_in, LANES], or the stored array transposed (the head
     # as [D, V], each c_proj as [n_out, n_in])
     copy_shapes = [
-        (-(-n_out // quant.LANES), n_in, quant.LANES) if in_panels else m.shape[::-1]
+        quant.panel_shape(n_out, n_in) if in_panels else m.shape[::-1]
         for (n_out, n_in), (m, _) in zip(shapes, stored, strict=True)
     ]
     sizes = [math.prod(shape) for shape in copy_shapes]
@@ -151,7 +151,7 @@ def transposed_layout(params: Params, files: list[Path]) -> Params:
                     f.write(np.ascontiguousarray(m.T).data)
                     continue
                 # a piece of whole panels at a time: no second copy of every weight in memory
-                step = quant.LANES * max(1, quant.WIDEN_BYTES // (4 * n_in * quant.LANES))
+                step = quant.LANES * quant.piece_panels(n_in)
                 for lo in range(0, n_out, step):
                     f.write(quant.panels(quant.matrix_rows(m, transposed, lo, lo + step)).data)
 
